@@ -1,0 +1,31 @@
+# Two entry points: `make demo` (install, then run the demo flow) and `make test` (install, then the suite).
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+# Without CUDA, take the CPU build of torch first (on this project's build machines it lies on disk);
+# with CUDA, the constraints' torch comes from the normal index as a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: install
+	$(VENV)/bin/boothflow run --config configs/demo.toml --summary artifacts/demo-summary.json
+	@echo "summary: artifacts/demo-summary.json; outputs under artifacts/ (see the table above)"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
+	$(PY) -m pytest -q --durations=20
+
+clean:
+	rm -rf artifacts .pytest_cache

@@ -1,0 +1,161 @@
+"""The `boothflow` command: run the pipeline or one stage, and look at the cache and the models.
+
+Config errors are one line without a traceback; a run ends with a table of what each stage did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks.config import ConfigError, RunConfig, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="DreamBooth fine-tuning as a cached Prefect flow.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect the stage cache.")
+models_app = typer.Typer(no_args_is_help=True, help="Base models and presets.")
+app.add_typer(cache_app, name="cache")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config, e.g. configs/demo.toml")]
+ArtifactsOpt = Annotated[Path | None, typer.Option("--artifacts", help="Artifact root (overrides run.artifacts_root)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: section.key=value (repeatable)")]
+SummaryOpt = Annotated[Path | None, typer.Option("--summary", help="Write the run summary JSON here")]
+
+
+def _config(config: Path | None, overrides: list[str] | None, artifacts: Path | None) -> RunConfig:
+    try:
+        return load_config(config, overrides or [], artifacts)
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _server_line() -> str:
+    url = os.environ.get("PREFECT_API_URL")
+    return f"reporting to Prefect server {url}" if url else "no PREFECT_API_URL: using a temporary local Prefect server"
+
+
+def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
+    from flows.dreambooth import STAGES, dreambooth, dreambooth_stage
+    from flows.runner import summary_path
+
+    if stage is not None and stage not in STAGES:
+        console.print(f"[red]error:[/red] no stage {stage!r}; stages are: {', '.join(STAGES)}", highlight=False)
+        raise typer.Exit(2)
+    console.print(_server_line(), highlight=False)
+    started = time.monotonic()
+    state = dreambooth(cfg, return_state=True) if stage is None else dreambooth_stage(cfg, stage, return_state=True)
+    record = summary_path(cfg.run.artifacts_root, str(state.state_details.flow_run_id))
+    result = json.loads(record.read_text()) if record.is_file() else None
+    if result is None:
+        error = state.result(raise_on_failure=False)
+        result = {"stages": {}, "outputs": {}, "error": {"stage": None, "item": None, "message": str(error)}}
+    if summary is not None:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(result, indent=1))
+    _print_summary(result, time.monotonic() - started)
+    if state.is_failed() or result["error"]:
+        raise typer.Exit(1)
+
+
+def _print_summary(result: dict, seconds: float) -> None:
+    table = Table(title=f"boothflow run ({seconds:.1f} s)")
+    for column in ("stage", "status", "seconds", "processed", "cached", "rejected", "key"):
+        table.add_column(column)
+    for name, s in result["stages"].items():
+        table.add_row(
+            name,
+            s["status"],
+            f"{s.get('seconds', 0):.1f}",
+            *(str(s.get(k, "")) for k in ("items_processed", "items_cached", "items_rejected", "key")),
+        )
+    console.print(table)
+    for name, path in result["outputs"].items():
+        console.print(f"{name}: {path}", highlight=False)
+    error = result["error"]
+    if error:
+        where = ", ".join(str(error[k]) for k in ("stage", "item") if error.get(k))
+        console.print(f"[red]failed[/red] ({where}): {error['message']}", highlight=False)
+
+
+@app.command()
+def run(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, summary: SummaryOpt = None, set_: SetOpt = None):
+    """Run the whole pipeline; stages whose inputs did not change are cache hits."""
+    _execute(_config(config, set_, artifacts), summary, stage=None)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="Stage to run, e.g. preprocess")],
+    config: ConfigOpt = None,
+    artifacts: ArtifactsOpt = None,
+    summary: SummaryOpt = None,
+    set_: SetOpt = None,
+):
+    """Run one stage from cached upstream outputs (names the upstream that is missing)."""
+    _execute(_config(config, set_, artifacts), summary, stage=name)
+
+
+@cache_app.command("ls")
+def cache_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
+    """List store entries: stage, key, size, age."""
+    from tasks.store import Store
+
+    cfg = _config(config, set_, artifacts)
+    table = Table(title=f"cache at {cfg.run.artifacts_root}")
+    for column in ("stage", "key", "size", "age", "complete"):
+        table.add_column(column)
+    now = time.time()
+    for entry in Store(cfg.run.artifacts_root).entries():
+        table.add_row(
+            entry["stage"],
+            entry["key"],
+            _size(entry["bytes"]),
+            _age(now - entry["modified"]),
+            "yes" if entry["complete"] else "no",
+        )
+    Console().print(table)
+
+
+@models_app.command("ls")
+def models_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
+    """List the presets and which of them are built under the artifact root."""
+    from tasks.models import list_models
+
+    cfg = _config(config, set_, artifacts)
+    table = Table(title="models")
+    for column in ("preset", "family", "built", "size", "description"):
+        table.add_column(column)
+    for row in list_models(cfg.run.artifacts_root):
+        built = "yes" if row["built"] else "no"
+        table.add_row(row["name"], row["family"], built, _size(row["bytes"]), row["description"])
+    Console().print(table)
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,122 @@
+"""Runs stage tasks for one flow run and keeps its summary: status, key, time and item counts per stage.
+
+The summary is written to `<root>/runs/<flow run id>/summary.json` on success and on failure, so the CLI,
+`boothflow runs` and the report read one record of what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import Task
+from prefect.runtime import flow_run
+
+from flows.caching import cache_options
+from tasks.config import RunConfig
+from tasks.stage import StageError, StageResult
+from tasks.store import Store
+
+
+class StopAfterStage(Exception):
+    """Raised after the one stage `boothflow stage NAME` asked for."""
+
+
+def summary_path(root: Path, flow_run_id: str) -> Path:
+    return Path(root) / "runs" / flow_run_id / "summary.json"
+
+
+class StageRunner:
+    """Runs the pipeline's stages in order; with `only`, upstream stages come from the cache alone."""
+
+    def __init__(self, config: RunConfig, stage_names: list[str], only: str | None = None) -> None:
+        if only is not None and only not in stage_names:
+            raise StageError(only, f"no such stage; stages are: {', '.join(stage_names)}")
+        self.config = config
+        self.root = config.run.artifacts_root
+        self.only = only
+        self.current: str | None = None
+        self.summary: dict[str, Any] = {
+            "run": {"name": config.run.name, "flow_run_id": str(flow_run.id), "stage": only},
+            "stages": {name: {"status": "skipped"} for name in stage_names},
+            "outputs": {},
+            "error": None,
+        }
+
+    def __enter__(self) -> StageRunner:
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
+        if isinstance(error, StopAfterStage):
+            error = None
+        if error is not None:
+            stage = getattr(error, "stage", None) or self.current or "flow"
+            self.summary["error"] = {
+                "stage": stage,
+                "item": getattr(error, "item", None),
+                "message": getattr(error, "message", None) or f"{type(error).__name__}: {error}",
+            }
+            if stage in self.summary["stages"]:
+                self.summary["stages"][stage] = {"status": "failed"}
+        self.write()
+        return kind is StopAfterStage
+
+    def write(self) -> Path:
+        path = summary_path(self.root, self.summary["run"]["flow_run_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.summary, indent=1, default=str))
+        return path
+
+    def run(
+        self,
+        stage_task: Task,
+        cfg: Any,
+        inputs: Any,
+        key_fn: Callable[[Any, Any], str],
+        outputs: dict[str, str] | None = None,
+    ) -> StageResult:
+        """Run one stage task (a cache hit shows as `Cached` in Prefect) and record its outcome.
+
+        `outputs` names folders inside the stage's entry that the summary lists as absolute paths.
+        """
+        name = stage_task.name
+        self.current = name
+        started = time.monotonic()
+        if self.only is not None and name != self.only:
+            result = self._from_cache(name, key_fn(cfg, inputs))
+        else:
+            state = stage_task.with_options(**cache_options(name, self.root, key_fn))(
+                cfg, inputs, self.root, return_state=True
+            )
+            if state.is_failed():
+                raise state.result(raise_on_failure=False)
+            result = state.result()
+            if state.name == "Cached":
+                result = result.as_cached()
+        self.summary["stages"][name] = {
+            "status": result.status,
+            "key": result.key,
+            "seconds": round(time.monotonic() - started, 3),
+            "items_processed": result.items_processed,
+            "items_cached": result.items_cached,
+            "items_rejected": result.items_rejected,
+        }
+        for output, relative in (outputs or {}).items():
+            self.summary["outputs"][output] = str((result.path / relative).resolve())
+        self.current = None
+        if self.only == name:
+            raise StopAfterStage
+        return result
+
+    def _from_cache(self, name: str, key: str) -> StageResult:
+        entry = Store(self.root).get(name, key)
+        if entry is None:
+            raise StageError(
+                self.only or name,
+                f"upstream stage {name!r} has no cached output for this config; "
+                f"run `boothflow run` (or `boothflow stage {name}`) first",
+            )
+        return StageResult(name, key, entry.path, status="cached")

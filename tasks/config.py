@@ -1,0 +1,147 @@
+"""Run configuration: one frozen pydantic section per stage, loaded from TOML plus `--set` overrides.
+
+Sections are what cache keys hash, so every field says whether it can change a stage's output.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """A config file or override that cannot be used; the message is one line for the user."""
+
+
+def no_key(description: str, **kwargs: Any) -> Any:
+    """A field that cannot change any output, so cache keys leave it out."""
+    return Field(description=description, json_schema_extra={"affects_output": False}, **kwargs)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def keyed(self) -> dict[str, Any]:
+        """The fields that can change outputs, as plain JSON values: what a cache key hashes."""
+        data = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get("affects_output") is False:
+                data.pop(name)
+        return data
+
+
+class ModelSection(Section):
+    id: str = Field("tiny-sd15", description="Base model: a preset name (tiny-sd15, tiny-sdxl), hub id or folder")
+
+
+class RunSection(Section):
+    name: str = no_key("Run name, shown in Prefect and the report", default="demo")
+    artifacts_root: Path = no_key("Folder where every stage writes its cached outputs", default=Path("artifacts"))
+
+
+class DataSection(Section):
+    instance_dir: Path = no_key("Folder of instance images (subfolders included)", default=Path("data/demo"))
+    token: str = Field("sks", description="Rare identifier token that names the subject")
+    class_name: str = Field("toy", description="Class noun of the subject, e.g. dog or person")
+    instance_prompt: str = Field(
+        "a photo of {token} {class}", description="Training prompt; {token} and {class} are filled in"
+    )
+    min_images: int = Field(3, ge=1, description="Fail when fewer usable instance images remain")
+
+
+class PreprocessSection(Section):
+    resolution: int = Field(512, description="Output side in pixels: a multiple of 8, at least 64")
+    crop: Literal["center", "face"] = Field("center", description="Square crop: centred, or around the largest face")
+    min_side: int = Field(256, ge=1, description="Reject images whose shorter side is below this many pixels")
+    max_pixels: int = Field(
+        89_478_485, ge=1, description="Reject images with more pixels than this (decompression bombs)"
+    )
+    face_margin: float = Field(0.6, ge=0, description="Face crop margin around the face box, as a fraction of its size")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value < 64 or value % 8:
+            raise ValueError("must be a multiple of 8 and at least 64, e.g. 512 or 1024")
+        return value
+
+
+class RunConfig(Section):
+    """Everything one boothflow run needs; the flow's only parameter."""
+
+    run: RunSection = Field(default_factory=RunSection, description="Run name and artifact root")
+    model: ModelSection = Field(default_factory=ModelSection, description="Base model")
+    data: DataSection = Field(default_factory=DataSection, description="Instance images and prompt")
+    preprocess: PreprocessSection = Field(default_factory=PreprocessSection, description="Crop and resize")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value`, the value read as a TOML value, else kept as a plain string."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. preprocess.resolution=512")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return name.strip().split("."), value
+
+
+def _apply(data: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(error: ValidationError, data: dict[str, Any]) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        section = first["loc"][:-1]
+        model: type[BaseModel] = RunConfig
+        for part in section:
+            model = model.model_fields[str(part)].annotation  # type: ignore[assignment]
+        allowed = ", ".join(model.model_fields)
+        where = ".".join(str(p) for p in section) or "top level"
+        return f"unknown setting {loc!r}; allowed in {where}: {allowed}"
+    return f"{loc} = {first.get('input')!r}: {first['msg']}"
+
+
+def load_config(path: Path | None, overrides: list[str] = (), artifacts: Path | None = None) -> RunConfig:
+    """Read a TOML file, apply `--set` overrides and `--artifacts`, and validate it all at once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; presets live in configs/ (demo.toml, ...)")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply(data, keys, value, text)
+    if artifacts is not None:
+        _apply(data, ["run", "artifacts_root"], str(artifacts), "--artifacts")
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, data)) from None
+    return absolute_paths(config)
+
+
+def absolute_paths(config: RunConfig) -> RunConfig:
+    """Folders relative to the working directory, made absolute so every process of a run agrees."""
+    return config.model_copy(
+        update={
+            "run": config.run.model_copy(update={"artifacts_root": config.run.artifacts_root.resolve()}),
+            "data": config.data.model_copy(update={"instance_dir": config.data.instance_dir.resolve()}),
+        }
+    )

@@ -1,0 +1,350 @@
+"""Base models by preset name, local folder or hub id, and the tiny presets built offline on first use.
+
+Tiny vs real is only a model id: every stage loads through `resolve_model`, so CPU tests run the real path.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from filelock import FileLock
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+T = TypeVar("T")
+
+FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+
+# Words the tiny tokenizer merges into single tokens; everything else falls back to byte tokens.
+TOKENIZER_WORDS = ("a", "photo", "of", "sks", "dog", "cat", "toy", "person", "in", "the")
+
+# Small channel counts, but the real block layout: GroupNorm always sees >= 4 channels per group.
+TINY_VAE = {
+    "block_out_channels": (8, 16, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,  # 4 blocks, 3 downsamples: 64 px -> 8x8 latent
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 2,
+    "sample_size": 64,
+}
+TINY_TEXT_ENCODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "projection_dim": 32,
+}
+TINY_SD15_UNET = {
+    "sample_size": 8,  # default resolution 8 * 8 = 64 px, as 64 * 8 = 512 px for SD 1.5
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": TINY_TEXT_ENCODER["hidden_size"],
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+TINY_SDXL_UNET = {
+    "sample_size": 8,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2),
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "norm_num_groups": 8,
+    # Both encoders' hidden states are concatenated; pooled text_encoder_2 output + 6 size/crop ids.
+    "cross_attention_dim": 2 * TINY_TEXT_ENCODER["hidden_size"],
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + TINY_TEXT_ENCODER["projection_dim"],
+}
+# The schedulers of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0.
+SD15_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+SDXL_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+class ModelUnavailable(Exception):
+    """A model id that is neither a preset, a local folder, nor reachable on the hub or in its cache."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What `resolve_model` builds for a preset name: a builder that saves into a folder, and its family."""
+
+    build: Callable[[Path], DiffusionPipeline]
+    family: str
+    description: str
+
+
+def _seeded(factory: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Construct one component from seed 0 without disturbing the caller's global torch RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return factory(*args, **kwargs)
+
+
+def _byte_unicode_chars() -> list[str]:
+    """CLIP's (GPT-2's) printable stand-ins for the 256 bytes, in CLIP's vocab order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+
+
+def _clip_vocab() -> tuple[dict[str, int], list[str]]:
+    """A byte-level BPE vocab in CLIP's order (bytes, bytes</w>, merges, specials) and its merge rules."""
+    chars = _byte_unicode_chars()
+    tokens = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in TOKENIZER_WORDS:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            if merged not in tokens:
+                merges.append(f"{symbols[0]} {symbols[1]}")
+                tokens.append(merged)
+            symbols = [merged, *symbols[2:]]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def _tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    """Write vocab.json and merges.txt into `folder` and build CLIP's tokenizer from them, offline."""
+    vocab, merges = _clip_vocab()
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
+    # transformers 5 leaves model_max_length unbounded without it, and prompts overflow the 77 positions.
+    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+
+
+def _text_config(tokenizer: CLIPTokenizer, **overrides: Any) -> CLIPTextConfig:
+    """A tiny CLIP text config whose vocab and special ids match `tokenizer`."""
+    return CLIPTextConfig(
+        **(TINY_TEXT_ENCODER | overrides),
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _build_tiny_sd15(folder: Path) -> StableDiffusionPipeline:
+    """Save a tiny StableDiffusionPipeline into `folder`; return it, so tests can compare it with its reload."""
+    tokenizer = _tiny_tokenizer(folder / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        vae=_seeded(AutoencoderKL, **TINY_VAE, scaling_factor=0.18215),
+        text_encoder=_seeded(CLIPTextModel, _text_config(tokenizer)),
+        tokenizer=tokenizer,
+        unet=_seeded(UNet2DConditionModel, **TINY_SD15_UNET),
+        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+def _build_tiny_sdxl(folder: Path) -> StableDiffusionXLPipeline:
+    """Save a tiny StableDiffusionXLPipeline into `folder`; return it, so tests can compare it with its reload."""
+    tokenizer = _tiny_tokenizer(folder / "tokenizer")
+    pipe = StableDiffusionXLPipeline(
+        vae=_seeded(AutoencoderKL, **TINY_VAE, scaling_factor=0.13025),
+        text_encoder=_seeded(CLIPTextModel, _text_config(tokenizer)),
+        text_encoder_2=_seeded(CLIPTextModelWithProjection, _text_config(tokenizer, hidden_act="gelu")),
+        tokenizer=tokenizer,
+        tokenizer_2=_tiny_tokenizer(folder / "tokenizer_2"),
+        unet=_seeded(UNet2DConditionModel, **TINY_SDXL_UNET),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny-sd15": Preset(_build_tiny_sd15, "sd15", "SD 1.5 architecture, tiny random weights (CPU tests)"),
+    "tiny-sdxl": Preset(_build_tiny_sdxl, "sdxl", "SDXL architecture, tiny random weights (CPU tests)"),
+}
+
+
+def _preset_folder(name: str, root: Path) -> Path:
+    return root / "models" / name
+
+
+def _build_preset(name: str, root: Path) -> Path:
+    """Build a preset once per root: into a partial folder, renamed into place when complete, under a lock."""
+    target = _preset_folder(name, root)
+    if target.is_dir():
+        return target
+    lock = root / ".locks" / "store" / f"models-{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock):
+        if target.is_dir():  # another process built it while we waited
+            return target
+        for stale in target.parent.glob(f"{name}.partial-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale)
+        partial = target.parent / f"{name}.partial-{os.getpid()}"
+        try:
+            PRESETS[name].build(partial)
+            partial.rename(target)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    return target
+
+
+def _unavailable(model_id: str, why: str) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"model {model_id!r} {why}; pass a local diffusers folder, set HF_HOME to a cache that has it,"
+        f" or use a tiny preset such as {' or '.join(PRESETS)}"
+    )
+
+
+def _first_line(error: Exception, limit: int = 200) -> str:
+    line = (str(error).splitlines() or [""])[0]
+    return f"{type(error).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
+
+
+def _hub_snapshot(model_id: str) -> Path:
+    """The cached snapshot of a hub repo; downloaded only when the cache does not have it."""
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except HFValidationError as error:
+        raise _unavailable(model_id, "is not a preset, an existing folder or a valid hub id") from error
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        # diffusers picks the files a pipeline needs (no duplicate fp16/ema/ckpt variants of each weight).
+        return Path(DiffusionPipeline.download(model_id))
+    except Exception as error:
+        why = f"is not in the local Hugging Face cache and the hub is unreachable or lacks it ({_first_line(error)})"
+        raise _unavailable(model_id, why) from error
+
+
+def resolve_model(model_id: str, root: Path) -> Path:
+    """The diffusers folder for a preset name (built on first use), a local folder or a hub id."""
+    if model_id in PRESETS:
+        return _build_preset(model_id, root)
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise ModelUnavailable(f"model folder {str(local)!r} has no model_index.json: not a diffusers folder")
+        return local
+    return _hub_snapshot(model_id)
+
+
+def load_pipeline(model_id: str, root: Path, **kwargs: Any) -> DiffusionPipeline:
+    """Load any model id the same way, so presets, folders and hub ids share one code path."""
+    return DiffusionPipeline.from_pretrained(resolve_model(model_id, root), **kwargs)
+
+
+def model_family(path: Path) -> str:
+    """'sd15' or 'sdxl', from the pipeline class named in model_index.json."""
+    class_name = json.loads((path / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
+    if class_name not in FAMILIES:
+        raise ValueError(f"{path}: unsupported pipeline {class_name!r}; expected one of {sorted(FAMILIES)}")
+    return FAMILIES[class_name]
+
+
+# A file rewritten within the filesystem's clock tick can keep its (size, mtime_ns, inode): never memoize
+# a digest of a file younger than this, as git does for its index.
+_RACY_WINDOW_NS = 2_000_000_000
+
+
+@lru_cache(maxsize=65536)
+def _memoized_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    return _file_digest(Path(path))
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stat_digest(path: Path) -> str:
+    stat = path.stat()
+    if time.time_ns() - stat.st_mtime_ns < _RACY_WINDOW_NS:
+        return _file_digest(path)
+    return _memoized_digest(str(path.absolute()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def component_identity(path: Path, component: str) -> str:
+    """A location-free identity of one component (unet, vae, ...) for cache keys: changes with any of its files."""
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        repo = path.parent.parent.name.removeprefix("models--").replace("--", "/")
+        return f"hub:{repo}@{path.name}"
+    folder = path / component
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{folder}: no such model component")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{_stat_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def list_models(root: Path) -> list[dict[str, Any]]:
+    """One row per preset for `boothflow models ls`: what it is, whether it is built under `root`, where."""
+    rows = []
+    for name, preset in PRESETS.items():
+        folder = _preset_folder(name, root)
+        built = folder.is_dir()
+        rows.append(
+            {
+                "name": name,
+                "family": preset.family,
+                "description": preset.description,
+                "built": built,
+                "path": str(folder),
+                "size_bytes": _folder_size(folder) if built else 0,
+            }
+        )
+    return rows

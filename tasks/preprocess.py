@@ -1,0 +1,207 @@
+"""Preprocess stage: validate, orient, crop and resize every instance image into a square PNG.
+
+Each source file is cached by its content and the settings, so a rerun touches nothing and a new image
+costs one image; unusable files are recorded with a reason (and cached too), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pandas as pd
+from prefect import task
+
+from tasks import imaging
+from tasks.config import PreprocessSection
+from tasks.progress import track
+from tasks.stage import StageError, StageResult
+from tasks.store import Store, digest, stage_key
+
+STAGE = "preprocess"
+ITEMS = "preprocess-items"
+CODE_VERSION = 1
+SIDECAR_SUFFIXES = {".txt"}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file found in the instance folder: its path relative to the folder and its content hash.
+
+    `problem` is set when the file cannot even be read as a candidate (a symlink out of the folder,
+    a duplicate of an earlier file, unreadable); such files are rejected without being opened.
+    """
+
+    relpath: str
+    sha256: str | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class PreprocessInputs:
+    instance_dir: Path
+    files: tuple[SourceFile, ...]
+    min_images: int
+
+    @property
+    def fingerprint(self) -> str:
+        """The dataset's identity: sorted (relative path, sha256) of every file; no folder path."""
+        return digest([(f.relpath, f.sha256, f.problem) for f in self.files])
+
+
+def _is_ignored(path: Path) -> bool:
+    return path.name.startswith(".") or path.suffix.lower() in SIDECAR_SUFFIXES
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan(instance_dir: Path) -> tuple[SourceFile, ...]:
+    """Every candidate file under `instance_dir`, sorted, hashed, with scan-level problems marked."""
+    root = Path(instance_dir)
+    if not root.is_dir():
+        raise StageError(STAGE, "instance folder not found; set data.instance_dir to a folder of images", str(root))
+    real_root = root.resolve()
+    found: list[SourceFile] = []
+    first_by_hash: dict[str, str] = {}
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames) + [d for d in dirnames if (Path(folder) / d).is_symlink()]:
+            path = Path(folder) / name
+            if _is_ignored(path):
+                continue
+            relpath = path.relative_to(root).as_posix()
+            found.append(_examine(path, relpath, real_root, first_by_hash))
+    return tuple(sorted(found, key=lambda f: f.relpath))
+
+
+def _examine(path: Path, relpath: str, real_root: Path, first_by_hash: dict[str, str]) -> SourceFile:
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.exists():
+            return SourceFile(relpath, None, "broken symlink")
+        if not target.is_relative_to(real_root):
+            return SourceFile(relpath, None, "symlink leads outside the instance folder")
+        if target.is_dir():
+            return SourceFile(relpath, None, "symlinked folder (its files are scanned where they are)")
+    try:
+        sha = _hash_file(path)
+    except OSError as err:
+        return SourceFile(relpath, None, f"cannot read: {err.strerror or err}")
+    if sha in first_by_hash:
+        return SourceFile(relpath, sha, f"duplicate of {first_by_hash[sha]}")
+    first_by_hash[sha] = relpath
+    return SourceFile(relpath, sha)
+
+
+def stage_key_for(cfg: PreprocessSection, inputs: PreprocessInputs) -> str:
+    return stage_key(STAGE, CODE_VERSION, cfg.keyed(), min_images=inputs.min_images, dataset=inputs.fingerprint)
+
+
+def item_key(cfg: PreprocessSection, source_sha256: str) -> str:
+    """Per-image key: the source bytes and every setting that changes the output, never the file name.
+
+    Face crops also depend on the face detector, so its OpenCV version is part of their key.
+    """
+    detector = cv2.__version__ if cfg.crop == "face" else None
+    return stage_key(ITEMS, CODE_VERSION, cfg.keyed(), source=source_sha256, detector=detector)
+
+
+def _build_item(cfg: PreprocessSection, source: Path, sha256: str):
+    def build(folder: Path) -> dict[str, Any]:
+        if _hash_file(source) != sha256:
+            raise StageError(STAGE, "file changed while the run was reading it; run again", str(source))
+        try:
+            prepared = imaging.prepare(
+                source, cfg.resolution, cfg.crop, cfg.min_side, cfg.max_pixels, cfg.face_margin
+            )
+        except imaging.Rejected as rejected:
+            return {"status": "rejected", "reason": str(rejected)}
+        prepared.image.save(folder / "image.png", format="PNG")
+        return {
+            "status": "ok",
+            "reason": prepared.note,
+            "original_size": list(prepared.original_size),
+            "crop_box": list(prepared.crop_box),
+            "crop_mode": prepared.crop_mode,
+        }
+
+    return build
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def run(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store) -> StageResult:
+    """Preprocess every file of `inputs`, reusing cached items; fail only when too few images are usable."""
+    key = stage_key_for(cfg, inputs)
+    done = store.get(STAGE, key)
+    if done is not None:
+        counts = {"items_cached": done.info["items"], "items_rejected": done.info["rejected"]}
+        return StageResult(STAGE, key, done.path, **counts).as_cached()
+
+    rows: list[dict[str, Any]] = []
+    processed = cached = 0
+    for source in track(inputs.files, len(inputs.files), "preprocess images"):
+        row: dict[str, Any] = {"source": source.relpath, "source_sha256": source.sha256}
+        if source.problem:
+            rows.append({**row, "status": "rejected", "reason": source.problem})
+            continue
+        ikey = item_key(cfg, source.sha256)
+        build = _build_item(cfg, inputs.instance_dir / source.relpath, source.sha256)
+        try:
+            entry = store.get_or_create(ITEMS, ikey, build, cfg.keyed())
+        except StageError:
+            raise
+        except Exception as err:
+            raise StageError(STAGE, f"unexpected {type(err).__name__}: {err}", source.relpath) from err
+        processed += entry.created
+        cached += not entry.created
+        rows.append({**row, "item_key": ikey, **entry.info})
+
+    table = pd.DataFrame(rows)
+    usable = table[table["status"] == "ok"]
+    rejected = table[table["status"] == "rejected"]
+    if len(usable) < inputs.min_images:
+        listing = "; ".join(f"{r.source} ({r.reason})" for r in rejected.itertuples()) or "none"
+        raise StageError(
+            STAGE,
+            f"only {len(usable)} usable images, data.min_images is {inputs.min_images}; "
+            f"add images or lower data.min_images. Rejected: {listing}",
+            str(inputs.instance_dir),
+        )
+
+    def build(folder: Path) -> dict[str, Any]:
+        images = folder / "images"
+        images.mkdir()
+        names = []
+        for r in usable.itertuples():
+            name = f"{r.source_sha256[:16]}.png"
+            _link_or_copy(store.path(ITEMS, r.item_key) / "image.png", images / name)
+            names.append(f"images/{name}")
+        table.assign(image=pd.Series(names, index=usable.index)).to_csv(folder / "items.csv", index=False)
+        (folder / "settings.json").write_text(json.dumps(cfg.keyed(), indent=1, sort_keys=True))
+        return {"items": processed + cached, "usable": len(usable), "rejected": len(rejected)}
+
+    entry = store.get_or_create(STAGE, key, build, cfg.keyed())
+    return StageResult(STAGE, key, entry.path, processed, cached, len(rejected))
+
+
+@task(name="preprocess")
+def preprocess_task(cfg: PreprocessSection, inputs: PreprocessInputs, root: Path) -> StageResult:
+    return run(cfg, inputs, Store(root))

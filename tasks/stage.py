@@ -1,0 +1,37 @@
+"""What every stage returns and raises: a small result (key, path, counts) and an error naming the item.
+
+Only these small objects pass between stages and through Prefect; tensors and images stay on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+class StageError(Exception):
+    """A stage failure the user can act on: which stage, which item (file or step), and why."""
+
+    def __init__(self, stage: str, message: str, item: str | None = None) -> None:
+        super().__init__(f"{stage}: {item}: {message}" if item else f"{stage}: {message}")
+        self.stage = stage
+        self.item = item
+        self.message = message
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A stage's committed output. Counts describe this call: work done now vs. served from caches."""
+
+    stage: str
+    key: str
+    path: Path
+    items_processed: int = 0
+    items_cached: int = 0
+    items_rejected: int = 0
+    status: str = "ran"
+
+    def as_cached(self) -> StageResult:
+        """The same output seen from a run that found it already in the cache."""
+        total = self.items_processed + self.items_cached
+        return replace(self, items_processed=0, items_cached=total, status="cached")

@@ -1,0 +1,261 @@
+"""Tiny presets build offline and byte-identically, reload exactly, and resolve like any other model id.
+
+Component identities follow file content, not location; unreachable hub ids fail fast with one clear line.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from tasks.models import (
+    PRESETS,
+    ModelUnavailable,
+    _memoized_digest,
+    component_identity,
+    list_models,
+    load_pipeline,
+    model_family,
+    resolve_model,
+)
+
+PIPELINE_CLASSES = {"tiny-sd15": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
+MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
+SCHEDULERS = {"tiny-sd15": "PNDMScheduler", "tiny-sdxl": "EulerDiscreteScheduler"}
+VAE_SCALING = {"tiny-sd15": 0.18215, "tiny-sdxl": 0.13025}
+A_LONG_TIME_AGO_NS = 1_000_000_000_000_000_000  # 2001: outside the window in which digests are not memoized
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def components(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, DiffusionPipeline]]:
+    """Each preset built once straight into a folder, with the in-memory pipeline that was saved."""
+    base = tmp_path_factory.mktemp("fresh")
+    return {name: (base / name, preset.build(base / name)) for name, preset in PRESETS.items()}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifact root (elsewhere than `fresh`) where resolve_model built each preset once."""
+    root = tmp_path_factory.mktemp("elsewhere") / "deeper" / "artifacts"
+    for name in PRESETS:
+        resolve_model(name, root)
+    return root
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_reloads_exactly_with_diffusers(name: str, fresh: dict) -> None:
+    folder, built = fresh[name]
+    reloaded = PIPELINE_CLASSES[name].from_pretrained(folder)
+    assert model_family(folder) == PRESETS[name].family
+    for module in (m for m in MODULES if getattr(built, m, None) is not None):
+        expected, actual = getattr(built, module).state_dict(), getattr(reloaded, module).state_dict()
+        assert expected.keys() == actual.keys(), module
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), module
+    for tokenizer in (t for t in ("tokenizer", "tokenizer_2") if getattr(built, t, None) is not None):
+        before, after = getattr(built, tokenizer), getattr(reloaded, tokenizer)
+        assert after("a photo of sks dog, Ünïcode!").input_ids == before("a photo of sks dog, Ünïcode!").input_ids
+        assert len(after("a photo of sks dog").input_ids) == 7  # bos, one token per merged word, eos
+        assert after.model_max_length == 77
+    scheduler = reloaded.scheduler
+    assert type(scheduler).__name__ == SCHEDULERS[name]
+    assert (scheduler.config.beta_start, scheduler.config.beta_end) == (0.00085, 0.012)
+    assert (scheduler.config.beta_schedule, scheduler.config.num_train_timesteps) == ("scaled_linear", 1000)
+    assert (scheduler.config.steps_offset, scheduler.config.prediction_type) == (1, "epsilon")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_vae_downsamples_by_8(name: str, fresh: dict) -> None:
+    vae = fresh[name][1].vae
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latent = vae.encode(image).latent_dist
+        decoded = vae.decode(latent.mean).sample
+    assert latent.mean.shape == (1, 4, 8, 8)
+    assert decoded.shape == (1, 3, 64, 64)
+    assert vae.config.scaling_factor == VAE_SCALING[name]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_load_pipeline_generates(name: str, root: Path) -> None:
+    pipe = load_pipeline(name, root)
+    assert isinstance(pipe, PIPELINE_CLASSES[name])
+    images = pipe(
+        "a photo of sks dog",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert images.shape == (1, 64, 64, 3)
+    assert 0.0 <= images.min() <= images.max() <= 1.0
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_builds_are_byte_identical_in_any_folder(name: str, fresh: dict, root: Path) -> None:
+    here, there = fresh[name][0], root / "models" / name
+    assert file_digests(here) == file_digests(there)
+    for component in components(here):
+        assert component_identity(here, component) == component_identity(there, component)
+    for config in here.rglob("*.json"):
+        text = config.read_text(encoding="utf-8")
+        assert str(here.parent) not in text and "_name_or_path" not in text, config
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_component_identity_follows_content(name: str, root: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(root / "models" / name, tmp_path / name)
+    for file in folder.rglob("*"):
+        os.utime(file, ns=(A_LONG_TIME_AGO_NS, A_LONG_TIME_AGO_NS))
+    identities = {c: component_identity(folder, c) for c in components(folder)}
+    hits = _memoized_digest.cache_info().hits
+    assert {c: component_identity(folder, c) for c in components(folder)} == identities
+    hashed_files = sum(1 for c in components(folder) for p in (folder / c).rglob("*") if p.is_file())
+    assert _memoized_digest.cache_info().hits - hits == hashed_files
+
+    for component in components(folder):
+        largest = max((p for p in (folder / component).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        with largest.open("r+b") as file:  # same size, same inode: only content and mtime change
+            file.seek(-1, os.SEEK_END)
+            last = file.read(1)
+            file.seek(-1, os.SEEK_END)
+            file.write(bytes([last[0] ^ 1]))
+        later = A_LONG_TIME_AGO_NS + 1_000_000_000  # old enough to be memoized: the mtime in the key must differ
+        os.utime(largest, ns=(later, later))
+        now = {c: component_identity(folder, c) for c in components(folder)}
+        assert {c for c in now if now[c] != identities[c]} == {component}
+        identities = now
+
+
+def test_identity_sees_a_rewrite_within_one_clock_tick(root: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(root / "models" / "tiny-sd15", tmp_path / "tiny-sd15")
+    config = folder / "scheduler" / "scheduler_config.json"
+    tick = time.time_ns()
+    os.utime(config, ns=(tick, tick))
+    before = component_identity(folder, "scheduler")
+    config.write_bytes(config.read_bytes().replace(b"1000", b"1001"))  # same size, same inode
+    os.utime(config, ns=(tick, tick))  # a filesystem clock too coarse to see the rewrite
+    assert component_identity(folder, "scheduler") != before
+
+
+def test_build_neither_reads_nor_moves_the_callers_rng(root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    folder = resolve_model("tiny-sd15", tmp_path)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert file_digests(folder) == file_digests(root / "models" / "tiny-sd15")
+
+
+def test_second_resolve_reuses_the_folder(root: Path) -> None:
+    folder = root / "models" / "tiny-sd15"
+    before = [(p, p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))]
+    assert resolve_model("tiny-sd15", root) == folder
+    assert [(p, p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))] == before
+    assert (root / ".locks" / "store" / "models-tiny-sd15.lock").exists()
+
+
+def test_concurrent_builds_leave_one_complete_folder(root: Path, tmp_path: Path) -> None:
+    stale = tmp_path / "models" / "tiny-sd15.partial-12345"  # what a killed build leaves behind
+    stale.mkdir(parents=True)
+    (stale / "model_index.json").write_text("{}")
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: resolve_model("tiny-sd15", tmp_path), range(2)))
+    assert folders == [tmp_path / "models" / "tiny-sd15"] * 2
+    assert file_digests(folders[0]) == file_digests(root / "models" / "tiny-sd15")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-sd15"]
+
+
+def test_list_models_reports_built_and_missing(root: Path, tmp_path: Path) -> None:
+    assert [(row["name"], row["built"], row["size_bytes"]) for row in list_models(tmp_path)] == [
+        ("tiny-sd15", False, 0),
+        ("tiny-sdxl", False, 0),
+    ]
+    rows = {row["name"]: row for row in list_models(root)}
+    assert {name: row["family"] for name, row in rows.items()} == {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+    for name, row in rows.items():
+        folder = root / "models" / name
+        assert row["built"] and row["path"] == str(folder)
+        assert row["size_bytes"] == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) > 0
+
+
+def _not_a_diffusers_folder(tmp_path: Path) -> str:
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "message"),
+    [
+        (_not_a_diffusers_folder, "has no model_index.json"),
+        (lambda _: "not a valid id!!", "is not a preset, an existing folder or a valid hub id"),
+        (lambda tmp_path: f"{tmp_path}/missing/folder", "is not a preset, an existing folder or a valid hub id"),
+    ],
+    ids=["folder-without-model-index", "invalid-hub-id", "missing-folder"],
+)
+def test_bad_model_ids(model_id: Callable[[Path], str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable, match=message):
+        resolve_model(model_id(tmp_path), tmp_path)
+
+
+HUB_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from tasks.models import ModelUnavailable, component_identity, model_family, resolve_model
+
+    root = Path(sys.argv[1])
+    cached = resolve_model("someone/tiny-sd15", root)
+    result = {"cached": str(cached), "family": model_family(cached), "unet": component_identity(cached, "unet")}
+    start = time.perf_counter()
+    try:
+        resolve_model("someone/not-a-model", root)
+    except ModelUnavailable as error:
+        result["error"] = str(error)
+    result["seconds"] = time.perf_counter() - start
+    print(json.dumps(result))
+    """
+)
+
+
+def test_hub_ids_resolve_from_the_cache_or_fail_in_one_line(root: Path, tmp_path: Path) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-sd15"
+    shutil.copytree(root / "models" / "tiny-sd15", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    process = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(root)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert process.returncode == 0, process.stderr
+    result = json.loads(process.stdout.splitlines()[-1])
+    assert result["cached"] == str(repo / "snapshots" / commit)
+    assert result["family"] == "sd15"
+    assert result["unet"] == f"hub:someone/tiny-sd15@{commit}"
+    assert "\n" not in result["error"] and "'someone/not-a-model'" in result["error"]
+    assert "local Hugging Face cache" in result["error"] and "tiny-sd15" in result["error"]
+    assert result["seconds"] < 5
