@@ -22,7 +22,7 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect the stage cache.")
 models_app = typer.Typer(no_args_is_help=True, help="Base models and presets.")
 app.add_typer(cache_app, name="cache")
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config, e.g. configs/demo.toml")]
 ArtifactsOpt = Annotated[Path | None, typer.Option("--artifacts", help="Artifact root (overrides run.artifacts_root)")]
@@ -136,7 +136,7 @@ def models_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: Se
         table.add_column(column)
     for row in list_models(cfg.run.artifacts_root):
         built = "yes" if row["built"] else "no"
-        table.add_row(row["name"], row["family"], built, _size(row["bytes"]), row["description"])
+        table.add_row(row["name"], row["family"], built, _size(row["size_bytes"]), row["description"])
     Console().print(table)
 
 

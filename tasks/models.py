@@ -34,7 +34,7 @@ T = TypeVar("T")
 FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
 
 # Words the tiny tokenizer merges into single tokens; everything else falls back to byte tokens.
-TOKENIZER_WORDS = ("a", "photo", "of", "sks", "dog", "cat", "toy", "person", "in", "the")
+TOKENIZER_WORDS = ("photo", "of", "sks", "dog", "cat", "toy", "person", "in", "the")
 
 # Small channel counts, but the real block layout: GroupNorm always sees >= 4 channels per group.
 TINY_VAE = {
@@ -64,6 +64,7 @@ TINY_SD15_UNET = {
     "attention_head_dim": 4,
     "norm_num_groups": 8,
 }
+SDXL_TIME_EMBED_DIM = 8  # each of the 6 size/crop ids (original h, w, crop top, left, target h, w)
 TINY_SDXL_UNET = {
     "sample_size": 8,
     "block_out_channels": (32, 64),
@@ -74,13 +75,14 @@ TINY_SDXL_UNET = {
     "attention_head_dim": (2, 4),
     "use_linear_projection": True,
     "norm_num_groups": 8,
-    # Both encoders' hidden states are concatenated; pooled text_encoder_2 output + 6 size/crop ids.
+    # Cross-attention sees both encoders' hidden states side by side (text_encoder + text_encoder_2);
+    # the added embedding sees the 6 embedded size/crop ids and text_encoder_2's pooled projection.
     "cross_attention_dim": 2 * TINY_TEXT_ENCODER["hidden_size"],
     "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 6 * 8 + TINY_TEXT_ENCODER["projection_dim"],
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + TINY_TEXT_ENCODER["projection_dim"],
 }
-# The schedulers of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0.
+# The real schedulers of SD 1.5 (stable-diffusion-v1-5) and SDXL (stable-diffusion-xl-base-1.0).
 SD15_SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -274,9 +276,9 @@ def resolve_model(model_id: str, root: Path) -> Path:
     return _hub_snapshot(model_id)
 
 
-def load_pipeline(model_id: str, root: Path, **kwargs: Any) -> DiffusionPipeline:
+def load_pipeline(model_id: str, root: Path, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """Load any model id the same way, so presets, folders and hub ids share one code path."""
-    return DiffusionPipeline.from_pretrained(resolve_model(model_id, root), **kwargs)
+    return DiffusionPipeline.from_pretrained(resolve_model(model_id, root), torch_dtype=torch_dtype)
 
 
 def model_family(path: Path) -> str:
@@ -294,6 +296,7 @@ _RACY_WINDOW_NS = 2_000_000_000
 
 @lru_cache(maxsize=65536)
 def _memoized_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """Keyed by the file's stat, so asking again about an unchanged multi-GB weight file costs no read."""
     return _file_digest(Path(path))
 
 

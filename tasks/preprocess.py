@@ -72,18 +72,16 @@ def scan(instance_dir: Path) -> tuple[SourceFile, ...]:
     root = Path(instance_dir)
     if not root.is_dir():
         raise StageError(STAGE, "instance folder not found; set data.instance_dir to a folder of images", str(root))
-    real_root = root.resolve()
-    found: list[SourceFile] = []
-    first_by_hash: dict[str, str] = {}
+    candidates: dict[str, Path] = {}
     for folder, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames) + [d for d in dirnames if (Path(folder) / d).is_symlink()]:
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames + [d for d in dirnames if (Path(folder) / d).is_symlink()]:
             path = Path(folder) / name
-            if _is_ignored(path):
-                continue
-            relpath = path.relative_to(root).as_posix()
-            found.append(_examine(path, relpath, real_root, first_by_hash))
-    return tuple(sorted(found, key=lambda f: f.relpath))
+            if not _is_ignored(path):
+                candidates[path.relative_to(root).as_posix()] = path
+    real_root = root.resolve()
+    first_by_hash: dict[str, str] = {}
+    return tuple(_examine(candidates[rel], rel, real_root, first_by_hash) for rel in sorted(candidates))
 
 
 def _examine(path: Path, relpath: str, real_root: Path, first_by_hash: dict[str, str]) -> SourceFile:
@@ -123,9 +121,7 @@ def _build_item(cfg: PreprocessSection, source: Path, sha256: str):
         if _hash_file(source) != sha256:
             raise StageError(STAGE, "file changed while the run was reading it; run again", str(source))
         try:
-            prepared = imaging.prepare(
-                source, cfg.resolution, cfg.crop, cfg.min_side, cfg.max_pixels, cfg.face_margin
-            )
+            prepared = imaging.prepare(source, cfg.resolution, cfg.crop, cfg.min_side, cfg.max_pixels, cfg.face_margin)
         except imaging.Rejected as rejected:
             return {"status": "rejected", "reason": str(rejected)}
         prepared.image.save(folder / "image.png", format="PNG")

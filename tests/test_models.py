@@ -70,6 +70,8 @@ def test_preset_reloads_exactly_with_diffusers(name: str, fresh: dict) -> None:
     folder, built = fresh[name]
     reloaded = PIPELINE_CLASSES[name].from_pretrained(folder)
     assert model_family(folder) == PRESETS[name].family
+    norms = [m for m in (*built.unet.modules(), *built.vae.modules()) if isinstance(m, torch.nn.GroupNorm)]
+    assert min(m.num_channels // m.num_groups for m in norms) >= 4
     for module in (m for m in MODULES if getattr(built, m, None) is not None):
         expected, actual = getattr(built, module).state_dict(), getattr(reloaded, module).state_dict()
         assert expected.keys() == actual.keys(), module

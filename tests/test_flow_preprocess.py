@@ -1,0 +1,165 @@
+"""End to end through the `boothflow` CLI against the suite's Prefect server: caching, user folders, broken files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from corpus import USER_EXIF6, build_broken_corpus, build_user_folder
+from PIL import Image
+from prefect_api import task_states
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _summary(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _outcomes(summary: dict) -> dict[str, str]:
+    table = pd.read_csv(Path(summary["outputs"]["preprocess_dir"]).parent / "items.csv")
+    return {row.source: f"{row.status}:{row.reason}" for row in table.itertuples()}
+
+
+def _matches(outcome: str, expected: str) -> bool:
+    status, _, reason = outcome.partition(":")
+    kind, _, keyword = expected.partition(":")
+    return status == kind and keyword.lower() in reason.lower()
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def test_rerun_is_cached_in_prefect_and_new_images_cost_only_themselves(
+    boothflow, prefect_server: str, tmp_path: Path
+) -> None:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "my photos")
+    base = [
+        "--config",
+        "configs/demo.toml",
+        "--artifacts",
+        tmp_path / "artifacts",
+        "--set",
+        f"data.instance_dir='{images}'",
+    ]
+
+    boothflow("run", *base, "--summary", tmp_path / "1.json")
+    first = _summary(tmp_path / "1.json")["stages"]["preprocess"]
+    assert (first["status"], first["items_processed"], first["items_cached"], first["items_rejected"]) == (
+        "ran",
+        6,
+        0,
+        0,
+    )
+
+    proc = boothflow("run", *base, "--summary", tmp_path / "2.json")
+    assert f"reporting to Prefect server {prefect_server}" in proc.stderr
+    second = _summary(tmp_path / "2.json")
+    assert second["stages"]["preprocess"]["status"] == "cached"
+    assert (second["stages"]["preprocess"]["items_processed"], second["stages"]["preprocess"]["items_cached"]) == (0, 6)
+    assert second["stages"]["preprocess"]["key"] == first["key"]
+    assert task_states(prefect_server, second["run"]["flow_run_id"]) == {"preprocess": "Cached"}
+    assert len(list(Path(second["outputs"]["preprocess_dir"]).glob("*.png"))) == 6
+
+    Image.new("RGB", (300, 400), "purple").save(images / "new one.png")
+    boothflow("run", *base, "--summary", tmp_path / "3.json")
+    third = _summary(tmp_path / "3.json")["stages"]["preprocess"]
+    assert (third["status"], third["items_processed"], third["items_cached"]) == ("ran", 1, 6)
+
+    boothflow("run", *base, "--set", "preprocess.resolution=64", "--summary", tmp_path / "4.json")
+    fourth = _summary(tmp_path / "4.json")["stages"]["preprocess"]
+    assert (fourth["items_processed"], fourth["items_cached"]) == (7, 0)
+
+
+def test_a_users_folder_gets_each_documented_outcome(boothflow, tmp_path: Path) -> None:
+    folder = tmp_path / "Urlaub 2024 ü"
+    expected = build_user_folder(folder)
+    before = _hashes(folder)
+    boothflow(
+        "stage", "preprocess", "--config", "configs/demo.toml", "--artifacts", tmp_path / "artifacts",
+        "--set", f"data.instance_dir='{folder}'", "--set", "preprocess.resolution=512",
+        "--summary", tmp_path / "s.json",
+    )  # fmt: skip
+    summary = _summary(tmp_path / "s.json")
+    outcomes = _outcomes(summary)
+    for name, want in expected.items():
+        if want == "ignored":
+            assert name not in outcomes, name
+        else:
+            assert _matches(outcomes[name], want), (name, outcomes[name], want)
+    assert _hashes(folder) == before
+
+    table = pd.read_csv(Path(summary["outputs"]["preprocess_dir"]).parent / "items.csv").set_index("source")
+    upright = np.asarray(Image.open(Path(summary["outputs"]["preprocess_dir"]).parent / table.loc[USER_EXIF6, "image"]))
+    assert upright.shape == (512, 512, 3)
+    top, bottom = upright[:200].mean(axis=(0, 1)), upright[-200:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red above blue: upright
+
+
+def test_broken_and_unusual_files_are_recorded_never_fatal(boothflow, tmp_path: Path) -> None:
+    folder = tmp_path / "corpus"
+    expected = build_broken_corpus(folder)
+    before = _hashes(folder)
+    args = [
+        "stage", "preprocess", "--config", "configs/demo.toml", "--artifacts", tmp_path / "artifacts",
+        "--set", f"data.instance_dir='{folder}'", "--set", "data.min_images=1",
+        "--set", "preprocess.max_pixels=40000000",
+    ]  # fmt: skip
+    proc = boothflow(*args, "--summary", tmp_path / "1.json")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    outcomes = _outcomes(_summary(tmp_path / "1.json"))
+    assert {name for name, want in expected.items() if want != "ignored"} == set(outcomes)
+    for name, want in expected.items():
+        if want != "ignored":
+            assert _matches(outcomes[name], want), (name, outcomes[name], want)
+    assert _hashes(folder) == before
+
+    boothflow(*args, "--summary", tmp_path / "2.json")
+    again = _summary(tmp_path / "2.json")["stages"]["preprocess"]
+    assert again["items_processed"] == 0 and again["status"] == "cached"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "preprocess.resolution=100"], "preprocess.resolution = 100"),
+        (["--set", "preprocess.crop=sideways"], "preprocess.crop = 'sideways'"),
+        (["--set", "preprocess.colour=1"], "unknown setting 'preprocess.colour'; allowed in preprocess: resolution"),
+        (["--set", "data.min_images=few"], "data.min_images = 'few'"),
+        (["--set", "novalue"], "expected section.key=value"),
+        (["--config", "configs/missing.toml"], "config file 'configs/missing.toml' not found"),
+    ],
+    ids=["bad-resolution", "bad-crop", "unknown-key", "bad-int", "malformed-set", "missing-file"],
+)
+def test_config_errors_are_one_line_without_traceback(boothflow, args: list[str], message: str) -> None:
+    proc = boothflow("run", *args, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_too_few_usable_images_fails_with_the_list_in_the_summary(boothflow, tmp_path: Path) -> None:
+    folder = tmp_path / "few"
+    folder.mkdir()
+    Image.new("RGB", (300, 300), "red").save(folder / "good.png")
+    (folder / "bad.jpg").write_bytes(b"nope")
+    proc = boothflow(
+        "run", "--artifacts", tmp_path / "artifacts", "--set", f"data.instance_dir='{folder}'",
+        "--set", "preprocess.resolution=64", "--summary", tmp_path / "s.json", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    summary = _summary(tmp_path / "s.json")
+    assert summary["stages"]["preprocess"]["status"] == "failed"
+    assert summary["error"]["stage"] == "preprocess"
+    assert "only 1 usable images" in summary["error"]["message"] and "bad.jpg" in summary["error"]["message"]
