@@ -17,6 +17,9 @@ from rich.table import Table
 
 from tasks.config import ConfigError, RunConfig, load_config
 
+# The temporary server Prefect starts without PREFECT_API_URL otherwise logs an error on offline machines.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="DreamBooth fine-tuning as a cached Prefect flow.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the stage cache.")
 models_app = typer.Typer(no_args_is_help=True, help="Base models and presets.")

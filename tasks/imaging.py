@@ -60,10 +60,7 @@ def prepare(path: Path, resolution: int, crop: str, min_side: int, max_pixels: i
     if crop not in CROP_MODES:
         raise ValueError(f"crop {crop!r} must be one of {CROP_MODES}")
     image = to_rgb(load_upright(path, min_side, max_pixels))
-    if crop == "face" and not face_detector_available():
-        crop_box, crop_mode = center_square_box(image.size), "center"
-        note = f"face detection unavailable (OpenCV {cv2.__version__} has no Haar cascade); center crop"
-    elif crop == "face" and (faces := detect_faces(image)):
+    if crop == "face" and (faces := detect_faces(image)):
         largest = max(faces, key=lambda box: (box[2] - box[0]) * (box[3] - box[1]))
         crop_box, crop_mode, note = face_square_box(image.size, largest, face_margin), "face", ""
     else:
@@ -169,25 +166,19 @@ def _place(centre: float, side: int, need_start: int, need_end: int, length: int
 
 
 @functools.cache
-def _face_cascade() -> cv2.CascadeClassifier | None:
-    """OpenCV's frontal-face Haar cascade, loaded once; None where this OpenCV has none (5.x moved
-    CascadeClassifier to opencv-contrib and ships no cascade files)."""
+def _face_cascade() -> cv2.CascadeClassifier:
+    """OpenCV's frontal-face Haar cascade, loaded once (opencv-python-headless 4.x ships it; 5.x does not)."""
     path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
     if not hasattr(cv2, "CascadeClassifier") or not path.is_file():
-        return None
+        raise RuntimeError(
+            f"OpenCV {cv2.__version__} has no Haar face cascade; install opencv-python-headless<5 for crop='face'"
+        )
     return cv2.CascadeClassifier(str(path))
-
-
-def face_detector_available() -> bool:
-    """Whether crop="face" can detect anything with the installed OpenCV."""
-    return _face_cascade() is not None
 
 
 def detect_faces(image: Image.Image) -> list[Box]:
     """Frontal faces in an RGB image, as boxes in its pixels (largest first is not promised)."""
     cascade = _face_cascade()
-    if cascade is None:
-        raise RuntimeError(f"OpenCV {cv2.__version__} has no Haar cascade for face detection")
     small = image.convert("L")
     small.thumbnail((FACE_DETECT_SIDE, FACE_DETECT_SIDE), Image.Resampling.BILINEAR)
     scale = image.width / small.width

@@ -163,3 +163,43 @@ def test_too_few_usable_images_fails_with_the_list_in_the_summary(boothflow, tmp
     assert summary["stages"]["preprocess"]["status"] == "failed"
     assert summary["error"]["stage"] == "preprocess"
     assert "only 1 usable images" in summary["error"]["message"] and "bad.jpg" in summary["error"]["message"]
+
+
+def test_a_deleted_store_entry_is_recomputed_not_served_from_prefects_record(
+    boothflow, prefect_server: str, tmp_path: Path
+) -> None:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    base = [
+        "--artifacts",
+        tmp_path / "artifacts",
+        "--set",
+        f"data.instance_dir='{images}'",
+        "--set",
+        "preprocess.resolution=64",
+    ]
+    boothflow("run", *base, "--summary", tmp_path / "1.json")
+    first = _summary(tmp_path / "1.json")
+    entry = Path(first["outputs"]["preprocess_dir"]).parent
+    assert (tmp_path / "artifacts" / ".prefect" / "preprocess" / entry.name).is_file()
+    shutil.rmtree(entry)
+
+    boothflow("run", *base, "--summary", tmp_path / "2.json")
+    second = _summary(tmp_path / "2.json")
+    stage = second["stages"]["preprocess"]
+    assert (stage["status"], stage["items_processed"], stage["items_cached"]) == ("ran", 0, 6)
+    assert task_states(prefect_server, second["run"]["flow_run_id"]) == {"preprocess": "Completed"}
+    assert len(list(Path(second["outputs"]["preprocess_dir"]).glob("*.png"))) == 6
+
+
+def test_cache_ls_and_models_ls_list_what_is_there(boothflow, tmp_path: Path) -> None:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    artifacts = tmp_path / "artifacts"
+    boothflow(
+        "run", "--artifacts", artifacts, "--set", f"data.instance_dir='{images}'", "--summary", tmp_path / "s.json"
+    )
+    key = _summary(tmp_path / "s.json")["stages"]["preprocess"]["key"]
+    listing = boothflow("cache", "ls", "--artifacts", artifacts).stdout
+    assert key in listing and listing.count("preprocess-items") == 6
+
+    models = boothflow("models", "ls", "--artifacts", artifacts).stdout
+    assert "tiny-sd15" in models and "tiny-sdxl" in models and " yes " not in models

@@ -14,7 +14,6 @@ from tasks.imaging import Rejected, center_square_box, face_square_box, prepare,
 # "broken exif.jpg" has a broken EXIF block on purpose; Pillow warns while reading it.
 pytestmark = pytest.mark.filterwarnings("ignore:Truncated File Read:UserWarning")
 RESOLUTION = 128
-HAAR = imaging.face_detector_available()
 
 
 def run(path: Path, crop: str = "center", face_margin: float = 0.5) -> imaging.Prepared:
@@ -251,7 +250,6 @@ def test_face_square_box_properties() -> None:
 
 def test_face_crop_uses_the_largest_detected_face(user: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     faces = [(20, 20, 60, 60), (400, 100, 500, 200), (300, 300, 330, 330)]
-    monkeypatch.setattr(imaging, "face_detector_available", lambda: True)
     monkeypatch.setattr(imaging, "detect_faces", lambda image: faces)
     prepared = run(user / corpus.USER_UPPERCASE_JPG, crop="face", face_margin=0.5)
     assert (prepared.crop_mode, prepared.note) == ("face", "")
@@ -259,21 +257,12 @@ def test_face_crop_uses_the_largest_detected_face(user: Path, monkeypatch: pytes
 
 
 def test_face_crop_without_a_face_falls_back_to_center(user: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(imaging, "face_detector_available", lambda: True)
     monkeypatch.setattr(imaging, "detect_faces", lambda image: [])
     prepared = run(user / corpus.USER_UPPERCASE_JPG, crop="face")
     assert (prepared.crop_mode, prepared.note) == ("center", "no face found; center crop")
     assert prepared.crop_box == center_square_box((640, 480))
 
 
-@pytest.mark.skipif(HAAR, reason="this OpenCV has the Haar cascade")
-def test_face_crop_says_when_opencv_cannot_detect_faces(user: Path) -> None:
-    prepared = run(user / corpus.USER_UPPERCASE_JPG, crop="face")
-    assert prepared.crop_mode == "center"
-    assert prepared.note.startswith("face detection unavailable (OpenCV ")
-
-
-@pytest.mark.skipif(not HAAR, reason="OpenCV 5 has no Haar cascade (moved to opencv-contrib)")
 def test_haar_cascade_finds_a_drawn_face_and_centres_the_crop_on_it(tmp_path: Path) -> None:
     path = tmp_path / "face.png"
     corpus.face_image((900, 600), centre=(300, 320), radius=80).save(path)
@@ -284,7 +273,6 @@ def test_haar_cascade_finds_a_drawn_face_and_centres_the_crop_on_it(tmp_path: Pa
     assert x0 <= 300 - 80 and x1 >= 300 + 80 and y0 <= 320 - 100 and y1 >= 320 + 100
 
 
-@pytest.mark.skipif(not HAAR, reason="OpenCV 5 has no Haar cascade (moved to opencv-contrib)")
 def test_haar_cascade_finds_no_face_in_a_landscape(user: Path) -> None:
     prepared = run(user / "misc/café.webp", crop="face")
     assert (prepared.crop_mode, prepared.note) == ("center", "no face found; center crop")
