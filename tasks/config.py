@@ -36,6 +36,9 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     id: str = Field("tiny-sd15", description="Base model: a preset name (tiny-sd15, tiny-sdxl), hub id or folder")
+    vae: str = Field(
+        "", description="Separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; empty: the base's"
+    )
 
 
 class RunSection(Section):
@@ -70,6 +73,56 @@ class PreprocessSection(Section):
         return value
 
 
+class LatentsSection(Section):
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="VAE precision while encoding")
+    flip: bool = Field(False, description="Also cache each image's mirror image; training picks one at random per step")
+    batch_size: int = no_key("Images per VAE forward pass", default=4, ge=1)
+
+
+class PriorSection(Section):
+    enabled: bool = Field(False, description="Prior preservation: train on generated class images too")
+    class_prompt: str = Field("a photo of {class}", description="Prompt for class images; {class} is filled in")
+    negative_prompt: str = Field("", description="Negative prompt for class images")
+    num_images: int = Field(100, ge=1, description="Number of class images (more later generates only the extra ones)")
+    loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss")
+    scheduler: str = Field("DPMSolverMultistepScheduler", description="diffusers scheduler class used to render them")
+    steps: int = Field(25, ge=1, description="Inference steps per class image")
+    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale")
+    seed: int = Field(0, description="Base seed; image i is rendered with its own generator seeded by (seed, i)")
+    batch_size: int = no_key("Class images rendered per batch", default=4, ge=1)
+
+
+class TrainSection(Section):
+    method: Literal["full", "lora"] = Field("full", description="full: UNet (+ text encoder) weights; lora: adapters")
+    train_text_encoder: bool = Field(True, description="Train the text encoder (full) or its LoRA (lora)")
+    steps: int = Field(400, ge=1, description="Optimizer steps")
+    batch_size: int = Field(1, ge=1, description="Images per micro-batch (instance; as many class images with prior)")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step")
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate")
+    lr_scheduler: str = Field("constant", description="Name for diffusers.optimization.get_scheduler")
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the LR schedule")
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs CUDA + bitsandbytes")
+    adam_beta1: float = Field(0.9, description="Adam beta1")
+    adam_beta2: float = Field(0.999, description="Adam beta2")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm")
+    noise_offset: float = Field(0.1, ge=0, description="Offset noise: noise + offset * randn(b, c, 1, 1)")
+    snr_gamma: float = Field(0.0, ge=0, description="Min-SNR loss weighting gamma; 0 turns it off")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision of the forward pass")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet")
+    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel; xformers when installed")
+    lora_rank: int = Field(4, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(4.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
+    lora_targets: tuple[str, ...] = Field(
+        ("to_q", "to_k", "to_v", "to_out.0"), description="UNet attention projections that get LoRA adapters"
+    )
+    seed: int = Field(0, description="Seed of weights init, sampling order, noise and timesteps")
+    checkpoint_every: int = no_key("Save a resumable checkpoint every N steps (0: never)", default=100, ge=0)
+    keep_checkpoints: int = no_key("Keep the newest K checkpoints", default=2, ge=1)
+    cpu_threads: int = no_key("Torch threads per training process on CPU (results depend on it)", default=2, ge=1)
+
+
 class RunConfig(Section):
     """Everything one boothflow run needs; the flow's only parameter."""
 
@@ -77,6 +130,9 @@ class RunConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection, description="Base model")
     data: DataSection = Field(default_factory=DataSection, description="Instance images and prompt")
     preprocess: PreprocessSection = Field(default_factory=PreprocessSection, description="Crop and resize")
+    prior: PriorSection = Field(default_factory=PriorSection, description="Prior preservation with class images")
+    latents: LatentsSection = Field(default_factory=LatentsSection, description="VAE latent cache")
+    train: TrainSection = Field(default_factory=TrainSection, description="DreamBooth training")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
