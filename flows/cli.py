@@ -47,11 +47,12 @@ def _server_line() -> str:
 
 
 def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
-    from flows.dreambooth import STAGES, dreambooth, dreambooth_stage
+    from flows.dreambooth import dreambooth, dreambooth_stage, stage_names
     from flows.runner import summary_path
 
-    if stage is not None and stage not in STAGES:
-        console.print(f"[red]error:[/red] no stage {stage!r}; stages are: {', '.join(STAGES)}", highlight=False)
+    if stage is not None and stage not in stage_names(cfg):
+        names = ", ".join(stage_names(cfg))
+        console.print(f"[red]error:[/red] no stage {stage!r} in this config; stages are: {names}", highlight=False)
         raise typer.Exit(2)
     console.print(_server_line(), highlight=False)
     started = time.monotonic()

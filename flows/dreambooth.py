@@ -10,29 +10,72 @@ from typing import Any
 from prefect import flow
 
 from flows.runner import StageRunner
-from tasks import preprocess
-from tasks.config import RunConfig
+from tasks import class_images, latents, preprocess, train
+from tasks.config import RunConfig, fill_prompt
+from tasks.models import ModelUnavailable, ResolvedModel, resolve
+from tasks.stage import StageError
 
-STAGES = ["preprocess"]
+
+def stage_names(config: RunConfig) -> list[str]:
+    """The stages this config runs, in order; class images only with prior preservation."""
+    return ["preprocess", *(["class_images"] if config.prior.enabled else []), "latents", "train"]
+
+
+def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
+    try:
+        return resolve(config.model.id, config.model.vae, config.run.artifacts_root)
+    except ModelUnavailable as err:
+        raise StageError(needed_by, str(err), item=config.model.id) from None
 
 
 def pipeline(config: RunConfig, stages: StageRunner) -> None:
+    data = config.data
     with stages:
-        files = preprocess.scan(config.data.instance_dir)
-        inputs = preprocess.PreprocessInputs(config.data.instance_dir, files, config.data.min_images)
-        stages.run(
+        files = preprocess.scan(data.instance_dir)
+        instance = stages.run(
             preprocess.preprocess_task,
             config.preprocess,
-            inputs,
+            preprocess.PreprocessInputs(data.instance_dir, files, data.min_images),
             preprocess.stage_key_for,
             outputs={"preprocess_dir": "images"},
+        )
+        model = base_model(config, needed_by=stage_names(config)[1])
+        class_prompt = fill_prompt(config.prior.class_prompt, data.token, data.class_name)
+        classes = None
+        if config.prior.enabled:
+            classes = stages.run(
+                class_images.class_images_task,
+                config.prior,
+                class_images.ClassImagesInputs(model, class_prompt, config.preprocess.resolution),
+                class_images.stage_key_for,
+                outputs={"class_images_dir": "images"},
+            )
+        encoded = stages.run(
+            latents.latents_task,
+            config.latents,
+            latents.LatentsInputs(model, instance, classes),
+            latents.stage_key_for,
+        )
+        stages.run(
+            train.train_task,
+            config.train,
+            train.TrainInputs(
+                model,
+                encoded,
+                fill_prompt(data.instance_prompt, data.token, data.class_name),
+                class_prompt if config.prior.enabled else None,
+                config.prior.loss_weight if config.prior.enabled else 0.0,
+                config.model.safety_checker,
+            ),
+            train.stage_key_for,
+            outputs={"model_dir": "."},
         )
 
 
 @flow(name="dreambooth")
 def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form shows the default
     """DreamBooth fine-tuning of Stable Diffusion, every stage cached by its inputs."""
-    stages = StageRunner(config, STAGES)
+    stages = StageRunner(config, stage_names(config))
     pipeline(config, stages)
     return stages.summary
 
@@ -40,6 +83,6 @@ def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008
 @flow(name="dreambooth-stage")
 def dreambooth_stage(config: RunConfig, stage: str) -> dict[str, Any]:
     """Run one stage from cached upstream outputs; names the upstream stage that is missing."""
-    stages = StageRunner(config, STAGES, only=stage)
+    stages = StageRunner(config, stage_names(config), only=stage)
     pipeline(config, stages)
     return stages.summary

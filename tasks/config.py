@@ -39,6 +39,9 @@ class ModelSection(Section):
     vae: str = Field(
         "", description="Separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; empty: the base's"
     )
+    safety_checker: bool = Field(
+        False, description="Keep the base model's safety checker (if it has one) in the fine-tuned pipeline"
+    )
 
 
 class RunSection(Section):
@@ -133,6 +136,11 @@ class RunConfig(Section):
     prior: PriorSection = Field(default_factory=PriorSection, description="Prior preservation with class images")
     latents: LatentsSection = Field(default_factory=LatentsSection, description="VAE latent cache")
     train: TrainSection = Field(default_factory=TrainSection, description="DreamBooth training")
+
+
+def fill_prompt(template: str, token: str, class_name: str) -> str:
+    """Fill `{token}` and `{class}`; other braces stay as written."""
+    return template.replace("{token}", token).replace("{class}", class_name)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -276,6 +276,52 @@ def resolve_model(model_id: str, root: Path) -> Path:
     return _hub_snapshot(model_id)
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model found on disk: where it is, and the identities that cache keys use instead of paths."""
+
+    id: str
+    path: Path
+    family: str
+    vae_path: Path
+    identities: dict[str, str]
+
+    def identity(self, *components: str) -> dict[str, str]:
+        return {name: self.identities[name] for name in components}
+
+
+def resolve(model_id: str, vae_id: str, root: Path) -> ResolvedModel:
+    """Resolve the base pipeline (and an optional separate VAE) once, hashing each component's files."""
+    path = resolve_model(model_id, root)
+    components = [c for c in json.loads((path / "model_index.json").read_text()) if not c.startswith("_")]
+    identities = {c: component_identity(path, c) for c in components if (path / c).is_dir()}
+    vae_path = path / "vae"
+    if vae_id:
+        vae_path = _resolve_vae(vae_id)
+        identities["vae"] = component_identity(vae_path, "")
+    return ResolvedModel(model_id, path, model_family(path), vae_path, identities)
+
+
+def _resolve_vae(vae_id: str) -> Path:
+    """A standalone AutoencoderKL: a local folder with config.json, or a hub repo such as sdxl-vae-fp16-fix."""
+    local = Path(vae_id).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelUnavailable(f"VAE folder {str(local)!r} has no config.json: not a diffusers AutoencoderKL")
+        return local
+    try:
+        return Path(snapshot_download(vae_id, local_files_only=True))
+    except HFValidationError as error:
+        raise _unavailable(vae_id, "is not an existing folder or a valid hub id") from error
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return Path(snapshot_download(vae_id, allow_patterns=["config.json", "*.safetensors"]))
+    except Exception as error:
+        why = f"is not in the local Hugging Face cache and the hub is unreachable or lacks it ({_first_line(error)})"
+        raise _unavailable(vae_id, why) from error
+
+
 def load_pipeline(model_id: str, root: Path, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """Load any model id the same way, so presets, folders and hub ids share one code path."""
     return DiffusionPipeline.from_pretrained(resolve_model(model_id, root), torch_dtype=torch_dtype)
@@ -316,11 +362,12 @@ def _stat_digest(path: Path) -> str:
 
 
 def component_identity(path: Path, component: str) -> str:
-    """A location-free identity of one component (unet, vae, ...) for cache keys: changes with any of its files."""
+    """A location-free identity of one component (unet, vae, ...; "" for a standalone component folder)
+    for cache keys: changes with any of its files."""
     if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         repo = path.parent.parent.name.removeprefix("models--").replace("--", "/")
         return f"hub:{repo}@{path.name}"
-    folder = path / component
+    folder = path / component if component else path
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     if not files:
         raise FileNotFoundError(f"{folder}: no such model component")

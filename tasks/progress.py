@@ -1,6 +1,6 @@
 """Progress of long steps: a rich bar on an interactive terminal, log lines and a Prefect progress artifact.
 
-Stages call `track(...)` and stay unaware of where they run; outside a Prefect run only the bar and logs show.
+Stages report through `Reporter` or `track(...)` and stay unaware of where they run.
 """
 
 from __future__ import annotations
@@ -11,44 +11,53 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+from prefect.logging import get_logger, get_run_logger
 from rich.progress import Progress
 
 T = TypeVar("T")
 LOG_EVERY_SECONDS = 5.0
 
 
-def _prefect_logger() -> logging.Logger | logging.LoggerAdapter:
-    from prefect.context import TaskRunContext
-    from prefect.logging import get_logger, get_run_logger
-
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect task-run logger inside a task run (its lines reach the UI), else a plain logger."""
     return get_run_logger() if TaskRunContext.get() else get_logger("boothflow")
 
 
-def _progress_artifact(description: str):
-    """A progress artifact for the current task run, or None outside one."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.context import TaskRunContext
+class Reporter:
+    """Counts units of work done out of `total` and reports them every few seconds and at the end."""
 
-    if TaskRunContext.get() is None:
-        return None
-    artifact_id = create_progress_artifact(0.0, description=description)
-    return lambda percent: update_progress_artifact(artifact_id, percent)
+    def __init__(self, total: int, description: str) -> None:
+        self.total, self.description, self.done = total, description, 0
+        self.log = run_logger()
+        in_task = TaskRunContext.get() is not None and total > 0
+        self.artifact = create_progress_artifact(0.0, description=description) if in_task else None
+        self.bar = Progress(transient=True, disable=not sys.stderr.isatty())
+        self.last = time.monotonic()
+
+    def __enter__(self) -> Reporter:
+        self.bar.__enter__()
+        self.bar_task = self.bar.add_task(self.description, total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def advance(self, units: int = 1) -> None:
+        self.done += units
+        self.bar.advance(self.bar_task, units)
+        now = time.monotonic()
+        if now - self.last >= LOG_EVERY_SECONDS or self.done >= self.total:
+            self.last = now
+            self.log.info("%s: %d/%d", self.description, self.done, self.total)
+            if self.artifact is not None:
+                update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
 
 
 def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
-    """Yield `items`, reporting progress every few seconds and at the end."""
-    log = _prefect_logger()
-    update = _progress_artifact(description) if total else None
-    bar = Progress(transient=True, disable=not sys.stderr.isatty())
-    last = time.monotonic()
-    with bar:
-        task = bar.add_task(description, total=total)
-        for done, item in enumerate(items, start=1):
+    """Yield `items`, reporting one unit of progress per item."""
+    with Reporter(total, description) as reporter:
+        for item in items:
             yield item
-            bar.advance(task)
-            now = time.monotonic()
-            if now - last >= LOG_EVERY_SECONDS or done == total:
-                last = now
-                log.info("%s: %d/%d", description, done, total)
-                if update:
-                    update(100.0 * done / total)
+            reporter.advance()

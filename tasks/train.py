@@ -1,0 +1,227 @@
+"""Train stage: DreamBooth fine-tuning in an `accelerate launch` child process, resumed from checkpoints.
+
+The child streams JSON lines that become logs, a progress bar and Prefect progress; frozen text encoders'
+embeddings are cached here first so the child never loads them, and the VAE is never loaded at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from prefect import task
+from safetensors.torch import save_file
+
+from tasks import text
+from tasks.config import TrainSection
+from tasks.models import ResolvedModel
+from tasks.progress import Reporter, run_logger
+from tasks.stage import StageError, StageResult
+from tasks.store import Store, stage_key
+from tasks.trainer import TrainJob
+
+STAGE = "train"
+EMBEDS = "text-embeds-items"
+CODE_VERSION = 1
+SUPPORTED = {("sd15", "full"), ("sdxl", "lora")}
+TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    model: ResolvedModel
+    latents: StageResult
+    instance_prompt: str
+    class_prompt: str | None
+    prior_weight: float
+    safety_checker: bool
+
+
+def resolved_optimizer(cfg: TrainSection) -> str:
+    """8-bit Adam only where it can run (CUDA + bitsandbytes); otherwise AdamW, and the key says AdamW."""
+    if cfg.optimizer == "adamw8bit" and torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
+        return "adamw8bit"
+    return "adamw"
+
+
+def _model_components(inputs: TrainInputs) -> list[str]:
+    return ["unet", "scheduler", *text.text_components(inputs.model.family)]
+
+
+def stage_key_for(cfg: TrainSection, inputs: TrainInputs) -> str:
+    keyed = {**cfg.keyed(), "optimizer": resolved_optimizer(cfg)}
+    return stage_key(
+        STAGE,
+        CODE_VERSION,
+        keyed,
+        latents=inputs.latents.key,
+        instance_prompt=inputs.instance_prompt,
+        class_prompt=inputs.class_prompt,
+        prior_weight=inputs.prior_weight,
+        safety_checker=inputs.safety_checker,
+        model=inputs.model.identity(*_model_components(inputs)),
+    )
+
+
+def checkpoints_dir(store: Store, key: str) -> Path:
+    """A stable place next to the entry, so a rerun of the same key finds the checkpoints."""
+    return store.root / STAGE / f"{key}.checkpoints"
+
+
+def _check_supported(cfg: TrainSection, inputs: TrainInputs) -> None:
+    if (inputs.model.family, cfg.method) not in SUPPORTED:
+        raise StageError(
+            STAGE,
+            f"train.method={cfg.method!r} is not supported for {inputs.model.family} models; "
+            "use full for SD 1.5 and lora for SDXL",
+        )
+    if cfg.optimizer != resolved_optimizer(cfg):
+        run_logger().warning("train.optimizer=adamw8bit needs CUDA and bitsandbytes; using AdamW instead")
+
+
+def cache_text_embeddings(model: ResolvedModel, prompts: dict[str, str], store: Store) -> dict[str, Path]:
+    """Embeddings of each prompt from the frozen encoders, cached by prompt and encoder identity."""
+    family = model.family
+    identity = model.identity(*text.text_components(family))
+    loaded: list = []
+
+    def build(prompt: str):
+        def write(folder: Path) -> dict[str, Any]:
+            if not loaded:
+                loaded.append((text.load_tokenizers(model.path, family), text.load_text_encoders(model.path, family)))
+            tokenizers, encoders = loaded[0]
+            with torch.no_grad():
+                cond = text.encode(family, encoders, text.tokenize(tokenizers, prompt))
+            tensors = {"hidden": cond.hidden[0].contiguous()}
+            if cond.pooled is not None:
+                tensors["pooled"] = cond.pooled[0].contiguous()
+            save_file({k: v[None] for k, v in tensors.items()}, folder / "embeds.safetensors")
+            return {"prompt": prompt}
+
+        return write
+
+    paths = {}
+    for name, prompt in prompts.items():
+        key = stage_key(EMBEDS, CODE_VERSION, {"prompt": prompt}, family=family, model=identity)
+        paths[name] = store.get_or_create(EMBEDS, key, build(prompt)).path / "embeds.safetensors"
+    return paths
+
+
+def _events(proc: subprocess.Popen, tail: collections.deque) -> Iterator[dict[str, Any]]:
+    """JSON events from the child; any other line goes to the log (and the tail kept for errors)."""
+    for line in proc.stdout:
+        line = line.rstrip()
+        if not line:
+            continue
+        tail.append(line)
+        try:
+            event = json.loads(line) if line.startswith("{") else None
+        except json.JSONDecodeError:
+            event = None
+        if event is None:
+            run_logger().info("[train] %s", line)
+        else:
+            yield event
+
+
+def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
+    """Run the child to the end; returns (steps restored from a checkpoint, final loss)."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
+        "--mixed_precision", cfg.mixed_precision, "--num_cpu_threads_per_process", str(cfg.cpu_threads),
+        "-m", "tasks.trainer", str(job_path),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log, tail = run_logger(), collections.deque(maxlen=TAIL_LINES)
+    restored, last_step, final_loss, error = 0, 0, None, None
+    with (
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc,
+        Reporter(cfg.steps, "train steps") as progress,
+    ):
+        for event in _events(proc, tail):
+            if event["event"] == "resume":
+                restored = last_step = event["step"]
+                progress.advance(restored)
+                log.info("resuming from checkpoint %s (step %d of %d)", event["checkpoint"], restored, cfg.steps)
+            elif event["event"] == "step":
+                last_step, final_loss = event["step"], event["loss"]
+                progress.advance()
+                log.info("step %d loss %.5f lr %.3g", last_step, final_loss, event["lr"])
+            elif event["event"] == "error":
+                error = event["message"]
+        code = proc.wait()
+    if code != 0:
+        why = error or f"training process exited with code {code}; last output:\n" + "\n".join(tail)
+        raise StageError(STAGE, why, item=f"step {last_step + 1}")
+    return restored, final_loss
+
+
+def run(cfg: TrainSection, inputs: TrainInputs, store: Store) -> StageResult:
+    """Train, or reuse a finished run of the same key; a rerun resumes from the newest checkpoint."""
+    _check_supported(cfg, inputs)
+    key = stage_key_for(cfg, inputs)
+    done = store.get(STAGE, key)
+    if done is not None:
+        return StageResult(STAGE, key, done.path, items_cached=cfg.steps, status="cached")
+    kinds = set(pd.read_csv(inputs.latents.path / "index.csv")["kind"])
+    if inputs.class_prompt and "class" not in kinds:
+        raise StageError(STAGE, "prior preservation is on but the latents hold no class images", item="latents")
+    counts: dict[str, Any] = {}
+
+    def build(folder: Path) -> dict[str, Any]:
+        ckpt = checkpoints_dir(store, key)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        prompts = {"instance": inputs.instance_prompt} | ({"class": inputs.class_prompt} if inputs.class_prompt else {})
+        embeds = None if cfg.train_text_encoder else cache_text_embeddings(inputs.model, prompts, store)
+        job = TrainJob(
+            family=inputs.model.family,
+            base=inputs.model.path,
+            latents_dir=inputs.latents.path,
+            out_dir=folder,
+            checkpoints_dir=ckpt,
+            train=cfg,
+            optimizer=resolved_optimizer(cfg),
+            instance_prompt=inputs.instance_prompt,
+            class_prompt=inputs.class_prompt,
+            prior_weight=inputs.prior_weight,
+            text_embeds=embeds,
+            safety_checker=inputs.safety_checker,
+            parent_pid=os.getpid(),
+            facts={
+                "base_model": inputs.model.id,
+                "family": inputs.model.family,
+                "instance_prompt": inputs.instance_prompt,
+                "safety_checker": inputs.safety_checker,
+                "settings": {
+                    **cfg.model_dump(mode="json"),
+                    "class_prompt": inputs.class_prompt,
+                    "prior_loss_weight": inputs.prior_weight,
+                },
+            },
+        )
+        job_path = ckpt / "job.json"
+        job_path.write_text(job.model_dump_json(indent=1))
+        restored, final_loss = launch(job_path, cfg)
+        counts.update(restored=restored)
+        return {"steps": cfg.steps, "restored_steps": restored, "final_loss": final_loss}
+
+    entry = store.get_or_create(STAGE, key, build, {**cfg.keyed(), "optimizer": resolved_optimizer(cfg)})
+    restored = counts.get("restored", 0)
+    trained = cfg.steps - restored if entry.created else 0
+    return StageResult(STAGE, key, entry.path, items_processed=trained, items_cached=cfg.steps - trained)
+
+
+@task(name="train")
+def train_task(cfg: TrainSection, inputs: TrainInputs, root: Path) -> StageResult:
+    return run(cfg, inputs, Store(root))

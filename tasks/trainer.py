@@ -1,0 +1,345 @@
+"""The DreamBooth training loop, run by the train stage as `accelerate launch -m tasks.trainer JOB.json`.
+
+It reports JSON lines on stdout and resumes from its newest complete checkpoint. Every random draw comes from
+a generator seeded by (seed, step, sample), so a resumed run needs no RNG state and equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from pydantic import BaseModel, ConfigDict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tasks import export, text
+from tasks.config import TrainSection
+from tasks.faults import fault
+from tasks.latent_dist import sample_latent, scale_latent
+from tasks.objective import Objective
+
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+COMPLETE = "COMPLETE"
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainJob(BaseModel):
+    """Everything the child needs, written by the train stage; paths here never reach a cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    family: str
+    base: Path
+    latents_dir: Path
+    out_dir: Path
+    checkpoints_dir: Path
+    train: TrainSection
+    optimizer: str
+    instance_prompt: str
+    class_prompt: str | None
+    prior_weight: float
+    text_embeds: dict[str, Path] | None
+    safety_checker: bool
+    parent_pid: int
+    facts: dict[str, Any]
+
+
+def emit(event: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any JSON-able parts: independent streams without shared RNG state."""
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "big") >> 1
+
+
+def generator(*parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+class LatentData:
+    """Cached latent distributions by sample id; draws a latent (and SDXL time ids) per sample and step."""
+
+    def __init__(self, folder: Path) -> None:
+        index = pd.read_csv(folder / "index.csv", dtype=str)
+        vae = json.loads((folder / "vae.json").read_text())
+        self.scaling, self.shift, self.flip = vae["scaling_factor"], vae["shift_factor"], vae["flip"]
+        self.tensors = {row.id: load_file(folder / row.file) for row in index.itertuples()}
+        self.time_ids = {
+            (row.id, suffix): self._time_ids(folder / row.file, suffix)
+            for row in index.itertuples()
+            for suffix in ("", "_flipped")
+        }
+        self.ids = {kind: sorted(index[index.kind == kind].id) for kind in ("instance", "class")}
+
+    @staticmethod
+    def _time_ids(path: Path, suffix: str) -> torch.Tensor:
+        """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w); the crop corner of a
+        mirrored image is measured in the mirrored frame."""
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        width, height = (int(v) for v in meta.get("original_size", "0,0").split(","))
+        top, left = (int(v) for v in meta.get(f"crop_top_left{suffix}", meta.get("crop_top_left", "0,0")).split(","))
+        target_w, target_h = (int(v) for v in meta.get("target_size", "0,0").split(","))
+        return torch.tensor([[height, width, top, left, target_h, target_w]], dtype=torch.float32)
+
+    def pick(self, kind: str, position: int, seed: int) -> str:
+        """The sample at `position` of an endless sequence of seeded shuffles (one shuffle per epoch)."""
+        ids = self.ids[kind]
+        epoch, offset = divmod(position, len(ids))
+        order = torch.randperm(len(ids), generator=generator(seed, "order", kind, epoch))
+        return ids[int(order[offset])]
+
+    def draw(self, sample_id: str, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.tensors[sample_id]
+        suffix = "_flipped" if self.flip and torch.rand((), generator=rng) < 0.5 else ""
+        z = sample_latent(item[f"mean{suffix}"][None], item[f"logvar{suffix}"][None], rng)
+        return scale_latent(z, self.scaling, self.shift), self.time_ids[sample_id, suffix]
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    is_class: torch.Tensor
+    prompts: list[str]
+    time_ids: torch.Tensor
+
+
+def make_batch(data: LatentData, objective: Objective, job: TrainJob, step: int, micro: int) -> Batch:
+    """Instance samples (then as many class samples with prior preservation), each with its own generator."""
+    cfg = job.train
+    kinds = ["instance"] + (["class"] if job.class_prompt else [])
+    rows = []
+    for kind in kinds:
+        for j in range(cfg.batch_size):
+            position = (step * cfg.grad_accum + micro) * cfg.batch_size + j
+            sample_id = data.pick(kind, position, cfg.seed)
+            rng = generator(cfg.seed, "sample", step, micro, j, kind, sample_id)
+            latent, time_ids = data.draw(sample_id, rng)
+            noise, timestep = objective.draw(latent, rng)
+            rows.append((latent, noise, timestep, kind == "class", time_ids))
+    latents, noise, timesteps, is_class, time_ids = zip(*rows, strict=True)
+    prompts = [job.class_prompt if c else job.instance_prompt for c in is_class]
+    return Batch(torch.cat(latents), torch.cat(noise), torch.cat(timesteps), torch.tensor(is_class), prompts,
+                 torch.cat(time_ids))  # fmt: skip
+
+
+class Conditioner:
+    """Text conditioning per batch: from the trained encoders each step, or from cached embeddings when frozen."""
+
+    def __init__(self, job: TrainJob, encoders: list[torch.nn.Module] | None) -> None:
+        self.family, self.encoders = job.family, encoders
+        prompts = [p for p in (job.instance_prompt, job.class_prompt) if p]
+        if encoders is None:
+            cached = {p: load_file(job.text_embeds[k]) for k, p in zip(("instance", "class"), prompts, strict=False)}
+            self.cached = {p: text.Conditioning(t["hidden"], t.get("pooled")) for p, t in cached.items()}
+        else:
+            tokenizers = text.load_tokenizers(job.base, job.family)
+            self.ids = {p: text.tokenize(tokenizers, p) for p in prompts}
+
+    def __call__(self, prompts: list[str]) -> text.Conditioning:
+        if self.encoders is None:
+            parts = [self.cached[p] for p in prompts]
+            pooled = None if parts[0].pooled is None else torch.cat([c.pooled for c in parts])
+            return text.Conditioning(torch.cat([c.hidden for c in parts]), pooled)
+        ids = [torch.cat(per_encoder) for per_encoder in zip(*(self.ids[p] for p in prompts), strict=True)]
+        return text.encode(self.family, self.encoders, ids)
+
+
+def predict(unet: torch.nn.Module, noisy: torch.Tensor, batch: Batch, cond: text.Conditioning) -> torch.Tensor:
+    added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": batch.time_ids}
+    return unet(noisy, batch.timesteps, cond.hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def training_step(unet, conditioner: Conditioner, objective: Objective, batch: Batch) -> torch.Tensor:
+    """One micro-batch: noisy latents in, loss out. Everything configurable was decided when building these."""
+    noisy = objective.noisy(batch.latents, batch.noise, batch.timesteps)
+    prediction = predict(unet, noisy, batch, conditioner(batch.prompts))
+    return objective.loss(prediction, batch.latents, batch.noise, batch.timesteps, batch.is_class)
+
+
+def build_models(job: TrainJob, accelerator: Accelerator) -> tuple[torch.nn.Module, list[torch.nn.Module] | None]:
+    """The UNet and (when trained) the text encoders, with LoRA adapters or full weights made trainable."""
+    cfg = job.train
+    frozen_dtype = DTYPES[cfg.mixed_precision] if cfg.method == "lora" else torch.float32
+    unet = UNet2DConditionModel.from_pretrained(job.base, subfolder="unet")
+    encoders = text.load_text_encoders(job.base, job.family) if cfg.train_text_encoder else None
+    torch.manual_seed(cfg.seed)
+    if cfg.method == "lora":
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=list(cfg.lora_targets)))  # fmt: skip
+        for encoder in encoders or []:
+            encoder.requires_grad_(False)
+            encoder.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                           target_modules=TEXT_LORA_TARGETS))  # fmt: skip
+    for model in [unet, *(encoders or [])]:
+        model.to(accelerator.device, dtype=frozen_dtype)
+        model.train()
+    if cfg.method == "lora":
+        cast_training_params([unet, *(encoders or [])], dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in encoders or []:
+            encoder.gradient_checkpointing_enable()
+    if cfg.attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    return unet, encoders
+
+
+def make_optimizer(job: TrainJob, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    cfg = job.train
+    if job.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                           weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)  # fmt: skip
+
+
+def trainable(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    return {f"{name}.{k}": p for name, m in models.items() for k, p in m.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(job: TrainJob, step: int, params: dict, optimizer, lr_scheduler, metrics: list[dict]) -> None:
+    """Write to a temporary folder, rename, then mark complete; keep only the newest K complete ones."""
+    final = job.checkpoints_dir / f"step-{step:06d}"
+    temp = job.checkpoints_dir / f".step-{step:06d}.tmp-{os.getpid()}"
+    temp.mkdir(parents=True)
+    save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, temp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, temp / "state.pt")
+    (temp / "metrics.json").write_text(json.dumps(metrics))
+    (temp / "step.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        shutil.rmtree(final)
+    temp.rename(final)
+    (final / COMPLETE).write_text("ok")
+    for old in complete_checkpoints(job.checkpoints_dir)[: -job.train.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("step-*") if (p / COMPLETE).is_file())
+
+
+def restore(job: TrainJob, params: dict, optimizer, lr_scheduler) -> tuple[int, list[dict]]:
+    """Load the newest complete checkpoint; returns (steps done, metrics so far), (0, []) without one."""
+    checkpoints = complete_checkpoints(job.checkpoints_dir)
+    if not checkpoints:
+        return 0, []
+    latest = checkpoints[-1]
+    saved = load_file(latest / "trainable.safetensors")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+    state = torch.load(latest / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    step = json.loads((latest / "step.json").read_text())["step"]
+    emit("resume", step=step, checkpoint=str(latest))
+    return step, json.loads((latest / "metrics.json").read_text())
+
+
+def watch_parent(pid: int) -> None:
+    """Exit when the stage process that launched us is gone, so no orphan keeps training."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dict]) -> None:
+    out = job.out_dir
+    if dump := fault("save_trainable_to"):
+        save_file({k: p.detach().contiguous() for k, p in params.items()}, Path(dump))
+    if job.train.method == "full":
+        text_encoder = encoders[0] if encoders else text.load_text_encoders(job.base, job.family)[0]
+        facts = export.save_sd15_outputs(job.base, unet, text_encoder, out, job.safety_checker)
+    else:
+        from peft.utils import get_peft_model_state_dict
+
+        te_states = [get_peft_model_state_dict(e) for e in encoders] if encoders else [None, None]
+        facts = export.save_sdxl_lora(get_peft_model_state_dict(unet), *te_states, out)
+    with (out / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
+        writer.writeheader()
+        writer.writerows(metrics)
+    final_loss = metrics[-1]["loss"] if metrics else None
+    export.write_model_card(out, {**job.facts, **facts, "steps": job.train.steps, "final_loss": final_loss})
+
+
+def main(job_path: Path) -> None:
+    job = TrainJob.model_validate_json(job_path.read_text())
+    cfg = job.train
+    watch_parent(job.parent_pid)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    scheduler = DDPMScheduler.from_pretrained(job.base, subfolder="scheduler")
+    objective = Objective(scheduler, cfg.noise_offset, cfg.snr_gamma, job.prior_weight)
+    data = LatentData(job.latents_dir)
+    unet, encoders = build_models(job, accelerator)
+    conditioner = Conditioner(job, encoders)
+    params = trainable({"unet": unet, **{f"text_encoder_{i}": e for i, e in enumerate(encoders or [])}})
+    optimizer = make_optimizer(job, list(params.values()))
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.steps)  # fmt: skip
+    start, metrics = restore(job, params, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    started = time.monotonic()
+    for step in range(start, cfg.steps):
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = make_batch(data, objective, job, step, micro)
+            with accelerator.autocast():
+                loss = training_step(unet, conditioner, objective, batch) / cfg.grad_accum
+            if fault("nan_at_step") == step + 1:
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                emit("error", step=step + 1, message=f"loss is {loss.item()} at step {step + 1}; stopped")
+                sys.exit(3)
+            accelerator.backward(loss)
+            total += loss.item()
+        accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {"step": step + 1, "loss": total, "lr": lr_scheduler.get_last_lr()[0],
+               "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
+        metrics.append(row)
+        emit("step", **row)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(job, step + 1, params, optimizer, lr_scheduler, metrics)
+        if fault("kill_train_after_step") == step + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    write_outputs(job, accelerator.unwrap_model(unet), encoders, params, metrics)
+    emit("done", steps=cfg.steps, resumed_from=start)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
