@@ -72,6 +72,13 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
         )
 
 
+def planned_keys(config: RunConfig) -> dict[str, dict]:
+    """Each stage's key and cache status for this config, computed by the pipeline itself without running it."""
+    stages = StageRunner(config, stage_names(config), plan=True)
+    pipeline(config, stages)
+    return stages.summary["stages"]
+
+
 @flow(name="dreambooth")
 def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form shows the default
     """DreamBooth fine-tuning of Stable Diffusion, every stage cached by its inputs."""

@@ -30,14 +30,16 @@ def summary_path(root: Path, flow_run_id: str) -> Path:
 
 
 class StageRunner:
-    """Runs the pipeline's stages in order; with `only`, upstream stages come from the cache alone."""
+    """Runs the pipeline's stages in order; with `only`, upstream stages come from the cache alone; with
+    `plan`, nothing runs and each stage just gets its key and whether the store already holds it."""
 
-    def __init__(self, config: RunConfig, stage_names: list[str], only: str | None = None) -> None:
+    def __init__(self, config: RunConfig, stage_names: list[str], only: str | None = None, plan: bool = False) -> None:
         if only is not None and only not in stage_names:
             raise StageError(only, f"no such stage; stages are: {', '.join(stage_names)}")
         self.config = config
         self.root = config.run.artifacts_root
         self.only = only
+        self.plan = plan
         self.current: str | None = None
         self.summary: dict[str, Any] = {
             "run": {"name": config.run.name, "flow_run_id": str(flow_run.id), "stage": only},
@@ -61,7 +63,8 @@ class StageRunner:
             }
             if stage in self.summary["stages"]:
                 self.summary["stages"][stage] = {"status": "failed"}
-        self.write()
+        if not self.plan:
+            self.write()
         return kind is StopAfterStage
 
     def write(self) -> Path:
@@ -85,7 +88,11 @@ class StageRunner:
         name = stage_task.name
         self.current = name
         started = time.monotonic()
-        if self.only is not None and name != self.only:
+        if self.plan:
+            key = key_fn(cfg, inputs)
+            status = "cached" if Store(self.root).is_complete(name, key) else "to run"
+            result = StageResult(name, key, Store(self.root).path(name, key), status=status)
+        elif self.only is not None and name != self.only:
             result = self._from_cache(name, key_fn(cfg, inputs))
         else:
             state = stage_task.with_options(**cache_options(name, self.root, key_fn))(

@@ -115,8 +115,7 @@ class TrainSection(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision of the forward pass")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel; xformers when installed")
-    lora_rank: int = Field(4, ge=1, description="LoRA rank")
-    lora_alpha: float = Field(4.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
+    lora_rank: int = Field(4, ge=1, description="LoRA rank; alpha equals the rank, as the saved formats assume")
     lora_targets: tuple[str, ...] = Field(
         ("to_q", "to_k", "to_v", "to_out.0"), description="UNet attention projections that get LoRA adapters"
     )

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from tasks.latent_dist import scale_latent as scale_latent
 from tasks.models import ResolvedModel
 from tasks.progress import track
 from tasks.stage import StageError, StageResult
-from tasks.store import Store, file_sha256, stage_key
+from tasks.store import Store, file_sha256, link_or_copy, stage_key
 
 STAGE = "latents"
 ITEMS = "latents-items"
@@ -245,13 +243,6 @@ def _encode_missing(cfg: LatentsSection, inputs: LatentsInputs, missing: list[Sa
     return created
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def run(cfg: LatentsSection, inputs: LatentsInputs, store: Store) -> StageResult:
     """Encode every usable upstream image, reusing cached items; the VAE is loaded only when one is missing."""
     key = stage_key_for(cfg, inputs)
@@ -271,7 +262,7 @@ def run(cfg: LatentsSection, inputs: LatentsInputs, store: Store) -> StageResult
         rows = []
         for sample in found:
             file = f"items/{sample.id}.safetensors"
-            _link_or_copy(store.path(ITEMS, keys[sample.id]) / LATENT_FILE, folder / file)
+            link_or_copy(store.path(ITEMS, keys[sample.id]) / LATENT_FILE, folder / file)
             rows.append({"id": sample.id, "kind": sample.kind, "file": file})
         pd.DataFrame(rows, columns=["id", "kind", "file"]).to_csv(folder / "index.csv", index=False)
         vae = {**vae_settings(inputs.model.vae_path), "flip": cfg.flip}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from tasks import imaging
 from tasks.config import PreprocessSection
 from tasks.progress import track
 from tasks.stage import StageError, StageResult
-from tasks.store import Store, digest, stage_key
+from tasks.store import Store, digest, link_or_copy, stage_key
 
 STAGE = "preprocess"
 ITEMS = "preprocess-items"
@@ -136,13 +135,6 @@ def _build_item(cfg: PreprocessSection, source: Path, sha256: str):
     return build
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def run(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store) -> StageResult:
     """Preprocess every file of `inputs`, reusing cached items; fail only when too few images are usable."""
     key = stage_key_for(cfg, inputs)
@@ -188,7 +180,7 @@ def run(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store) -> Stage
         names = []
         for r in usable.itertuples():
             name = f"{r.source_sha256[:16]}.png"
-            _link_or_copy(store.path(ITEMS, r.item_key) / "image.png", images / name)
+            link_or_copy(store.path(ITEMS, r.item_key) / "image.png", images / name)
             names.append(f"images/{name}")
         table.assign(image=pd.Series(names, index=usable.index)).to_csv(folder / "items.csv", index=False)
         (folder / "settings.json").write_text(json.dumps(cfg.keyed(), indent=1, sort_keys=True))

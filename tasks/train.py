@@ -187,6 +187,7 @@ def run(cfg: TrainSection, inputs: TrainInputs, store: Store) -> StageResult:
         job = TrainJob(
             family=inputs.model.family,
             base=inputs.model.path,
+            vae_path=inputs.model.vae_path,
             latents_dir=inputs.latents.path,
             out_dir=folder,
             checkpoints_dir=ckpt,

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -47,6 +47,7 @@ class TrainJob(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     family: str
     base: Path
+    vae_path: Path
     latents_dir: Path
     out_dir: Path
     checkpoints_dir: Path
@@ -177,6 +178,11 @@ def training_step(unet, conditioner: Conditioner, objective: Objective, batch: B
     return objective.loss(prediction, batch.latents, batch.noise, batch.timesteps, batch.is_class)
 
 
+def lora_config(cfg: TrainSection, targets: list[str]) -> LoraConfig:
+    """Alpha equals the rank: diffusers' and kohya's LoRA files do not record another alpha."""
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian", target_modules=targets)
+
+
 def build_models(job: TrainJob, accelerator: Accelerator) -> tuple[torch.nn.Module, list[torch.nn.Module] | None]:
     """The UNet and (when trained) the text encoders, with LoRA adapters or full weights made trainable."""
     cfg = job.train
@@ -186,12 +192,10 @@ def build_models(job: TrainJob, accelerator: Accelerator) -> tuple[torch.nn.Modu
     torch.manual_seed(cfg.seed)
     if cfg.method == "lora":
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=list(cfg.lora_targets)))  # fmt: skip
+        unet.add_adapter(lora_config(cfg, list(cfg.lora_targets)))
         for encoder in encoders or []:
             encoder.requires_grad_(False)
-            encoder.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                           target_modules=TEXT_LORA_TARGETS))  # fmt: skip
+            inject_adapter_in_model(lora_config(cfg, TEXT_LORA_TARGETS), encoder)
     for model in [unet, *(encoders or [])]:
         model.to(accelerator.device, dtype=frozen_dtype)
         model.train()
@@ -281,7 +285,7 @@ def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dic
         save_file({k: p.detach().contiguous() for k, p in params.items()}, Path(dump))
     if job.train.method == "full":
         text_encoder = encoders[0] if encoders else text.load_text_encoders(job.base, job.family)[0]
-        facts = export.save_sd15_outputs(job.base, unet, text_encoder, out, job.safety_checker)
+        facts = export.save_sd15_outputs(job.base, unet, text_encoder, out, job.safety_checker, job.vae_path)
     else:
         from peft.utils import get_peft_model_state_dict
 

@@ -53,7 +53,7 @@ def test_rerun_is_cached_in_prefect_and_new_images_cost_only_themselves(
         f"data.instance_dir='{images}'",
     ]
 
-    boothflow("run", *base, "--summary", tmp_path / "1.json")
+    boothflow("stage", "preprocess", *base, "--summary", tmp_path / "1.json")
     first = _summary(tmp_path / "1.json")["stages"]["preprocess"]
     assert (first["status"], first["items_processed"], first["items_cached"], first["items_rejected"]) == (
         "ran",
@@ -62,7 +62,7 @@ def test_rerun_is_cached_in_prefect_and_new_images_cost_only_themselves(
         0,
     )
 
-    proc = boothflow("run", *base, "--summary", tmp_path / "2.json")
+    proc = boothflow("stage", "preprocess", *base, "--summary", tmp_path / "2.json")
     assert f"reporting to Prefect server {prefect_server}" in proc.stderr
     second = _summary(tmp_path / "2.json")
     assert second["stages"]["preprocess"]["status"] == "cached"
@@ -72,11 +72,11 @@ def test_rerun_is_cached_in_prefect_and_new_images_cost_only_themselves(
     assert len(list(Path(second["outputs"]["preprocess_dir"]).glob("*.png"))) == 6
 
     Image.new("RGB", (300, 400), "purple").save(images / "new one.png")
-    boothflow("run", *base, "--summary", tmp_path / "3.json")
+    boothflow("stage", "preprocess", *base, "--summary", tmp_path / "3.json")
     third = _summary(tmp_path / "3.json")["stages"]["preprocess"]
     assert (third["status"], third["items_processed"], third["items_cached"]) == ("ran", 1, 6)
 
-    boothflow("run", *base, "--set", "preprocess.resolution=64", "--summary", tmp_path / "4.json")
+    boothflow("stage", "preprocess", *base, "--set", "preprocess.resolution=128", "--summary", tmp_path / "4.json")
     fourth = _summary(tmp_path / "4.json")["stages"]["preprocess"]
     assert (fourth["items_processed"], fourth["items_cached"]) == (7, 0)
 
@@ -177,13 +177,13 @@ def test_a_deleted_store_entry_is_recomputed_not_served_from_prefects_record(
         "--set",
         "preprocess.resolution=64",
     ]
-    boothflow("run", *base, "--summary", tmp_path / "1.json")
+    boothflow("stage", "preprocess", *base, "--summary", tmp_path / "1.json")
     first = _summary(tmp_path / "1.json")
     entry = Path(first["outputs"]["preprocess_dir"]).parent
     assert (tmp_path / "artifacts" / ".prefect" / "preprocess" / entry.name).is_file()
     shutil.rmtree(entry)
 
-    boothflow("run", *base, "--summary", tmp_path / "2.json")
+    boothflow("stage", "preprocess", *base, "--summary", tmp_path / "2.json")
     second = _summary(tmp_path / "2.json")
     stage = second["stages"]["preprocess"]
     assert (stage["status"], stage["items_processed"], stage["items_cached"]) == ("ran", 0, 6)
@@ -195,7 +195,14 @@ def test_cache_ls_and_models_ls_list_what_is_there(boothflow, tmp_path: Path) ->
     images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
     artifacts = tmp_path / "artifacts"
     boothflow(
-        "run", "--artifacts", artifacts, "--set", f"data.instance_dir='{images}'", "--summary", tmp_path / "s.json"
+        "stage",
+        "preprocess",
+        "--artifacts",
+        artifacts,
+        "--set",
+        f"data.instance_dir='{images}'",
+        "--summary",
+        tmp_path / "s.json",
     )
     key = _summary(tmp_path / "s.json")["stages"]["preprocess"]["key"]
     listing = boothflow("cache", "ls", "--artifacts", artifacts).stdout

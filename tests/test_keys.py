@@ -8,38 +8,83 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks import preprocess
+from flows.dreambooth import planned_keys
 from tasks.config import RunConfig, load_config
+from tasks.models import resolve
+
+CLASS_SIDE = {"class_images", "latents", "train"}
+IMAGE_SIDE = {"preprocess", "latents", "train"}
+ALL = {"preprocess", "class_images", "latents", "train"}
+
+CHANGES = [
+    ("model.id", "tiny-sdxl", CLASS_SIDE),
+    ("model.vae", "SDXL_VAE", CLASS_SIDE),
+    ("model.safety_checker", True, {"train"}),
+    ("run.name", "other", set()),
+    ("data.token", "zwx", {"train"}),
+    ("data.class_name", "dog", CLASS_SIDE),
+    ("data.instance_prompt", "a {token}", {"train"}),
+    ("data.min_images", 2, IMAGE_SIDE),
+    ("preprocess.resolution", 128, ALL),
+    ("preprocess.crop", "face", IMAGE_SIDE),
+    ("preprocess.min_side", 100, IMAGE_SIDE),
+    ("preprocess.max_pixels", 1_000_000, IMAGE_SIDE),
+    ("preprocess.face_margin", 0.3, IMAGE_SIDE),
+    ("prior.enabled", False, CLASS_SIDE),
+    ("prior.class_prompt", "a {class}", CLASS_SIDE),
+    ("prior.negative_prompt", "blurry", CLASS_SIDE),
+    ("prior.num_images", 7, CLASS_SIDE),
+    ("prior.loss_weight", 0.5, {"train"}),
+    ("prior.scheduler", "EulerDiscreteScheduler", CLASS_SIDE),
+    ("prior.steps", 3, CLASS_SIDE),
+    ("prior.guidance", 5.0, CLASS_SIDE),
+    ("prior.seed", 1, CLASS_SIDE),
+    ("prior.batch_size", 2, set()),
+    ("latents.dtype", "bfloat16", {"latents", "train"}),
+    ("latents.flip", True, {"latents", "train"}),
+    ("latents.batch_size", 1, set()),
+    ("train.method", "lora", {"train"}),
+    ("train.train_text_encoder", False, {"train"}),
+    ("train.steps", 5, {"train"}),
+    ("train.batch_size", 2, {"train"}),
+    ("train.grad_accum", 2, {"train"}),
+    ("train.learning_rate", 1e-4, {"train"}),
+    ("train.lr_scheduler", "cosine", {"train"}),
+    ("train.lr_warmup_steps", 2, {"train"}),
+    ("train.optimizer", "adamw8bit", set()),  # no CUDA here: falls back to AdamW and is keyed as AdamW
+    ("train.adam_beta1", 0.8, {"train"}),
+    ("train.adam_beta2", 0.99, {"train"}),
+    ("train.adam_weight_decay", 0.0, {"train"}),
+    ("train.adam_epsilon", 1e-6, {"train"}),
+    ("train.max_grad_norm", 0.5, {"train"}),
+    ("train.noise_offset", 0.0, {"train"}),
+    ("train.snr_gamma", 5.0, {"train"}),
+    ("train.mixed_precision", "bf16", {"train"}),
+    ("train.gradient_checkpointing", True, {"train"}),
+    ("train.attention", "xformers", {"train"}),
+    ("train.lora_rank", 8, {"train"}),
+    ("train.lora_targets", ["to_q", "to_v"], {"train"}),
+    ("train.seed", 1, {"train"}),
+    ("train.checkpoint_every", 7, set()),
+    ("train.keep_checkpoints", 5, set()),
+    ("train.cpu_threads", 1, set()),
+]
 
 
-def stage_keys(config: RunConfig) -> dict[str, str]:
-    files = preprocess.scan(config.data.instance_dir)
-    inputs = preprocess.PreprocessInputs(config.data.instance_dir, files, config.data.min_images)
-    return {"preprocess": preprocess.stage_key_for(config.preprocess, inputs)}
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    folder = tmp_path / "instance"
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    base = tmp_path_factory.mktemp("keys")
+    folder = base / "instance"
     (folder / "sub").mkdir(parents=True)
     for i, colour in enumerate(["red", "green", "blue"]):
         Image.new("RGB", (300 + 10 * i, 280), colour).save(folder / ("sub" if i else "") / f"img{i}.png")
-    return folder
+    sdxl_vae = str(resolve("tiny-sdxl", "", base / "artifacts").vae_path)
+    return folder, base / "artifacts", sdxl_vae
 
 
-CHANGES = [
-    ("model.id", "tiny-sdxl", set()),
-    ("run.name", "other", set()),
-    ("data.token", "zwx", set()),
-    ("data.class_name", "dog", set()),
-    ("data.instance_prompt", "a {token}", set()),
-    ("data.min_images", 2, {"preprocess"}),
-    ("preprocess.resolution", 256, {"preprocess"}),
-    ("preprocess.crop", "face", {"preprocess"}),
-    ("preprocess.min_side", 100, {"preprocess"}),
-    ("preprocess.max_pixels", 1_000_000, {"preprocess"}),
-    ("preprocess.face_margin", 0.3, {"preprocess"}),
-]
+def _keys(folder: Path, artifacts: Path, *overrides: str) -> dict[str, str]:
+    config = load_config(None, [f"data.instance_dir='{folder}'", "prior.enabled=true", *overrides], artifacts)
+    return {stage: entry["key"] for stage, entry in planned_keys(config).items()}
 
 
 def test_every_setting_is_in_the_table() -> None:
@@ -48,23 +93,25 @@ def test_every_setting_is_in_the_table() -> None:
 
 
 @pytest.mark.parametrize(("setting", "value", "changed"), CHANGES, ids=[c[0] for c in CHANGES])
-def test_setting_changes_exactly_these_stage_keys(images: Path, setting: str, value, changed: set[str]) -> None:
-    base = load_config(None, [f"data.instance_dir='{images}'"])
-    literal = f"'{value}'" if isinstance(value, str) else value
-    other = load_config(None, [f"data.instance_dir='{images}'", f"{setting}={literal}"])
-    before, after = stage_keys(base), stage_keys(other)
-    assert {stage for stage in before if before[stage] != after[stage]} == changed
+def test_setting_changes_exactly_these_stage_keys(setup, setting: str, value, changed: set[str]) -> None:
+    folder, artifacts, sdxl_vae = setup
+    value = sdxl_vae if value == "SDXL_VAE" else value
+    literal = f"'{value}'" if isinstance(value, str) else str(value).replace("'", '"').lower()
+    before = _keys(folder, artifacts)
+    after = _keys(folder, artifacts, f"{setting}={literal}")
+    assert {stage for stage in before.keys() | after.keys() if before.get(stage) != after.get(stage)} == changed
 
 
-def test_moving_the_folder_or_the_artifact_root_changes_no_key(images: Path, tmp_path: Path) -> None:
-    moved = shutil.copytree(images, tmp_path / "elsewhere" / "renamed folder")
-    base = load_config(None, [f"data.instance_dir='{images}'"], artifacts=tmp_path / "a")
-    other = load_config(None, [f"data.instance_dir='{moved}'"], artifacts=tmp_path / "b")
-    assert stage_keys(base) == stage_keys(other)
+def test_moving_the_folder_or_the_artifact_root_changes_no_key(setup, tmp_path: Path) -> None:
+    folder, artifacts, _ = setup
+    moved = shutil.copytree(folder, tmp_path / "elsewhere" / "renamed folder")
+    assert _keys(folder, artifacts) == _keys(moved, tmp_path / "other artifacts")
 
 
-def test_dataset_content_changes_the_preprocess_key(images: Path) -> None:
-    config = load_config(None, [f"data.instance_dir='{images}'"])
-    before = stage_keys(config)
-    Image.new("RGB", (300, 300), "white").save(images / "new.png")
-    assert stage_keys(config)["preprocess"] != before["preprocess"]
+def test_dataset_content_changes_the_image_side_keys(setup, tmp_path: Path) -> None:
+    folder, artifacts, _ = setup
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    before = _keys(copy, artifacts)
+    Image.new("RGB", (300, 300), "white").save(copy / "new.png")
+    after = _keys(copy, artifacts)
+    assert {stage for stage in before if before[stage] != after[stage]} == IMAGE_SIDE

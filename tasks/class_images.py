@@ -1,0 +1,187 @@
+"""Class images stage: the base model's own renders of the class prompt, for prior preservation.
+
+Each image is cached by everything that shapes it (model, prompt, sampler, size, seed, index), never by the count
+or the dataset, so runs with the same class share them and asking for more renders only the new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from PIL import Image
+from prefect import task
+
+from tasks.config import PriorSection
+from tasks.models import ResolvedModel
+from tasks.render import (
+    RenderError,
+    RenderRequest,
+    build_scheduler,
+    load_pipeline_for,
+    make_scheduler,
+    render,
+    scheduler_class,
+    scheduler_settings,
+)
+from tasks.stage import StageError, StageResult
+from tasks.store import Store, link_or_copy, stage_key
+
+STAGE = "class_images"
+ITEMS = "class_images-items"
+CODE_VERSION = 1
+TRAINING_ONLY = ("enabled", "loss_weight")  # prior settings that shape training, not the images
+
+
+@dataclass(frozen=True)
+class ClassImagesInputs:
+    """The base model, the class prompt with the class noun filled in, and the training resolution (square)."""
+
+    model: ResolvedModel
+    class_prompt: str
+    resolution: int
+
+
+def class_seed(seed: int, index: int) -> int:
+    """Image `index`'s own 63-bit seed from (seed, index): stable across runs, unrelated between neighbours."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "big") >> 1
+
+
+def stage_key_for(cfg: PriorSection, inputs: ClassImagesInputs) -> str:
+    settings = {name: value for name, value in cfg.keyed().items() if name not in TRAINING_ONLY}
+    return stage_key(
+        STAGE,
+        CODE_VERSION,
+        settings,
+        prompt=inputs.class_prompt,
+        resolution=inputs.resolution,
+        model=inputs.model.identities,
+    )
+
+
+def item_settings(cfg: PriorSection) -> dict[str, Any]:
+    """The prior settings one image depends on: not the count, the batch size, or the prompt template."""
+    return {
+        "negative_prompt": cfg.negative_prompt,
+        "scheduler": cfg.scheduler,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "seed": cfg.seed,
+    }
+
+
+def rendering_scheduler(cfg: PriorSection, model: ResolvedModel) -> dict[str, Any]:
+    """The settings of the scheduler that `make_scheduler` gives the loaded pipeline, read without loading it."""
+    try:
+        base = scheduler_class(cfg.scheduler).load_config(model.path / "scheduler")
+        return scheduler_settings(build_scheduler(cfg.scheduler, base))
+    except ValueError as err:
+        raise StageError(STAGE, f"{err}; set prior.scheduler", item="prior.scheduler") from err
+
+
+def item_key(cfg: PriorSection, inputs: ClassImagesInputs, scheduler: dict[str, Any], index: int) -> str:
+    """Image `index`'s key: every component of the base model and every setting that changes its pixels."""
+    return stage_key(
+        ITEMS,
+        CODE_VERSION,
+        item_settings(cfg),
+        model=inputs.model.identities,
+        prompt=inputs.class_prompt,
+        scheduler_config=scheduler,
+        resolution=inputs.resolution,
+        index=index,
+    )
+
+
+def request_for(cfg: PriorSection, inputs: ClassImagesInputs, index: int) -> RenderRequest:
+    side = inputs.resolution
+    seed = class_seed(cfg.seed, index)
+    return RenderRequest(inputs.class_prompt, cfg.negative_prompt, seed, cfg.steps, cfg.guidance, side, side)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _save_item(image: Image.Image, request: RenderRequest, index: int) -> Callable[[Path], dict[str, Any]]:
+    def build(folder: Path) -> dict[str, Any]:
+        image.save(folder / "image.png", format="PNG")
+        return {"index": index, "seed": request.seed, "prompt": request.prompt}
+
+    return build
+
+
+def _render_missing(
+    cfg: PriorSection, inputs: ClassImagesInputs, store: Store, keys: list[str], missing: list[int]
+) -> int:
+    """Load the base model and render the `missing` indexes; returns how many items this call created."""
+    try:
+        pipe = load_pipeline_for(inputs.model, _device(), torch.float32)
+        make_scheduler(pipe, cfg.scheduler)
+    except Exception as err:
+        message = f"cannot load the base model ({type(err).__name__}: {err}); check model.id and its files"
+        raise StageError(STAGE, message, str(inputs.model.path)) from err
+
+    index_of = {request_for(cfg, inputs, index): index for index in missing}
+    created = 0
+    try:
+        for request, image in render(pipe, list(index_of), cfg.batch_size, "class images"):
+            index = index_of[request]
+            try:
+                entry = store.get_or_create(ITEMS, keys[index], _save_item(image, request, index), item_settings(cfg))
+            except Exception as err:
+                raise StageError(STAGE, f"unexpected {type(err).__name__}: {err}", f"class image {index}") from err
+            created += entry.created
+    except RenderError as err:
+        index = index_of[err.requests[0]]
+        raise StageError(STAGE, f"rendering failed: {err}", f"class image {index}") from err
+    return created
+
+
+def run(cfg: PriorSection, inputs: ClassImagesInputs, store: Store) -> StageResult:
+    """Make `cfg.num_images` class images, rendering only those no earlier run (of any dataset) has made."""
+    key = stage_key_for(cfg, inputs)
+    done = store.get(STAGE, key)
+    if done is not None:
+        return StageResult(STAGE, key, done.path, items_cached=done.info["items"]).as_cached()
+
+    scheduler = rendering_scheduler(cfg, inputs.model)
+    keys = [item_key(cfg, inputs, scheduler, index) for index in range(cfg.num_images)]
+    missing = [index for index, ikey in enumerate(keys) if store.get(ITEMS, ikey) is None]
+    created = _render_missing(cfg, inputs, store, keys, missing) if missing else 0
+
+    table = pd.DataFrame(
+        {
+            "id": [ikey[:16] for ikey in keys],
+            "index": range(len(keys)),
+            "seed": [class_seed(cfg.seed, index) for index in range(len(keys))],
+            "prompt": inputs.class_prompt,
+            "status": "ok",
+            "image": [f"images/{ikey[:16]}.png" for ikey in keys],
+        }
+    )
+    settings = {**item_settings(cfg), "prompt": inputs.class_prompt, "resolution": inputs.resolution}
+
+    def build(folder: Path) -> dict[str, Any]:
+        (folder / "images").mkdir()
+        for ikey, image in zip(keys, table["image"], strict=True):
+            link_or_copy(store.path(ITEMS, ikey) / "image.png", folder / image)
+        table.to_csv(folder / "items.csv", index=False)
+        (folder / "settings.json").write_text(
+            json.dumps({**settings, "scheduler_config": scheduler}, indent=1, default=str)
+        )
+        return {"items": len(keys)}
+
+    entry = store.get_or_create(STAGE, key, build, settings)
+    return StageResult(STAGE, key, entry.path, created, len(keys) - created)
+
+
+@task(name=STAGE)
+def class_images_task(cfg: PriorSection, inputs: ClassImagesInputs, root: Path) -> StageResult:
+    return run(cfg, inputs, Store(root))

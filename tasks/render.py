@@ -1,0 +1,133 @@
+"""Batched text-to-image rendering for class images and samples: one seeded generator per image.
+
+An image depends only on its own request (prompt, negative prompt, seed, steps, guidance, size), never on the
+batch it was rendered in, so cached images stay valid whatever batch size or neighbours a later run uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, SchedulerMixin
+from PIL import Image
+
+from tasks.models import ResolvedModel
+from tasks.progress import track
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """One image to render. An empty negative prompt means none: the pipeline's own default applies."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+
+class RenderError(Exception):
+    """The pipeline failed on a batch; `requests` are the images of that batch, for the caller to name."""
+
+    def __init__(self, requests: tuple[RenderRequest, ...], cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.requests = requests
+        self.cause = cause
+
+
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class called `name`, e.g. DPMSolverMultistepScheduler."""
+    found = getattr(diffusers, name, None)
+    if not (isinstance(found, type) and issubclass(found, SchedulerMixin)):
+        raise ValueError(
+            f"{name!r} is not a diffusers scheduler; use a class name such as "
+            "DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler or DDIMScheduler"
+        )
+    return found
+
+
+def build_scheduler(name: str, base_config: Mapping[str, Any]) -> SchedulerMixin:
+    """Scheduler `name` built from a base model's scheduler config (its betas, timestep spacing, prediction type)."""
+    return scheduler_class(name).from_config(dict(base_config))
+
+
+def scheduler_settings(scheduler: SchedulerMixin) -> dict[str, Any]:
+    """The settings that shape a scheduler's samples, as JSON-able values for cache keys (no version stamps)."""
+    return {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+
+
+def make_scheduler(pipe: DiffusionPipeline, name: str) -> SchedulerMixin:
+    """Swap the pipeline's scheduler for `name`, configured from the scheduler it had."""
+    pipe.scheduler = build_scheduler(name, pipe.scheduler.config)
+    return pipe.scheduler
+
+
+def load_pipeline_for(model: ResolvedModel, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
+    """The base pipeline with the model's own VAE (a separate one when configured), ready on `device`.
+
+    Cache keys hash `model.identities`, whose "vae" is the separate VAE when one is set, so rendering must use it.
+    """
+    pipe = DiffusionPipeline.from_pretrained(model.path, dtype=dtype)
+    if model.vae_path != model.path / "vae":
+        pipe.vae = diffusers.AutoencoderKL.from_pretrained(model.vae_path, dtype=dtype)
+    return pipe.to(device)
+
+
+def _group_key(request: RenderRequest) -> tuple[int, float, int, int, bool]:
+    """Requests that can share one pipeline call: same steps, guidance, size, and negative prompt or none."""
+    return (request.steps, request.guidance, request.width, request.height, request.negative_prompt == "")
+
+
+def _batches(requests: Sequence[RenderRequest], batch_size: int) -> Iterator[tuple[RenderRequest, ...]]:
+    """Batches of at most `batch_size` compatible requests, groups in order of first appearance."""
+    groups: dict[tuple[int, float, int, int, bool], list[RenderRequest]] = {}
+    for request in requests:
+        groups.setdefault(_group_key(request), []).append(request)
+    for group in groups.values():
+        for start in range(0, len(group), batch_size):
+            yield tuple(group[start : start + batch_size])
+
+
+def _render_batch(pipe: DiffusionPipeline, batch: tuple[RenderRequest, ...]) -> list[Image.Image]:
+    first = batch[0]
+    # SDXL zeroes the unconditional embedding only for negative_prompt=None; "" would encode the empty text.
+    negative = None if first.negative_prompt == "" else [r.negative_prompt for r in batch]
+    output = pipe(
+        prompt=[r.prompt for r in batch],
+        negative_prompt=negative,
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance,
+        width=first.width,
+        height=first.height,
+        generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
+        output_type="pil",
+    )
+    return output.images
+
+
+def render(
+    pipe: DiffusionPipeline, requests: Sequence[RenderRequest], batch_size: int, description: str
+) -> Iterator[tuple[RenderRequest, Image.Image]]:
+    """Render every request, `batch_size` at a time; yields (request, image) as each batch completes.
+
+    Each image gets its own CPU generator seeded with its request's seed, so it does not depend on its batch.
+    Requests are grouped by steps, guidance and size, so the order may differ from `requests`. A pipeline
+    failure raises `RenderError` naming the batch.
+    """
+    pipe.set_progress_bar_config(disable=True)  # one bar for the whole job, from track()
+
+    def images() -> Iterator[tuple[RenderRequest, Image.Image]]:
+        for batch in _batches(requests, batch_size):
+            try:
+                rendered = _render_batch(pipe, batch)
+            except Exception as err:
+                raise RenderError(batch, err) from err
+            yield from zip(batch, rendered, strict=True)
+
+    yield from track(images(), len(requests), description)

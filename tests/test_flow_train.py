@@ -1,0 +1,50 @@
+"""The whole flow through the CLI against the suite's Prefect server: preprocess -> latents -> train, then reruns."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from PIL import Image
+from prefect_api import task_states
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--set", "train.steps=4", "--set", "train.checkpoint_every=0"]
+
+
+def _stages(path: Path) -> dict:
+    return json.loads(path.read_text())["stages"]
+
+
+def test_rerun_is_all_cached_and_one_changed_image_costs_one_image(boothflow, prefect_server: str, tmp_path: Path):
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    base = ["--config", "configs/demo.toml", "--artifacts", tmp_path / "a", "--set", f"data.instance_dir='{images}'"]
+    boothflow("run", *base, *QUICK, "--summary", tmp_path / "1.json")
+    first = _stages(tmp_path / "1.json")
+    assert [(s["status"], s["items_processed"]) for s in first.values()] == [("ran", 6), ("ran", 6), ("ran", 4)]
+
+    boothflow("run", *base, *QUICK, "--summary", tmp_path / "2.json")
+    summary = json.loads((tmp_path / "2.json").read_text())
+    assert [(s["status"], s["items_processed"]) for s in summary["stages"].values()] == [("cached", 0)] * 3
+    assert task_states(prefect_server, summary["run"]["flow_run_id"]) == dict.fromkeys(summary["stages"], "Cached")
+    model_dir = Path(summary["outputs"]["model_dir"])
+    assert (model_dir / "diffusers" / "model_index.json").is_file() and (model_dir / "model.safetensors").is_file()
+
+    edited = images / "toy_03_beach.webp"
+    Image.open(edited).rotate(90).save(edited)
+    boothflow("run", *base, *QUICK, "--summary", tmp_path / "3.json")
+    third = _stages(tmp_path / "3.json")
+    counts = {name: (s["status"], s["items_processed"], s["items_cached"]) for name, s in third.items()}
+    assert counts == {"preprocess": ("ran", 1, 5), "latents": ("ran", 1, 5), "train": ("ran", 4, 0)}
+
+
+def test_stage_names_a_missing_upstream(boothflow, tmp_path: Path) -> None:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    proc = boothflow(
+        "stage", "train", "--config", "configs/demo.toml", "--artifacts", tmp_path / "a",
+        "--set", f"data.instance_dir='{images}'", "--summary", tmp_path / "s.json", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    error = json.loads((tmp_path / "s.json").read_text())["error"]
+    assert error["stage"] == "train" and "upstream stage 'preprocess' has no cached output" in error["message"]

@@ -1,0 +1,253 @@
+"""Training: cached latents train exactly like the reference loop, outputs reload, killed runs resume bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from tasks import latents, preprocess, text, train, trainer
+from tasks.config import LatentsSection, PreprocessSection, TrainSection
+from tasks.faults import ENV as FAULTS_ENV
+from tasks.models import resolve
+from tasks.objective import Objective
+from tasks.stage import StageError
+from tasks.store import Store
+
+RESOLUTION = 64
+INSTANCE_PROMPT = "a photo of sks toy"
+
+
+def _images(folder: Path, count: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (96, 80 + 8 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    return folder
+
+
+def _encoded(root: Path, model_id: str, images: Path, flip: bool = False):
+    store = Store(root)
+    model = resolve(model_id, "", root)
+    files = preprocess.scan(images)
+    pre = preprocess.run(
+        PreprocessSection(resolution=RESOLUTION, min_side=64), preprocess.PreprocessInputs(images, files, 1), store
+    )
+    lat = latents.run(LatentsSection(flip=flip), latents.LatentsInputs(model, pre, None), store)
+    return model, pre, lat
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    _images(root / "images")
+    return root
+
+
+def _job(model, lat, cfg: TrainSection, out: Path, embeds=None) -> trainer.TrainJob:
+    return trainer.TrainJob(
+        family=model.family, base=model.path, vae_path=model.vae_path, latents_dir=lat.path, out_dir=out,
+        checkpoints_dir=out / "ckpt", train=cfg, optimizer="adamw", instance_prompt=INSTANCE_PROMPT,
+        class_prompt=None, prior_weight=0.0, text_embeds=embeds, safety_checker=False, parent_pid=0, facts={},
+    )  # fmt: skip
+
+
+def _reference_loss(model, pre, lat, job, unet, encoders, *, scale=True, mirror_images=False):
+    """The diffusers example loop: decode the PNG, `vae.encode(x).latent_dist.sample(generator)` every step."""
+    vae = AutoencoderKL.from_pretrained(model.vae_path)
+    objective = Objective(DDPMScheduler.from_pretrained(model.path, subfolder="scheduler"), 0.1, 0.0, 0.0)
+    data = trainer.LatentData(lat.path)
+    cfg = job.train
+    samples, noise, steps, time_ids = [], [], [], []
+    for j in range(cfg.batch_size):
+        sample_id = data.pick("instance", j, cfg.seed)
+        rng = trainer.generator(cfg.seed, "sample", 0, 0, j, "instance", sample_id)
+        image = Image.open(pre.path / "images" / f"{sample_id}.png")
+        if mirror_images:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(rng)
+        z = z * vae.config.scaling_factor if scale else z
+        n, t = objective.draw(z, rng)
+        samples.append(z), noise.append(n), steps.append(t), time_ids.append(data.time_ids[sample_id, ""])
+    z, n, t = torch.cat(samples), torch.cat(noise), torch.cat(steps)
+    prompt_ids = text.tokenize(text.load_tokenizers(model.path, model.family), INSTANCE_PROMPT)
+    ids = [torch.cat([one] * len(samples)) for one in prompt_ids]
+    cond = text.encode(model.family, encoders, ids)
+    added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": torch.cat(time_ids)}
+    prediction = unet(objective.noisy(z, n, t), t, cond.hidden, added_cond_kwargs=added).sample
+    return torch.nn.functional.mse_loss(prediction.float(), n.float())
+
+
+def _cached_loss(model, lat, job, unet, encoders):
+    objective = Objective(DDPMScheduler.from_pretrained(model.path, subfolder="scheduler"), 0.1, 0.0, 0.0)
+    batch = trainer.make_batch(trainer.LatentData(lat.path), objective, job, step=0, micro=0)
+    return trainer.training_step(unet, trainer.Conditioner(job, encoders), objective, batch)
+
+
+def _loss_and_grads(loss_fn, unet):
+    unet.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("model_id", ["tiny-sd15", "tiny-sdxl"])
+def test_cached_latents_train_exactly_like_the_reference_loop(workspace: Path, model_id: str) -> None:
+    model, pre, lat = _encoded(workspace, model_id, workspace / "images")
+    job = _job(model, lat, TrainSection(batch_size=2), workspace / "job")
+    unet = UNet2DConditionModel.from_pretrained(model.path, subfolder="unet")
+    encoders = text.load_text_encoders(model.path, model.family)
+
+    cached_loss, cached_grads = _loss_and_grads(lambda: _cached_loss(model, lat, job, unet, encoders), unet)
+    ref_loss, ref_grads = _loss_and_grads(lambda: _reference_loss(model, pre, lat, job, unet, encoders), unet)
+    assert torch.allclose(cached_loss, ref_loss, rtol=1e-5, atol=1e-6), (cached_loss, ref_loss)
+    assert cached_grads.keys() == ref_grads.keys() and len(cached_grads) > 10
+    for name, grad in cached_grads.items():
+        assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+    # Two broken caches the comparison must catch: the scaling factor dropped, and a mirrored image paired
+    # with the unmirrored latent.
+    unscaled, _ = _loss_and_grads(lambda: _reference_loss(model, pre, lat, job, unet, encoders, scale=False), unet)
+    mirrored, _ = _loss_and_grads(
+        lambda: _reference_loss(model, pre, lat, job, unet, encoders, mirror_images=True), unet
+    )
+    for broken in (unscaled, mirrored):
+        assert not torch.allclose(cached_loss, broken, rtol=1e-5, atol=1e-6)
+
+
+def _train(root: Path, model, lat, cfg: TrainSection, monkeypatch, faults: dict | None = None, **inputs):
+    root.mkdir(parents=True, exist_ok=True)
+    fault_file = root / "faults.json"
+    fault_file.write_text(json.dumps(faults or {}))
+    monkeypatch.setenv(FAULTS_ENV, str(fault_file))
+    train_inputs = train.TrainInputs(model, lat, INSTANCE_PROMPT, inputs.get("class_prompt"),
+                                     inputs.get("prior_weight", 0.0), False)  # fmt: skip
+    return train.run(cfg, train_inputs, Store(root))
+
+
+def test_sd15_full_finetune_outputs_reload_with_diffusers(workspace: Path, tmp_path: Path, monkeypatch) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    model, _, lat = _encoded(workspace, "tiny-sd15", workspace / "images")
+    cfg = TrainSection(steps=3, learning_rate=1e-3, checkpoint_every=0)
+    result = _train(workspace, model, lat, cfg, monkeypatch, {"save_trainable_to": str(tmp_path / "trained.st")})
+    assert (result.items_processed, result.items_cached, result.status) == (3, 0, "ran")
+    trained = load_file(tmp_path / "trained.st")
+
+    pipe = StableDiffusionPipeline.from_pretrained(result.path / "diffusers")
+    base = StableDiffusionPipeline.from_pretrained(model.path)
+    for prefix, module, base_module in [("unet.", pipe.unet, base.unet), ("text_encoder_0.", pipe.text_encoder,
+                                                                        base.text_encoder)]:  # fmt: skip
+        state = module.state_dict()
+        weights = {k.removeprefix(prefix): v for k, v in trained.items() if k.startswith(prefix)}
+        assert weights and all(torch.equal(state[k], v) for k, v in weights.items())
+        assert any(not torch.equal(v, base_module.state_dict()[k]) for k, v in weights.items())
+
+    single = StableDiffusionPipeline.from_single_file(result.path / "model.safetensors",
+                                                      config=str(result.path / "diffusers"))  # fmt: skip
+    for name in ("unet", "vae", "text_encoder"):
+        reloaded, saved = getattr(single, name).state_dict(), getattr(pipe, name).state_dict()
+        assert all(torch.equal(reloaded[k], saved[k]) for k in saved), name
+    metrics = (result.path / "metrics.csv").read_text().splitlines()
+    assert metrics[0] == "step,loss,lr,seconds" and len(metrics) == 4
+    assert "a photo of sks toy" in (result.path / "README.md").read_text()
+
+
+def test_killed_training_resumes_from_its_checkpoint_bit_for_bit(workspace: Path, tmp_path: Path, monkeypatch):
+    model, _, lat = _encoded(workspace, "tiny-sd15", workspace / "images")
+    cfg = TrainSection(steps=5, learning_rate=1e-3, checkpoint_every=2, train_text_encoder=False)
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(StageError) as killed:
+        _train(interrupted, model, lat, cfg, monkeypatch, {"kill_train_after_step": 3})
+    assert killed.value.item == "step 4" and "exited with code" in killed.value.message
+    key = train.stage_key_for(cfg, train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False))
+    assert Store(interrupted).get("train", key) is None
+    assert [p.name for p in trainer.complete_checkpoints(train.checkpoints_dir(Store(interrupted), key))] == [
+        "step-000002"
+    ]
+
+    resumed = _train(interrupted, model, lat, cfg, monkeypatch, {"save_trainable_to": str(tmp_path / "a.st")})
+    assert (resumed.items_processed, resumed.items_cached) == (3, 2)
+    straight = _train(
+        tmp_path / "straight", model, lat, cfg, monkeypatch, {"save_trainable_to": str(tmp_path / "b.st")}
+    )
+    assert (straight.items_processed, straight.items_cached) == (5, 0)
+    a, b = load_file(tmp_path / "a.st"), load_file(tmp_path / "b.st")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [
+        [row.split(",")[1] for row in (r.path / "metrics.csv").read_text().splitlines()[1:]]
+        for r in (resumed, straight)
+    ]
+    assert len(losses[0]) == 5 and losses[0] == losses[1]
+
+
+def test_a_nan_loss_stops_at_once_naming_the_step_and_keeps_the_last_checkpoint(
+    workspace: Path, tmp_path: Path, monkeypatch
+) -> None:
+    model, _, lat = _encoded(workspace, "tiny-sd15", workspace / "images")
+    cfg = TrainSection(steps=6, checkpoint_every=2, train_text_encoder=False)
+    with pytest.raises(StageError) as err:
+        _train(tmp_path, model, lat, cfg, monkeypatch, {"nan_at_step": 4})
+    assert err.value.message == "loss is nan at step 4; stopped" and err.value.item == "step 4"
+    key = train.stage_key_for(cfg, train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False))
+    assert [p.name for p in trainer.complete_checkpoints(train.checkpoints_dir(Store(tmp_path), key))] == [
+        "step-000002"
+    ]
+
+
+def _lora_pairs(trained: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """UNet module name -> (A, B) of each trained LoRA adapter."""
+    pairs = {}
+    for name, a in trained.items():
+        if name.startswith("unet.") and ".lora_A." in name:
+            module = name.removeprefix("unet.").split(".lora_A.")[0]
+            pairs[module] = (a, trained[name.replace(".lora_A.", ".lora_B.")])
+    return pairs
+
+
+@pytest.mark.parametrize("weight_name", ["pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"])
+def test_sdxl_lora_with_prior_preservation_loads_and_fuses_to_the_trained_weights(
+    workspace: Path, tmp_path_factory, monkeypatch, weight_name: str
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from tasks import class_images
+    from tasks.config import PriorSection
+
+    root = tmp_path_factory.getbasetemp() / "sdxl-lora"
+    store = Store(root)
+    model = resolve("tiny-sdxl", "", root)
+    pre = preprocess.run(PreprocessSection(resolution=RESOLUTION, min_side=64),
+                         preprocess.PreprocessInputs(workspace / "images", preprocess.scan(workspace / "images"), 1),
+                         store)  # fmt: skip
+    prior = PriorSection(enabled=True, num_images=2, steps=2)
+    classes = class_images.run(prior, class_images.ClassImagesInputs(model, "a photo of toy", RESOLUTION), store)
+    lat = latents.run(LatentsSection(), latents.LatentsInputs(model, pre, classes), store)
+    cfg = TrainSection(method="lora", train_text_encoder=False, steps=3, learning_rate=1e-2, checkpoint_every=0)
+    dump = root / "trained.safetensors"
+    result = _train(root, model, lat, cfg, monkeypatch, {"save_trainable_to": str(dump)},
+                    class_prompt="a photo of toy", prior_weight=1.0)  # fmt: skip
+    pairs = _lora_pairs(load_file(dump))
+    assert len(pairs) > 10 and result.items_processed in (0, 3)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model.path)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(result.path, weight_name=weight_name)
+    wrapped = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert wrapped == set(pairs)
+    pipe.fuse_lora()
+    fused = pipe.unet.state_dict()
+    for module, (a, b) in pairs.items():
+        key = f"{module}.base_layer.weight" if f"{module}.base_layer.weight" in fused else f"{module}.weight"
+        expected = base[f"{module}.weight"] + b @ a
+        assert torch.allclose(fused[key], expected, atol=1e-6), module
