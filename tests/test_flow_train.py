@@ -48,3 +48,22 @@ def test_stage_names_a_missing_upstream(boothflow, tmp_path: Path) -> None:
     assert proc.returncode == 1
     error = json.loads((tmp_path / "s.json").read_text())["error"]
     assert error["stage"] == "train" and "upstream stage 'preprocess' has no cached output" in error["message"]
+
+
+def test_a_killed_training_run_resumes_on_rerun_and_says_so(boothflow, tmp_path: Path) -> None:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    base = ["--config", "configs/demo.toml", "--artifacts", tmp_path / "a", "--set", f"data.instance_dir='{images}'",
+            "--set", "train.steps=5", "--set", "train.checkpoint_every=2"]  # fmt: skip
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"kill_train_after_step": 3}))
+    env = {"BOOTHFLOW_FAULTS": str(faults), "PREFECT_LOGGING_LEVEL": "INFO"}
+    killed = boothflow("run", *base, "--summary", tmp_path / "1.json", check=False, env=env)
+    assert killed.returncode == 1
+    error = json.loads((tmp_path / "1.json").read_text())["error"]
+    assert (error["stage"], error["item"]) == ("train", "step 4") and "exited with code" in error["message"]
+
+    faults.unlink()
+    resumed = boothflow("run", *base, "--summary", tmp_path / "2.json", env=env)
+    assert "resuming from checkpoint" in resumed.stdout + resumed.stderr
+    train = _stages(tmp_path / "2.json")["train"]
+    assert (train["status"], train["items_processed"], train["items_cached"]) == ("ran", 3, 2)

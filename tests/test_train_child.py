@@ -1,0 +1,57 @@
+"""The training child never outlives the stage process that launched it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = """
+import sys
+from pathlib import Path
+from tasks import latents, preprocess, train
+from tasks.config import LatentsSection, PreprocessSection, TrainSection
+from tasks.models import resolve
+from tasks.store import Store
+
+root, images = Path(sys.argv[1]), Path(sys.argv[2])
+store = Store(root)
+model = resolve("tiny-sd15", "", root)
+inputs = preprocess.PreprocessInputs(images, preprocess.scan(images), 1)
+pre = preprocess.run(PreprocessSection(resolution=64), inputs, store)
+lat = latents.run(LatentsSection(), latents.LatentsInputs(model, pre, None), store)
+cfg = TrainSection(steps=100000, checkpoint_every=0, train_text_encoder=False)
+train.run(cfg, train.TrainInputs(model, lat, "a photo of sks toy", None, 0.0, False), store)
+"""
+
+
+def _trainers() -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"tasks.trainer" in cmdline and b"-m" in cmdline and b"accelerate.commands.launch" not in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def test_the_training_child_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
+    before = set(_trainers())
+    parent = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "a"), str(REPO / "data" / "demo")],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (children := set(_trainers()) - before):
+        assert time.monotonic() < deadline and parent.poll() is None, "the training child never started"
+        time.sleep(0.5)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while children & set(_trainers()):
+        assert time.monotonic() < deadline, "the training child outlived its parent"
+        time.sleep(0.5)
