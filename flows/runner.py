@@ -6,12 +6,15 @@ The summary is written to `<root>/runs/<flow run id>/summary.json` on success an
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prefect import Task
 from prefect.runtime import flow_run
 
@@ -19,6 +22,38 @@ from flows.caching import cache_options
 from tasks.config import RunConfig
 from tasks.stage import StageError, StageResult
 from tasks.store import Store
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and its children (the training child included) while a stage
+    runs, and keeps the peak in MiB."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval, self.peak, self._done = interval, 0, threading.Event()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while True:
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+            if self._done.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def mib(self) -> float:
+        return round(self.peak / 2**20, 1)
 
 
 class StopAfterStage(Exception):
@@ -45,6 +80,7 @@ class StageRunner:
             "run": {"name": config.run.name, "flow_run_id": str(flow_run.id), "stage": only},
             "stages": {name: {"status": "skipped"} for name in stage_names},
             "outputs": {},
+            "models_loaded": [],
             "error": None,
         }
 
@@ -87,7 +123,7 @@ class StageRunner:
         """
         name = stage_task.name
         self.current = name
-        started = time.monotonic()
+        started, peak_memory = time.monotonic(), None
         if self.plan:
             key = key_fn(cfg, inputs)
             status = "cached" if Store(self.root).is_complete(name, key) else "to run"
@@ -95,14 +131,16 @@ class StageRunner:
         elif self.only is not None and name != self.only:
             result = self._from_cache(name, key_fn(cfg, inputs))
         else:
-            state = stage_task.with_options(**cache_options(name, self.root, key_fn))(
-                cfg, inputs, self.root, return_state=True
-            )
+            with PeakMemory() as memory:
+                state = stage_task.with_options(**cache_options(name, self.root, key_fn))(
+                    cfg, inputs, self.root, return_state=True
+                )
             if state.is_failed():
                 raise state.result(raise_on_failure=False)
-            result = state.result()
+            result, peak_memory = state.result(), memory.mib
             if state.name == "Cached":
                 result = result.as_cached()
+            self.summary["models_loaded"] += [f"{name}: {model}" for model in result.models_loaded]
         self.summary["stages"][name] = {
             "status": result.status,
             "key": result.key,
@@ -110,6 +148,7 @@ class StageRunner:
             "items_processed": result.items_processed,
             "items_cached": result.items_cached,
             "items_rejected": result.items_rejected,
+            "peak_memory_mb": peak_memory,
         }
         for output, relative in (outputs or {}).items():
             self.summary["outputs"][output] = str((result.path / relative).resolve())

@@ -179,7 +179,8 @@ def run(cfg: PriorSection, inputs: ClassImagesInputs, store: Store) -> StageResu
         return {"items": len(keys)}
 
     entry = store.get_or_create(STAGE, key, build, settings)
-    return StageResult(STAGE, key, entry.path, created, len(keys) - created)
+    loaded = (f"pipeline ({inputs.model.id})",) if missing else ()
+    return StageResult(STAGE, key, entry.path, created, len(keys) - created, models_loaded=loaded)
 
 
 @task(name=STAGE)

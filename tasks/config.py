@@ -120,9 +120,36 @@ class TrainSection(Section):
         ("to_q", "to_k", "to_v", "to_out.0"), description="UNet attention projections that get LoRA adapters"
     )
     seed: int = Field(0, description="Seed of weights init, sampling order, noise and timesteps")
+    sample_every: int = Field(
+        0, ge=0, description="Keep weights every N steps so generate renders validation samples from them (0: off)"
+    )
     checkpoint_every: int = no_key("Save a resumable checkpoint every N steps (0: never)", default=100, ge=0)
     keep_checkpoints: int = no_key("Keep the newest K checkpoints", default=2, ge=1)
     cpu_threads: int = no_key("Torch threads per training process on CPU (results depend on it)", default=2, ge=1)
+
+
+class GenerateSection(Section):
+    prompts: tuple[str, ...] = Field(
+        ("a photo of {token} {class}", "a photo of {token} {class} on the beach", "a photo of a {class}"),
+        description="Prompts to render; {token} and {class} are filled in",
+    )
+    seeds: tuple[int, ...] = Field((0, 1), description="Seeds; every prompt is rendered with every seed")
+    negative_prompt: str = Field("", description="Negative prompt for every image")
+    scheduler: str = Field("DPMSolverMultistepScheduler", description="diffusers scheduler class name")
+    steps: int = Field(25, ge=1, description="Inference steps")
+    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale")
+    size: int = Field(0, ge=0, description="Image side in pixels; 0: the training resolution")
+    compare_base: bool = Field(False, description="Also render the prompts with the base model, for before/after")
+    validation_prompts: tuple[str, ...] = Field(
+        ("a photo of {token} {class}",),
+        description="Prompts rendered (first seed) from each train.sample_every checkpoint",
+    )
+    batch_size: int = no_key("Images per pipeline call", default=4, ge=1)
+
+
+class ReportSection(Section):
+    clip_model: str = Field("", description="CLIP model (hub id or folder) for CLIP-T and CLIP-I; empty: skip")
+    dino_model: str = Field("", description="DINO ViT (hub id or folder) for the DINO subject score; empty: skip")
 
 
 class RunConfig(Section):
@@ -135,6 +162,8 @@ class RunConfig(Section):
     prior: PriorSection = Field(default_factory=PriorSection, description="Prior preservation with class images")
     latents: LatentsSection = Field(default_factory=LatentsSection, description="VAE latent cache")
     train: TrainSection = Field(default_factory=TrainSection, description="DreamBooth training")
+    generate: GenerateSection = Field(default_factory=GenerateSection, description="Sample generation")
+    report: ReportSection = Field(default_factory=ReportSection, description="HTML report and metrics")
 
 
 def fill_prompt(template: str, token: str, class_name: str) -> str:

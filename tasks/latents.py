@@ -271,7 +271,8 @@ def run(cfg: LatentsSection, inputs: LatentsInputs, store: Store) -> StageResult
         return {"items": len(found), "instance": kinds.count("instance"), "class": kinds.count("class")}
 
     entry = store.get_or_create(STAGE, key, build, cfg.keyed())
-    return StageResult(STAGE, key, entry.path, processed, len(found) - processed)
+    loaded = (f"vae ({inputs.model.id})",) if missing else ()
+    return StageResult(STAGE, key, entry.path, processed, len(found) - processed, models_loaded=loaded)
 
 
 @task(name="latents")

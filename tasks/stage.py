@@ -30,8 +30,9 @@ class StageResult:
     items_cached: int = 0
     items_rejected: int = 0
     status: str = "ran"
+    models_loaded: tuple[str, ...] = ()
 
     def as_cached(self) -> StageResult:
-        """The same output seen from a run that found it already in the cache."""
+        """The same output seen from a run that found it already in the cache: no work, no model loaded."""
         total = self.items_processed + self.items_cached
-        return replace(self, items_processed=0, items_cached=total, status="cached")
+        return replace(self, items_processed=0, items_cached=total, status="cached", models_loaded=())

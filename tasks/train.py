@@ -220,7 +220,8 @@ def run(cfg: TrainSection, inputs: TrainInputs, store: Store) -> StageResult:
     entry = store.get_or_create(STAGE, key, build, {**cfg.keyed(), "optimizer": resolved_optimizer(cfg)})
     restored = counts.get("restored", 0)
     trained = cfg.steps - restored if entry.created else 0
-    return StageResult(STAGE, key, entry.path, items_processed=trained, items_cached=cfg.steps - trained)
+    loaded = (f"unet + text encoders ({inputs.model.id})",) if entry.created else ()
+    return StageResult(STAGE, key, entry.path, trained, cfg.steps - trained, models_loaded=loaded)
 
 
 @task(name="train")

@@ -35,6 +35,7 @@ from tasks.config import TrainSection
 from tasks.faults import fault
 from tasks.latent_dist import sample_latent, scale_latent
 from tasks.objective import Objective
+from tasks.store import link_or_copy
 
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 COMPLETE = "COMPLETE"
@@ -265,6 +266,30 @@ def restore(job: TrainJob, params: dict, optimizer, lr_scheduler) -> tuple[int, 
     return step, json.loads((latest / "metrics.json").read_text())
 
 
+def save_sample_weights(job: TrainJob, step: int, unet, encoders) -> None:
+    """Weights of step `step` for checkpoint samples, in the same format as the final output, kept beside the
+    resume checkpoints (a stable place that survives a resume) and linked into the output at the end."""
+    final = job.checkpoints_dir / "samples" / f"step-{step:06d}"
+    if final.is_dir():
+        return
+    temp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    temp.mkdir(parents=True)
+    if job.train.method == "full":
+        unet.save_pretrained(temp / "unet", safe_serialization=True)
+        if encoders:
+            encoders[0].save_pretrained(temp / "text_encoder", safe_serialization=True)
+    else:
+        export.save_sdxl_lora(*lora_states(unet, encoders), temp)
+    temp.rename(final)
+
+
+def lora_states(unet, encoders) -> tuple[dict, dict | None, dict | None]:
+    from peft.utils import get_peft_model_state_dict
+
+    te_states = [get_peft_model_state_dict(e) for e in encoders] if encoders else [None, None]
+    return get_peft_model_state_dict(unet), *te_states
+
+
 def watch_parent(pid: int) -> None:
     """Exit when the stage process that launched us is gone, so no orphan keeps training."""
 
@@ -287,10 +312,13 @@ def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dic
         text_encoder = encoders[0] if encoders else text.load_text_encoders(job.base, job.family)[0]
         facts = export.save_sd15_outputs(job.base, unet, text_encoder, out, job.safety_checker, job.vae_path)
     else:
-        from peft.utils import get_peft_model_state_dict
-
-        te_states = [get_peft_model_state_dict(e) for e in encoders] if encoders else [None, None]
-        facts = export.save_sdxl_lora(get_peft_model_state_dict(unet), *te_states, out)
+        facts = export.save_sdxl_lora(*lora_states(unet, encoders), out)
+    samples = sorted((job.checkpoints_dir / "samples").glob("step-*"))
+    for folder in samples:
+        shutil.copytree(folder, out / "samples" / folder.name, copy_function=link_or_copy)
+    training = {"family": job.family, "method": job.train.method, "steps": job.train.steps,
+                "sample_steps": [int(f.name.removeprefix("step-")) for f in samples]}  # fmt: skip
+    (out / "training.json").write_text(json.dumps(training, indent=1))
     with (out / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
         writer.writeheader()
@@ -337,6 +365,8 @@ def main(job_path: Path) -> None:
                "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
         metrics.append(row)
         emit("step", **row)
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
+            save_sample_weights(job, step + 1, accelerator.unwrap_model(unet), encoders)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(job, step + 1, params, optimizer, lr_scheduler, metrics)
         if fault("kill_train_after_step") == step + 1:

@@ -3,63 +3,32 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from flows.server import api_url, free_port, start_server, stop_server, wait_healthy
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.read().strip() == b"true"
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A `prefect server start` for the whole session; yields its API URL."""
     home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen([BIN / "prefect", "server", "start"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while not _healthy(url):
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"Prefect server did not start; log:\n{(home / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    server.terminate()
+    port, log = free_port(), home / "server.log"
+    server = start_server(port, home, log)
     try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+        wait_healthy(server, api_url(port), SERVER_START_TIMEOUT, log)
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    yield api_url(port)
+    stop_server(server)
 
 
 @pytest.fixture(scope="session")

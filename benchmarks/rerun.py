@@ -1,0 +1,99 @@
+"""Cold run vs warm rerun (all cached) vs rerun after adding one image, for the demo flow, measured side by side.
+
+Runs the real `boothflow run` CLI against a running Prefect server and in ephemeral mode, and writes the wall
+times, per-stage items processed and the warm/cold ratio to benchmarks/RESULTS.md.
+Usage: .venv/bin/python benchmarks/rerun.py [--config configs/demo.toml] [--out benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from flows.server import api_url, free_port, start_server, stop_server, wait_healthy
+
+REPO = Path(__file__).resolve().parents[1]
+BOOTHFLOW = Path(sys.executable).parent / "boothflow"
+
+
+def timed_run(config: Path, images: Path, artifacts: Path, env: dict[str, str], summary: Path) -> tuple[float, dict]:
+    command = [BOOTHFLOW, "run", "--config", config, "--artifacts", artifacts, "--summary", summary,
+               "--set", f"data.instance_dir='{images}'"]  # fmt: skip
+    started = time.monotonic()
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+    return time.monotonic() - started, json.loads(summary.read_text())
+
+
+def scenario(name: str, config: Path, env: dict[str, str], work: Path) -> list[dict]:
+    """Cold, warm and one-new-image runs of one mode on a fresh artifact root and a copy of the demo images."""
+    images = shutil.copytree(REPO / "data" / "demo", work / name / "images")
+    artifacts, rows = work / name / "artifacts", []
+    for label in ("cold", "warm", "one new image"):
+        if label == "one new image":
+            Image.open(images / "toy_01_park.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(images / "new.png")
+        seconds, summary = timed_run(config, images, artifacts, env, work / name / f"{label}.json")
+        processed = {stage: s.get("items_processed", 0) for stage, s in summary["stages"].items()}
+        rows.append({"mode": name, "run": label, "seconds": seconds, "processed": processed,
+                     "models_loaded": len(summary.get("models_loaded", []))})  # fmt: skip
+        print(f"{name:10} {label:14} {seconds:7.1f} s  {processed}", flush=True)
+    return rows
+
+
+def write_results(rows: list[dict], out: Path, command: str) -> None:
+    lines = [
+        "# Rerun benchmark",
+        "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}.",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}).",
+        "",
+        "| mode | run | wall s | ratio to cold | items processed per stage | models loaded |",
+        "| --- | --- | ---: | ---: | --- | ---: |",
+    ]
+    cold = {r["mode"]: r["seconds"] for r in rows if r["run"] == "cold"}
+    for r in rows:
+        processed = ", ".join(f"{stage} {n}" for stage, n in r["processed"].items())
+        ratio = r["seconds"] / cold[r["mode"]]
+        lines.append(
+            f"| {r['mode']} | {r['run']} | {r['seconds']:.1f} | {ratio:.3f} | {processed} | {r['models_loaded']} |"
+        )
+    lines += [
+        "",
+        "Each run is a fresh `boothflow` process, so every row includes Python and library start-up (imports of",
+        "torch, diffusers and Prefect); ephemeral mode also starts a temporary Prefect server inside the run.",
+    ]
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base_env = {**os.environ, "PREFECT_HOME": str(work / "client-home")}
+        base_env.pop("PREFECT_API_URL", None)
+        port, log = free_port(), work / "server.log"
+        server = start_server(port, work / "server-home", log)
+        try:
+            wait_healthy(server, api_url(port), 120, log)
+            rows = scenario("server", args.config, {**base_env, "PREFECT_API_URL": api_url(port)}, work)
+        finally:
+            stop_server(server)
+        rows += scenario("ephemeral", args.config, base_env, work)
+    write_results(rows, args.out, " ".join(["python", *sys.argv]))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

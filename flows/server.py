@@ -1,0 +1,69 @@
+"""Starting a local Prefect server on 127.0.0.1 with its UI wired to the same port, and waiting until it is healthy.
+
+Used by `boothflow ui`, the test suite and the benchmarks; the port must be set through the environment, since
+`--port` alone leaves the UI calling port 4200.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def api_url(port: int) -> str:
+    return f"http://{HOST}:{port}/api"
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.read().strip() == b"true"
+    except OSError:
+        return False
+
+
+def start_server(port: int, home: Path | None, log: Path) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:`port` (PREFECT_HOME `home`, or the user's), output into `log`."""
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_API_HOST": HOST,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    if home is not None:
+        env["PREFECT_HOME"] = str(home)
+    env.pop("PREFECT_API_URL", None)
+    prefect = Path(sys.executable).parent / "prefect"
+    with log.open("w") as out:
+        return subprocess.Popen([prefect, "server", "start"], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(server: subprocess.Popen, url: str, timeout: float, log: Path) -> None:
+    """Block until the API answers; raise with the log's tail if the server died or took too long."""
+    deadline = time.monotonic() + timeout
+    while not healthy(url):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"Prefect server at {url} did not start; log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()

@@ -1,0 +1,41 @@
+"""The shipped presets load and carry the reference recipes' values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+RECIPES = {
+    "sd15.toml": {
+        "model.id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "model.safety_checker": False,
+        "data.instance_prompt": "A photo of {token}", "preprocess.resolution": 512, "train.method": "full",
+        "train.train_text_encoder": True, "train.steps": 400, "train.batch_size": 1, "train.grad_accum": 1,
+        "train.learning_rate": 5e-6, "train.lr_scheduler": "constant", "train.lr_warmup_steps": 0,
+        "train.noise_offset": 0.1,
+    },
+    "sdxl.toml": {
+        "model.id": "stabilityai/stable-diffusion-xl-base-1.0", "model.vae": "madebyollin/sdxl-vae-fp16-fix",
+        "data.instance_prompt": "A photo of {token}'s face", "preprocess.resolution": 1024, "train.method": "lora",
+        "train.steps": 500, "train.batch_size": 1, "train.grad_accum": 4, "train.learning_rate": 1e-4,
+        "train.lr_scheduler": "constant", "train.lr_warmup_steps": 0, "train.mixed_precision": "fp16",
+        "train.gradient_checkpointing": True, "train.optimizer": "adamw8bit", "train.seed": 0,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_presets_hold_the_recipe_values(name: str) -> None:
+    config = load_config(CONFIGS / name)
+    for setting, value in RECIPES[name].items():
+        section, field = setting.split(".")
+        assert getattr(getattr(config, section), field) == value, setting
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    assert load_config(path).run.name
