@@ -48,7 +48,6 @@ def _server_line() -> str:
 
 def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
     from flows.dreambooth import dreambooth, dreambooth_stage, stage_names
-    from flows.runner import summary_path
 
     if stage is not None and stage not in stage_names(cfg):
         names = ", ".join(stage_names(cfg))
@@ -57,7 +56,14 @@ def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
     console.print(_server_line(), highlight=False)
     started = time.monotonic()
     state = dreambooth(cfg, return_state=True) if stage is None else dreambooth_stage(cfg, stage, return_state=True)
-    record = summary_path(cfg.run.artifacts_root, str(state.state_details.flow_run_id))
+    _finish(state, cfg.run.artifacts_root, summary, started)
+
+
+def _finish(state, root: Path, summary: Path | None, started: float) -> None:
+    """Print and save the run's summary; exit 1 when the run failed."""
+    from flows.runner import summary_path
+
+    record = summary_path(root, str(state.state_details.flow_run_id))
     result = json.loads(record.read_text()) if record.is_file() else None
     if result is None:
         error = state.result(raise_on_failure=False)
@@ -106,6 +112,93 @@ def stage(
 ):
     """Run one stage from cached upstream outputs (names the upstream that is missing)."""
     _execute(_config(config, set_, artifacts), summary, stage=name)
+
+
+@app.command()
+def rerun(
+    run_id: Annotated[str, typer.Argument(help="Flow run id, as `boothflow runs` lists it")],
+    summary: SummaryOpt = None,
+):
+    """Retry a finished run under the same id: cached stages are skipped, the failed one resumes."""
+    from flows.operate import rerun as retry
+
+    console.print(_server_line(), highlight=False)
+    started = time.monotonic()
+    flow_run, state = retry(run_id)
+    if state is None:
+        console.print(f"run {run_id} belongs to a deployment: its serve process or worker will pick it up")
+        return
+    root = Path(flow_run.parameters["config"]["run"]["artifacts_root"])
+    _finish(state, root, summary, started)
+
+
+@app.command()
+def runs(limit: Annotated[int, typer.Option(help="How many recent runs to list")] = 20):
+    """Recent runs with their state and, for failed ones, the stage that failed and why."""
+    from flows.operate import recent_runs
+
+    table = Table(title="boothflow runs")
+    rows = recent_runs(limit)
+    for column in ("id", "run", "state", "started", "attempts", "failed stage", "cause"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("id", "run", "state", "started", "attempts", "failed stage", "cause")))
+    Console(width=200).print(table)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * *' (3 am)")] = "0 3 * * *",
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA time zone of the schedule; default: this machine's")
+    ] = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+):
+    """Serve the nightly deployment: the config is frozen in now, so restart serve after editing it."""
+    from flows.operate import SERVED_DEPLOYMENT, local_timezone, serve_nightly
+
+    cfg = _config(config, set_, artifacts)
+    zone = timezone or local_timezone()
+    console.print(_server_line(), highlight=False)
+    console.print(
+        f"serving deployment dreambooth/{SERVED_DEPLOYMENT}: cron {cron!r} in time zone {zone}", highlight=False
+    )
+    serve_nightly(cfg, cron, zone)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the Prefect server and its UI")] = 4200,
+    files_port: Annotated[int, typer.Option(help="Port serving the artifact root (report links)")] = 0,
+    artifacts: ArtifactsOpt = None,
+):
+    """Start a local Prefect server with its UI on 127.0.0.1 and serve the artifact root for report links."""
+    from flows.operate import serve_files, ui_file
+    from flows.server import HOST, api_url, free_port, start_server, stop_server, wait_healthy
+
+    cfg = _config(None, [], artifacts)
+    root = cfg.run.artifacts_root
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / ".prefect-server.log"
+    server = start_server(port, None, log)
+    files = serve_files(root, files_port or free_port())
+    record = ui_file(root)
+    try:
+        wait_healthy(server, api_url(port), 120, log)
+        files_url = f"http://{HOST}:{files.server_address[1]}"
+        record.write_text(json.dumps({"api_url": api_url(port), "artifacts_url": files_url}))
+        console.print(f"Prefect UI: http://{HOST}:{port}", highlight=False)
+        console.print(f"point runs at it: export PREFECT_API_URL={api_url(port)}", highlight=False)
+        console.print(f"reports served from {root} at {files_url}; Ctrl-C stops both", highlight=False)
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        record.unlink(missing_ok=True)
+        files.shutdown()
+        stop_server(server)
 
 
 @cache_app.command("ls")

@@ -7,6 +7,7 @@ shows each artifact's history across nights.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from tasks.report import report_facts
 
 ARTIFACTS_URL_ENV = "BOOTHFLOW_ARTIFACTS_URL"
+UI_FILE = ".boothflow-ui.json"
 STAGE_COLUMNS = ("status", "key", "seconds", "items_processed", "items_cached", "items_rejected", "peak_memory_mb")
 
 
@@ -27,6 +29,8 @@ def report_link(html: Path, root: Path) -> str:
     """An http URL where `boothflow ui` serves the artifact root (browsers refuse file:// links from a web page),
     else a file:// URI whose text names the path."""
     base = os.environ.get(ARTIFACTS_URL_ENV)
+    if not base and (root / UI_FILE).is_file():
+        base = json.loads((root / UI_FILE).read_text())["artifacts_url"]
     if base and html.is_relative_to(root):
         return f"{base.rstrip('/')}/{html.relative_to(root).as_posix()}"
     return html.as_uri()

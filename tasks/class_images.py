@@ -19,6 +19,7 @@ from PIL import Image
 from prefect import task
 
 from tasks.config import PriorSection
+from tasks.faults import fail_if_injected
 from tasks.models import ResolvedModel
 from tasks.render import (
     RenderError,
@@ -185,4 +186,5 @@ def run(cfg: PriorSection, inputs: ClassImagesInputs, store: Store) -> StageResu
 
 @task(name=STAGE)
 def class_images_task(cfg: PriorSection, inputs: ClassImagesInputs, root: Path) -> StageResult:
+    fail_if_injected(STAGE)
     return run(cfg, inputs, Store(root))

@@ -22,6 +22,7 @@ from prefect import task
 from safetensors.torch import save_file
 
 from tasks.config import LatentsSection
+from tasks.faults import fail_if_injected
 from tasks.latent_dist import sample_latent as sample_latent  # re-exported: training's helpers, one implementation
 from tasks.latent_dist import scale_latent as scale_latent
 from tasks.models import ResolvedModel
@@ -277,4 +278,5 @@ def run(cfg: LatentsSection, inputs: LatentsInputs, store: Store) -> StageResult
 
 @task(name="latents")
 def latents_task(cfg: LatentsSection, inputs: LatentsInputs, root: Path) -> StageResult:
+    fail_if_injected(STAGE)
     return run(cfg, inputs, Store(root))

@@ -19,6 +19,7 @@ from prefect import task
 
 from tasks import imaging
 from tasks.config import PreprocessSection
+from tasks.faults import fail_if_injected
 from tasks.progress import track
 from tasks.stage import StageError, StageResult
 from tasks.store import Store, digest, link_or_copy, stage_key
@@ -192,4 +193,5 @@ def run(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store) -> Stage
 
 @task(name="preprocess")
 def preprocess_task(cfg: PreprocessSection, inputs: PreprocessInputs, root: Path) -> StageResult:
+    fail_if_injected(STAGE)
     return run(cfg, inputs, Store(root))

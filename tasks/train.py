@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from tasks import text
 from tasks.config import TrainSection
+from tasks.faults import fail_if_injected
 from tasks.models import ResolvedModel
 from tasks.progress import Reporter, run_logger
 from tasks.stage import StageError, StageResult
@@ -226,4 +227,5 @@ def run(cfg: TrainSection, inputs: TrainInputs, store: Store) -> StageResult:
 
 @task(name="train")
 def train_task(cfg: TrainSection, inputs: TrainInputs, root: Path) -> StageResult:
+    fail_if_injected(STAGE)
     return run(cfg, inputs, Store(root))

@@ -1,0 +1,107 @@
+"""Operating boothflow with Prefect: the nightly deployment, reruns of failed runs, the run list, a local UI.
+
+Thin wrappers over Prefect's own serve, client and flow engine, so the UI shows exactly what these commands did.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import tzlocal
+from prefect import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.flow_engine import run_flow
+from prefect.schedules import Cron
+from prefect.states import AwaitingRetry, State
+
+from flows.dreambooth import dreambooth, dreambooth_stage
+from flows.publish import UI_FILE
+from flows.runner import summary_path
+from flows.server import HOST
+from tasks.config import RunConfig
+
+SERVED_DEPLOYMENT = "nightly"
+FLOWS = {"dreambooth": dreambooth, "dreambooth-stage": dreambooth_stage}
+
+
+def local_timezone() -> str:
+    """The machine's IANA zone (e.g. Europe/Berlin), so a cron means local time rather than silently UTC."""
+    return tzlocal.get_localzone_name()
+
+
+def serve_nightly(config: RunConfig, cron: str, timezone: str) -> None:
+    """Serve the flow as a deployment on a cron schedule; the config is frozen into its parameters now."""
+    dreambooth.serve(
+        name=SERVED_DEPLOYMENT,
+        schedules=[Cron(cron, timezone=timezone)],
+        parameters={"config": config.model_dump(mode="json")},
+        tags=["boothflow"],
+        limit=1,
+    )
+
+
+def rerun(run_id: str) -> tuple[FlowRun, State | None]:
+    """Retry a finished run under the same id: ad-hoc runs execute here and now; deployment runs are handed back to
+    their `serve` process or worker, as the UI's Retry does. Cached stages are skipped, the failed one resumes."""
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(UUID(run_id))
+        flow = FLOWS[client.read_flow(flow_run.flow_id).name]
+        client.set_flow_run_state(flow_run.id, AwaitingRetry(message="boothflow rerun"), force=True)
+        flow_run = client.read_flow_run(flow_run.id)
+    if flow_run.deployment_id is not None:
+        return flow_run, None
+    return flow_run, run_flow(flow=flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+
+
+def run_summary(flow_run: FlowRun) -> dict[str, Any] | None:
+    """The summary a run wrote under its own artifact root, if it got far enough to write one."""
+    root = flow_run.parameters.get("config", {}).get("run", {}).get("artifacts_root", "artifacts")
+    path = summary_path(Path(root), str(flow_run.id))
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def recent_runs(limit: int) -> list[dict[str, Any]]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=limit,
+        )
+    rows = []
+    for flow_run in runs:
+        summary = run_summary(flow_run) or {}
+        error = summary.get("error") or {}
+        rows.append(
+            {
+                "id": str(flow_run.id),
+                "name": flow_run.name,
+                "run": (summary.get("run") or {}).get("name", ""),
+                "state": flow_run.state.name if flow_run.state else "",
+                "started": flow_run.start_time.strftime("%Y-%m-%d %H:%M") if flow_run.start_time else "",
+                "attempts": flow_run.run_count,
+                "failed stage": error.get("stage") or "",
+                "cause": error.get("message") or "",
+            }
+        )
+    return rows
+
+
+def serve_files(root: Path, port: int) -> ThreadingHTTPServer:
+    """Serve the artifact root over http on 127.0.0.1, so report links from the Prefect UI open."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer((HOST, port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def ui_file(root: Path) -> Path:
+    """Where `boothflow ui` records the URL it serves the artifact root at, for report links of runs."""
+    return Path(root) / UI_FILE

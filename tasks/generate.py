@@ -1,0 +1,320 @@
+"""Generate stage: sample images from the fine-tuned model, its checkpoints and (optionally) the base model.
+
+Each image is cached by its weights and everything that shapes its pixels, never by batch or list position, so
+changing one prompt renders only that prompt's images and a fully cached run loads no model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from prefect import task
+from transformers import CLIPTextModel
+
+from tasks.config import GenerateSection, fill_prompt
+from tasks.models import ResolvedModel
+from tasks.render import (
+    RenderError,
+    RenderRequest,
+    build_scheduler,
+    load_pipeline_for,
+    make_scheduler,
+    render,
+    scheduler_class,
+    scheduler_settings,
+)
+from tasks.stage import StageError, StageResult
+from tasks.store import Store, link_or_copy, stage_key
+
+STAGE = "generate"
+ITEMS = "generate-items"
+CODE_VERSION = 1
+LORA_FILE = "pytorch_lora_weights.safetensors"
+DTYPE = torch.float32  # rendering precision; part of every image's pixels, so fixed rather than per device
+COLUMNS = ["id", "kind", "step", "template", "prompt", "seed", "model", "image"]
+
+
+@dataclass(frozen=True)
+class GenerateInputs:
+    """The base model, the train stage's result, the words that fill prompt templates, and the training size."""
+
+    model: ResolvedModel
+    train: StageResult
+    token: str
+    class_name: str
+    resolution: int
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One set of weights images come from: the fine-tuned model, one sample step of training, or the base.
+
+    `identity` is what item keys hash in place of any path; `folder` holds the weights on top of the base
+    (None for the base itself); `scheduler_dir` is the scheduler config the pipeline starts from.
+    """
+
+    name: str
+    kind: str
+    step: int
+    label: str
+    identity: Any
+    folder: Path | None
+    scheduler_dir: Path
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image: its weights, the template it came from, what the renderer draws, and its cache key."""
+
+    weights: Weights
+    template: str
+    request: RenderRequest
+    key: str
+
+    @property
+    def id(self) -> str:
+        return self.key[:16]
+
+    @property
+    def name(self) -> str:
+        """How errors and logs name the image."""
+        return f"{self.request.prompt} seed {self.request.seed}"
+
+
+def stage_key_for(cfg: GenerateSection, inputs: GenerateInputs) -> str:
+    return stage_key(
+        STAGE,
+        CODE_VERSION,
+        cfg.keyed(),
+        train=inputs.train.key,
+        base=inputs.model.identities if cfg.compare_base else None,
+        token=inputs.token,
+        class_name=inputs.class_name,
+        resolution=inputs.resolution,
+    )
+
+
+def training_facts(train: StageResult) -> dict[str, Any]:
+    """training.json of the train entry: family, method, steps and the steps whose weights were kept for samples."""
+    try:
+        return json.loads((train.path / "training.json").read_text())
+    except (OSError, ValueError) as err:
+        message = f"the train output has no readable training.json ({err}); rerun the train stage"
+        raise StageError(STAGE, message, item=str(train.path)) from err
+
+
+def weights_sources(cfg: GenerateSection, inputs: GenerateInputs, training: dict[str, Any]) -> list[Weights]:
+    """Every set of weights this config renders from, in render order: final, each sample step, then the base."""
+    train, base = inputs.train, inputs.model.path
+    full = training["method"] == "full"
+    final_dir = train.path / "diffusers" if full else train.path
+    final_scheduler = final_dir / "scheduler" if full else base / "scheduler"
+    sources = [
+        Weights(
+            "finetuned", "finetuned", training["steps"], f"train:{train.key}", train.key, final_dir, final_scheduler
+        )
+    ]
+    if cfg.validation_prompts and cfg.seeds:
+        for step in training["sample_steps"]:
+            folder = train.path / "samples" / f"step-{step:06d}"
+            label = f"train:{train.key}@step-{step}"
+            sources.append(
+                Weights(f"step-{step}", "checkpoint", step, label, [train.key, step], folder, base / "scheduler")
+            )
+    if cfg.compare_base:
+        sources.append(
+            Weights("base", "base", 0, f"base:{inputs.model.id}", inputs.model.identities, None, base / "scheduler")
+        )
+    return sources
+
+
+def rendering_scheduler(cfg: GenerateSection, weights: Weights) -> dict[str, Any]:
+    """The settings of the scheduler `make_scheduler` gives this pipeline, read without loading it."""
+    try:
+        base = scheduler_class(cfg.scheduler).load_config(weights.scheduler_dir)
+        return scheduler_settings(build_scheduler(cfg.scheduler, base))
+    except ValueError as err:
+        raise StageError(STAGE, f"{err}; set generate.scheduler", item="generate.scheduler") from err
+
+
+def item_settings(cfg: GenerateSection) -> dict[str, Any]:
+    """The generate settings one image depends on: not the prompt list, the seed list or the batch size."""
+    return {
+        "negative_prompt": cfg.negative_prompt,
+        "scheduler": cfg.scheduler,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+    }
+
+
+def item_key(cfg: GenerateSection, weights: Weights, scheduler: dict[str, Any], request: RenderRequest) -> str:
+    """An image's key: its weights' identity and every setting that changes its pixels."""
+    return stage_key(
+        ITEMS,
+        CODE_VERSION,
+        item_settings(cfg),
+        weights=weights.identity,
+        prompt=request.prompt,
+        seed=request.seed,
+        scheduler_config=scheduler,
+        size=[request.width, request.height],
+    )
+
+
+def plan(cfg: GenerateSection, inputs: GenerateInputs, training: dict[str, Any]) -> list[Item]:
+    """Every image of this config, once each (templates that fill to the same prompt share their images)."""
+    side = cfg.size or inputs.resolution
+
+    def items(weights: Weights, templates: tuple[str, ...], seeds: tuple[int, ...]) -> list[Item]:
+        scheduler = rendering_scheduler(cfg, weights)
+        found = []
+        for template in templates:
+            prompt = fill_prompt(template, inputs.token, inputs.class_name)
+            for seed in seeds:
+                request = RenderRequest(prompt, cfg.negative_prompt, seed, cfg.steps, cfg.guidance, side, side)
+                found.append(Item(weights, template, request, item_key(cfg, weights, scheduler, request)))
+        return found
+
+    planned: dict[str, Item] = {}
+    for weights in weights_sources(cfg, inputs, training):
+        if weights.kind == "checkpoint":
+            found = items(weights, cfg.validation_prompts, cfg.seeds[:1])
+        else:
+            found = items(weights, cfg.prompts, cfg.seeds)
+        for item in found:
+            planned.setdefault(item.key, item)
+    return list(planned.values())
+
+
+def png_text(item: Item, scheduler: str) -> dict[str, str]:
+    """What the PNG says about itself, so a file copied out of the run still tells how it was made."""
+    r = item.request
+    return {
+        "prompt": r.prompt,
+        "negative_prompt": r.negative_prompt,
+        "seed": str(r.seed),
+        "steps": str(r.steps),
+        "guidance": str(r.guidance),
+        "scheduler": scheduler,
+        "size": f"{r.width}x{r.height}",
+        "model": item.weights.label,
+        "kind": item.weights.kind,
+        "step": str(item.weights.step),
+    }
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_weights(weights: Weights, model: ResolvedModel, method: str) -> DiffusionPipeline:
+    """A pipeline with these weights: the fine-tuned diffusers folder as users load it, or the base pipeline with
+    a sample step's UNet (and text encoder) or LoRA on top; the base alone for kind "base"."""
+    device = _device()
+    if weights.kind == "finetuned" and method == "full":
+        return DiffusionPipeline.from_pretrained(weights.folder, dtype=DTYPE).to(device)
+    pipe = load_pipeline_for(model, device, DTYPE)
+    if weights.folder is None:
+        return pipe
+    if method == "lora":
+        pipe.load_lora_weights(weights.folder, weight_name=LORA_FILE)
+        return pipe
+    pipe.unet = UNet2DConditionModel.from_pretrained(weights.folder / "unet", dtype=DTYPE).to(device)
+    if (weights.folder / "text_encoder").is_dir():
+        pipe.text_encoder = CLIPTextModel.from_pretrained(weights.folder / "text_encoder", dtype=DTYPE).to(device)
+    return pipe
+
+
+def _save_item(image: Image.Image, text: dict[str, str]) -> Callable[[Path], dict[str, Any]]:
+    def build(folder: Path) -> dict[str, Any]:
+        info = PngInfo()
+        for name, value in text.items():
+            info.add_text(name, value)
+        image.save(folder / "image.png", format="PNG", pnginfo=info)
+        return text
+
+    return build
+
+
+def _render_from(cfg: GenerateSection, inputs: GenerateInputs, method: str, todo: list[Item], store: Store) -> int:
+    """Load one set of weights and render its missing images; returns how many items this call created."""
+    weights = todo[0].weights
+    try:
+        pipe = load_weights(weights, inputs.model, method)
+        make_scheduler(pipe, cfg.scheduler)
+    except Exception as err:
+        where = weights.folder or inputs.model.path
+        message = f"cannot load the {weights.name} weights from {where} ({type(err).__name__}: {err}); rerun train"
+        raise StageError(STAGE, message, item=todo[0].name) from err
+
+    by_request = {item.request: item for item in todo}
+    created = 0
+    try:
+        for request, image in render(pipe, list(by_request), cfg.batch_size, f"generate ({weights.name})"):
+            item = by_request[request]
+            try:
+                build = _save_item(image, png_text(item, cfg.scheduler))
+                entry = store.get_or_create(ITEMS, item.key, build, item_settings(cfg))
+            except Exception as err:
+                raise StageError(STAGE, f"unexpected {type(err).__name__}: {err}", item=item.name) from err
+            created += entry.created
+    except RenderError as err:
+        raise StageError(STAGE, f"rendering failed: {err}", item=by_request[err.requests[0]].name) from err
+    return created
+
+
+def run(cfg: GenerateSection, inputs: GenerateInputs, store: Store) -> StageResult:
+    """Render every prompt x seed (and checkpoint and base images), loading only weights with a missing image."""
+    key = stage_key_for(cfg, inputs)
+    done = store.get(STAGE, key)
+    if done is not None:
+        return StageResult(STAGE, key, done.path, items_cached=done.info["items"]).as_cached()
+
+    training = training_facts(inputs.train)
+    items = plan(cfg, inputs, training)
+    missing = [item for item in items if store.get(ITEMS, item.key) is None]
+    by_weights: dict[str, list[Item]] = {}
+    for item in missing:
+        by_weights.setdefault(item.weights.name, []).append(item)
+    created = sum(_render_from(cfg, inputs, training["method"], todo, store) for todo in by_weights.values())
+
+    table = pd.DataFrame(
+        [
+            {
+                "id": item.id,
+                "kind": item.weights.kind,
+                "step": item.weights.step,
+                "template": item.template,
+                "prompt": item.request.prompt,
+                "seed": item.request.seed,
+                "model": item.weights.label,
+                "image": f"images/{item.id}.png",
+            }
+            for item in items
+        ],
+        columns=COLUMNS,
+    )
+
+    def build(folder: Path) -> dict[str, Any]:
+        (folder / "images").mkdir()
+        for item in items:
+            link_or_copy(store.path(ITEMS, item.key) / "image.png", folder / "images" / f"{item.id}.png")
+        table.to_csv(folder / "samples.csv", index=False)
+        return {"items": len(items)}
+
+    entry = store.get_or_create(STAGE, key, build, {**cfg.keyed(), "train": inputs.train.key})
+    return StageResult(STAGE, key, entry.path, created, len(items) - created, models_loaded=tuple(by_weights))
+
+
+@task(name=STAGE)
+def generate_task(cfg: GenerateSection, inputs: GenerateInputs, root: Path) -> StageResult:
+    return run(cfg, inputs, Store(root))
