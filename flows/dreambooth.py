@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow
 
 from flows.runner import StageRunner
-from tasks import class_images, latents, preprocess, train
+from tasks import class_images, generate, latents, preprocess, train
 from tasks.config import RunConfig, fill_prompt
 from tasks.models import ModelUnavailable, ResolvedModel, resolve
 from tasks.stage import StageError
@@ -18,7 +18,7 @@ from tasks.stage import StageError
 
 def stage_names(config: RunConfig) -> list[str]:
     """The stages this config runs, in order; class images only with prior preservation."""
-    return ["preprocess", *(["class_images"] if config.prior.enabled else []), "latents", "train"]
+    return ["preprocess", *(["class_images"] if config.prior.enabled else []), "latents", "train", "generate"]
 
 
 def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
@@ -56,7 +56,7 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
             latents.LatentsInputs(model, instance, classes),
             latents.stage_key_for,
         )
-        stages.run(
+        trained = stages.run(
             train.train_task,
             config.train,
             train.TrainInputs(
@@ -69,6 +69,13 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
             ),
             train.stage_key_for,
             outputs={"model_dir": "."},
+        )
+        stages.run(
+            generate.generate_task,
+            config.generate,
+            generate.GenerateInputs(model, trained, data.token, data.class_name, config.preprocess.resolution),
+            generate.stage_key_for,
+            outputs={"samples_dir": "images"},
         )
 
 

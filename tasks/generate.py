@@ -21,6 +21,7 @@ from prefect import task
 from transformers import CLIPTextModel
 
 from tasks.config import GenerateSection, fill_prompt
+from tasks.faults import fail_if_injected
 from tasks.models import ResolvedModel
 from tasks.render import (
     RenderError,
@@ -116,13 +117,9 @@ def weights_sources(cfg: GenerateSection, inputs: GenerateInputs, training: dict
     """Every set of weights this config renders from, in render order: final, each sample step, then the base."""
     train, base = inputs.train, inputs.model.path
     full = training["method"] == "full"
-    final_dir = train.path / "diffusers" if full else train.path
-    final_scheduler = final_dir / "scheduler" if full else base / "scheduler"
-    sources = [
-        Weights(
-            "finetuned", "finetuned", training["steps"], f"train:{train.key}", train.key, final_dir, final_scheduler
-        )
-    ]
+    final = train.path / "diffusers" if full else train.path  # full: the pipeline folder users load
+    scheduler = final / "scheduler" if full else base / "scheduler"
+    sources = [Weights("finetuned", "finetuned", training["steps"], f"train:{train.key}", train.key, final, scheduler)]
     if cfg.validation_prompts and cfg.seeds:
         for step in training["sample_steps"]:
             folder = train.path / "samples" / f"step-{step:06d}"
@@ -252,8 +249,12 @@ def _render_from(cfg: GenerateSection, inputs: GenerateInputs, method: str, todo
         pipe = load_weights(weights, inputs.model, method)
         make_scheduler(pipe, cfg.scheduler)
     except Exception as err:
-        where = weights.folder or inputs.model.path
-        message = f"cannot load the {weights.name} weights from {where} ({type(err).__name__}: {err}); rerun train"
+        where, hint = (
+            (inputs.model.path, "check model.id and its files")
+            if weights.folder is None
+            else (weights.folder, "the train output is damaged; delete it and rerun the train stage")
+        )
+        message = f"cannot load the {weights.name} weights from {where} ({type(err).__name__}: {err}); {hint}"
         raise StageError(STAGE, message, item=todo[0].name) from err
 
     by_request = {item.request: item for item in todo}
@@ -317,4 +318,5 @@ def run(cfg: GenerateSection, inputs: GenerateInputs, store: Store) -> StageResu
 
 @task(name=STAGE)
 def generate_task(cfg: GenerateSection, inputs: GenerateInputs, root: Path) -> StageResult:
+    fail_if_injected(STAGE)
     return run(cfg, inputs, Store(root))

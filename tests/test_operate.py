@@ -1,0 +1,176 @@
+"""Operating boothflow against the suite's Prefect server: rerun a failed run, nightly serve, deploy, concurrency."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+from PIL import Image
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import AwaitingRetry
+from prefect_api import task_states
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUICK = ["--set", "train.steps=3", "--set", "train.checkpoint_every=0", "--set", "generate.steps=2",
+         "--set", "generate.seeds=[0]"]  # fmt: skip
+UPSTREAM = ("preprocess", "latents", "train")
+
+
+@contextlib.contextmanager
+def _client(api: str) -> Iterator:
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _artifacts(api: str, flow_run_id: str) -> list:
+    with _client(api) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
+        )
+
+
+def _base(tmp_path: Path) -> list:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    return ["--config", "configs/demo.toml", "--artifacts", tmp_path / "a", "--set", f"data.instance_dir='{images}'",
+            *QUICK]  # fmt: skip
+
+
+def test_failed_generate_is_rerun_under_the_same_id_with_finished_stages_cached(
+    boothflow, prefect_server: str, tmp_path: Path
+) -> None:
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"fail_stage": "generate"}))
+    env = {"BOOTHFLOW_FAULTS": str(faults)}
+    failed = boothflow("run", *_base(tmp_path), "--summary", tmp_path / "1.json", check=False, env=env)
+    assert failed.returncode == 1
+    summary = json.loads((tmp_path / "1.json").read_text())
+    run_id = summary["run"]["flow_run_id"]
+    assert (summary["error"]["stage"], summary["error"]["item"]) == ("generate", "fault")
+    assert summary["stages"]["report"]["status"] == "skipped"
+    first = {a.key: a for a in _artifacts(prefect_server, run_id)}
+    assert "generate" in first["run-summary"].data and "injected fault" in first["run-summary"].data
+    assert "report-link" not in first
+    runs = boothflow("runs").stdout
+    assert run_id in runs and "generate" in runs
+
+    faults.unlink()
+    boothflow("rerun", run_id, "--summary", tmp_path / "2.json", env=env)
+    second = json.loads((tmp_path / "2.json").read_text())
+    assert second["run"]["flow_run_id"] == run_id and second["error"] is None
+    states = task_states(prefect_server, run_id)
+    assert {s: states[s] for s in UPSTREAM} == dict.fromkeys(UPSTREAM, "Cached")
+    assert (states["generate"], states["report"]) == ("Completed", "Completed")
+    with _client(prefect_server) as client:
+        assert client.read_flow_run(UUID(run_id)).run_count == 2
+    keys = {a.key for a in _artifacts(prefect_server, run_id)}
+    assert {"run-summary", "stage-summary", "report-samples", "report-link"} <= keys
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+    return value
+
+
+def _run_deployment(api: str, name: str) -> str:
+    from prefect.deployments import run_deployment
+
+    with temporary_settings({PREFECT_API_URL: api}):
+        return str(run_deployment(name, timeout=240).id)
+
+
+def _state(api: str, run_id: str) -> str:
+    with _client(api) as client:
+        return client.read_flow_run(UUID(run_id)).state.name
+
+
+def test_nightly_serve_schedules_in_local_time_caches_quiet_nights_and_retries_like_the_ui(
+    cli_env: dict, prefect_server: str, tmp_path: Path
+) -> None:
+    base = _base(tmp_path)
+    images = Path(base[5].split("=", 1)[1].strip("'"))
+    faults = tmp_path / "faults.json"
+    env = {**cli_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "BOOTHFLOW_FAULTS": str(faults)}
+    command = [BIN / "boothflow", "serve", "--cron", "0 3 * * *", "--timezone", "Europe/Berlin", *map(str, base)]
+    serve = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with _client(prefect_server) as client:
+            deployment = _wait(lambda: _deployment(client), 90, "the served deployment")
+            schedule = deployment.schedules[0].schedule
+            assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "Europe/Berlin")
+
+        first = _run_deployment(prefect_server, "dreambooth/nightly")
+        quiet = _run_deployment(prefect_server, "dreambooth/nightly")
+        assert _state(prefect_server, first) == _state(prefect_server, quiet) == "Completed"
+        assert set(task_states(prefect_server, quiet).values()) == {"Cached"}
+
+        Image.open(images / "toy_01_park.jpg").rotate(180).save(images / "new.png")
+        grown = _run_deployment(prefect_server, "dreambooth/nightly")
+        table = {a.key: a for a in _artifacts(prefect_server, grown)}["stage-summary"].data
+        rows = {row["stage"]: row for row in json.loads(table)}
+        assert (rows["preprocess"]["items_processed"], rows["latents"]["items_processed"]) == (1, 1)
+        assert rows["train"]["status"] == "ran"
+
+        faults.write_text(json.dumps({"fail_stage": "generate"}))
+        Image.open(images / "toy_02_shelf.png").rotate(180).save(images / "another.png")  # so generate runs
+        failed = _run_deployment(prefect_server, "dreambooth/nightly")
+        assert _state(prefect_server, failed) == "Failed"
+        faults.unlink()
+        with _client(prefect_server) as client:
+            client.set_flow_run_state(UUID(failed), AwaitingRetry(message="Retry from the UI"), force=True)
+        _wait(lambda: _state(prefect_server, failed) in ("Completed", "Failed", "Crashed"), 240, "the retried run")
+        assert _state(prefect_server, failed) == "Completed"
+        states = task_states(prefect_server, failed)
+        assert {s: states[s] for s in UPSTREAM} == dict.fromkeys(UPSTREAM, "Cached")
+    finally:
+        serve.terminate()
+        serve.wait(30)
+
+
+def _deployment(client):
+    try:
+        return client.read_deployment_by_name("dreambooth/nightly")
+    except Exception:
+        return None
+
+
+def test_prefect_yaml_deploys_to_a_process_work_pool(cli_env: dict) -> None:
+    env = {k: v for k, v in cli_env.items()}
+    prefect = str(BIN / "prefect")
+    subprocess.run([prefect, "work-pool", "create", "boothflow-process", "--type", "process"], cwd=REPO, env=env,
+                   capture_output=True)  # fmt: skip
+    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=REPO, env=env, capture_output=True,
+                              text=True)  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    with _client(env["PREFECT_API_URL"]) as client:
+        deployment = client.read_deployment_by_name("dreambooth/nightly-worker")
+    assert deployment.entrypoint == "flows/dreambooth.py:dreambooth"
+    assert deployment.work_pool_name == "boothflow-process"
+    assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+
+
+def test_two_concurrent_runs_compute_each_key_once(cli_env: dict, tmp_path: Path) -> None:
+    base = [str(a) for a in _base(tmp_path)]
+    procs = [
+        subprocess.Popen([BIN / "boothflow", "run", *base, "--summary", str(tmp_path / f"{i}.json")], cwd=REPO,
+                         env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    for proc in procs:
+        assert proc.wait(600) == 0, proc.stderr.read()[-3000:]
+    stages = [json.loads((tmp_path / f"{i}.json").read_text())["stages"] for i in range(2)]
+    processed = {name: stages[0][name]["items_processed"] + stages[1][name]["items_processed"] for name in stages[0]}
+    assert processed["preprocess"] == 6 and processed["latents"] == 6 and processed["train"] == 3
+    assert processed["generate"] == 3  # the demo's 3 prompts x 1 seed

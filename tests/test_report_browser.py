@@ -1,0 +1,82 @@
+"""report.html in a real browser (Debian's chromium through Playwright): every section shows, every image loads,
+nothing but file:// is requested and a script prompt stays text. Skips without a browser, except under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from metric_models import build_clip, build_dino
+from test_report import BOLD_FILE, BROKEN_FILE, SCRIPT, TRAIN_STEPS, build_inputs
+
+from tasks import report
+from tasks.config import ReportSection
+from tasks.models import resolve
+from tasks.stage import StageResult
+from tasks.store import Store
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]  # fmt: skip
+EXPECTED_TEXT = {
+    "summary": ["rory <i>run</i>", "a photo of sks toy", str(TRAIN_STEPS)],
+    "settings": ["[generate]", "prompts", "[report]", "clip_model", "learning_rate"],
+    "stages": ["preprocess", "train", "generate", "peak memory (MB)"],
+    "inputs": [BOLD_FILE, BROKEN_FILE, "not an image", "before", "after"],
+    "loss": ["final loss"],
+    "samples": [SCRIPT, "fine-tuned", "base model", "seed 1"],
+    "checkpoints": ["step 10", "step 20", f"final (step {TRAIN_STEPS})"],
+    "metrics": ["CLIP-T", "CLIP-I", "DINO", "fine-tuned", "instance images (reference)"],
+}
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the browser test must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> StageResult:
+    root = tmp_path_factory.mktemp("report-browser")
+    tokenizer = resolve("tiny-sd15", "", root / "models-root").path / "tokenizer"
+    cfg = ReportSection(clip_model=str(build_clip(root / "clip", tokenizer)), dino_model=str(build_dino(root / "dino")))
+    return report.run(cfg, build_inputs(root / "run"), Store(root / "run" / "artifacts"))
+
+
+def test_report_opens_offline_in_chromium(made: StageResult, tmp_path: Path) -> None:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("Python playwright is not installed (pip install playwright)")
+    if not CHROMIUM.is_file():
+        _unavailable(f"{CHROMIUM} not found (apt-get install chromium)")
+
+    requests: list[str] = []
+    dialogs: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda request: requests.append(request.url))
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+            page.goto((made.path / "report.html").as_uri(), wait_until="load")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            texts = {section: page.inner_text(f"#{section}") for section in report.SECTIONS}
+            images = page.eval_on_selector_all(
+                "img", "elements => elements.map(e => [e.getAttribute('src'), e.complete, e.naturalWidth])"
+            )
+            title = page.title()
+        finally:
+            browser.close()
+
+    for section, expected in EXPECTED_TEXT.items():
+        for text in expected:
+            assert text in texts[section], (section, text)
+    assert len(images) == 18 and all(complete and width > 0 for _, complete, width in images), images
+    assert len(requests) == 1 + len({src for src, _, _ in images})  # the page, then each image file once
+    assert all(url.startswith("file://") for url in requests), requests
+    assert dialogs == [] and title.startswith("rory <i>run</i>")
+    assert (tmp_path / "report.png").stat().st_size > 50_000
