@@ -5,12 +5,14 @@ Every stage is a cached task, so a rerun skips what is done; `dreambooth_stage` 
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from prefect import flow
 
+from flows.publish import publish
 from flows.runner import StageRunner
-from tasks import class_images, generate, latents, preprocess, train
+from tasks import class_images, generate, latents, preprocess, report, train
 from tasks.config import RunConfig, fill_prompt
 from tasks.models import ModelUnavailable, ResolvedModel, resolve
 from tasks.stage import StageError
@@ -18,7 +20,7 @@ from tasks.stage import StageError
 
 def stage_names(config: RunConfig) -> list[str]:
     """The stages this config runs, in order; class images only with prior preservation."""
-    return ["preprocess", *(["class_images"] if config.prior.enabled else []), "latents", "train", "generate"]
+    return ["preprocess", *(["class_images"] if config.prior.enabled else []), "latents", "train", "generate", "report"]
 
 
 def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
@@ -70,12 +72,30 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
             train.stage_key_for,
             outputs={"model_dir": "."},
         )
-        stages.run(
+        generated = stages.run(
             generate.generate_task,
             config.generate,
             generate.GenerateInputs(model, trained, data.token, data.class_name, config.preprocess.resolution),
             generate.stage_key_for,
             outputs={"samples_dir": "images"},
+        )
+        stages.run(
+            report.report_task,
+            config.report,
+            report.ReportInputs(
+                config.run.name,
+                config.model_dump(mode="json"),
+                copy.deepcopy(stages.summary["stages"]),
+                data.instance_dir,
+                instance,
+                classes,
+                trained,
+                generated,
+                data.token,
+                data.class_name,
+            ),
+            report.stage_key_for,
+            outputs={"report_html": "report.html"},
         )
 
 
@@ -90,7 +110,10 @@ def planned_keys(config: RunConfig) -> dict[str, dict]:
 def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form shows the default
     """DreamBooth fine-tuning of Stable Diffusion, every stage cached by its inputs."""
     stages = StageRunner(config, stage_names(config))
-    pipeline(config, stages)
+    try:
+        pipeline(config, stages)
+    finally:
+        publish(stages.summary, config.run.artifacts_root)
     return stages.summary
 
 
@@ -98,5 +121,8 @@ def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008
 def dreambooth_stage(config: RunConfig, stage: str) -> dict[str, Any]:
     """Run one stage from cached upstream outputs; names the upstream stage that is missing."""
     stages = StageRunner(config, stage_names(config), only=stage)
-    pipeline(config, stages)
+    try:
+        pipeline(config, stages)
+    finally:
+        publish(stages.summary, config.run.artifacts_root)
     return stages.summary

@@ -18,6 +18,8 @@ from tasks.report import report_facts
 
 ARTIFACTS_URL_ENV = "BOOTHFLOW_ARTIFACTS_URL"
 UI_FILE = ".boothflow-ui.json"
+METRICS = ("clip_t", "clip_i", "dino")
+METRIC_COLUMNS = ("group", "kind", "step", "images", *METRICS)
 STAGE_COLUMNS = ("status", "key", "seconds", "items_processed", "items_cached", "items_rejected", "peak_memory_mb")
 
 
@@ -53,10 +55,25 @@ def summary_markdown(summary: dict[str, Any], facts: dict[str, Any] | None, link
     loaded = summary.get("models_loaded") or ["none (every model-using stage was cached)"]
     lines += ["", "Models loaded: " + ", ".join(_cell(m) for m in loaded), ""]
     if facts:
-        lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {_cell(name)} | {_cell(value)} |" for name, value in facts["metrics"].items()]
+        lines += ["## Metrics", "", "| " + " | ".join(METRIC_COLUMNS) + " |", "|" + " --- |" * len(METRIC_COLUMNS)]
+        lines += ["| " + " | ".join(_cell(row.get(c)) for c in METRIC_COLUMNS) + " |" for row in metric_rows(facts)]
+        lines += [f"- {_cell(missing)}" for missing in facts["metrics"]["missing"]]
         lines += ["", f"Report: [{facts['html']}]({link})", ""]
     return "\n".join(lines)
+
+
+def metric_rows(facts: dict[str, Any]) -> list[dict[str, Any]]:
+    return facts["metrics"]["rows"]
+
+
+def sample_rows(facts: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per sample with the metrics of its group (fine-tuned, base or a checkpoint step)."""
+    by_group = {(row["kind"], row["step"]): row for row in metric_rows(facts)}
+    rows = []
+    for sample in facts["samples"]:
+        metrics = by_group.get((sample["kind"], sample["step"]), {})
+        rows.append({**sample, "image": str(sample["image"]), **{m: metrics.get(m) for m in METRICS}})
+    return rows
 
 
 def publish(summary: dict[str, Any], root: Path) -> None:
@@ -67,6 +84,5 @@ def publish(summary: dict[str, Any], root: Path) -> None:
     create_markdown_artifact(summary_markdown(summary, facts, link), key="run-summary", description="boothflow run")
     create_table_artifact(stage_rows(summary), key="stage-summary", description="What each stage did in this run")
     if facts:
-        samples = [{**sample, **facts["metrics"]} for sample in facts["samples"]]
-        create_table_artifact(samples, key="report-samples", description="Generated samples and run metrics")
+        create_table_artifact(sample_rows(facts), key="report-samples", description="Generated samples and metrics")
         create_link_artifact(link, link_text=f"report: {html}", key="report-link", description="HTML report")

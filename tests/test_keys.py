@@ -6,22 +6,24 @@ import shutil
 from pathlib import Path
 
 import pytest
+from metric_models import build_clip, build_dino
 from PIL import Image
 
 from flows.dreambooth import planned_keys
 from tasks.config import RunConfig, load_config
 from tasks.models import resolve
 
-CLASS_SIDE = {"class_images", "latents", "train", "generate"}
-IMAGE_SIDE = {"preprocess", "latents", "train", "generate"}
-ALL = {"preprocess", "class_images", "latents", "train", "generate"}
-TRAIN = {"train", "generate"}
+CLASS_SIDE = {"class_images", "latents", "train", "generate", "report"}
+IMAGE_SIDE = {"preprocess", "latents", "train", "generate", "report"}
+ALL = {"preprocess", "class_images", "latents", "train", "generate", "report"}
+TRAIN = {"train", "generate", "report"}
+GENERATE = {"generate", "report"}
 
 CHANGES = [
     ("model.id", "tiny-sdxl", CLASS_SIDE),
     ("model.vae", "SDXL_VAE", CLASS_SIDE),
     ("model.safety_checker", True, TRAIN),
-    ("run.name", "other", set()),
+    ("run.name", "other", {"report"}),  # the report shows it
     ("data.token", "zwx", TRAIN),
     ("data.class_name", "dog", CLASS_SIDE),
     ("data.instance_prompt", "a {token}", TRAIN),
@@ -70,28 +72,36 @@ CHANGES = [
     ("train.checkpoint_every", 7, set()),
     ("train.keep_checkpoints", 5, set()),
     ("train.cpu_threads", 1, set()),
-    ("generate.prompts", ["a {token}"], {"generate"}),
-    ("generate.seeds", [5], {"generate"}),
-    ("generate.negative_prompt", "blurry", {"generate"}),
-    ("generate.scheduler", "EulerDiscreteScheduler", {"generate"}),
-    ("generate.steps", 3, {"generate"}),
-    ("generate.guidance", 4.0, {"generate"}),
-    ("generate.size", 128, {"generate"}),
-    ("generate.compare_base", True, {"generate"}),
-    ("generate.validation_prompts", ["a {class}"], {"generate"}),
+    ("generate.prompts", ["a {token}"], GENERATE),
+    ("generate.seeds", [5], GENERATE),
+    ("generate.negative_prompt", "blurry", GENERATE),
+    ("generate.scheduler", "EulerDiscreteScheduler", GENERATE),
+    ("generate.steps", 3, GENERATE),
+    ("generate.guidance", 4.0, GENERATE),
+    ("generate.size", 128, GENERATE),
+    ("generate.compare_base", True, GENERATE),
+    ("generate.validation_prompts", ["a {class}"], GENERATE),
     ("generate.batch_size", 1, set()),
+    ("report.clip_model", "CLIP_FOLDER", {"report"}),
+    ("report.dino_model", "DINO_FOLDER", {"report"}),
 ]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
     base = tmp_path_factory.mktemp("keys")
     folder = base / "instance"
     (folder / "sub").mkdir(parents=True)
     for i, colour in enumerate(["red", "green", "blue"]):
         Image.new("RGB", (300 + 10 * i, 280), colour).save(folder / ("sub" if i else "") / f"img{i}.png")
-    sdxl_vae = str(resolve("tiny-sdxl", "", base / "artifacts").vae_path)
-    return folder, base / "artifacts", sdxl_vae
+    artifacts = base / "artifacts"
+    tokenizer = resolve("tiny-sd15", "", artifacts).path / "tokenizer"
+    folders = {
+        "SDXL_VAE": str(resolve("tiny-sdxl", "", artifacts).vae_path),
+        "CLIP_FOLDER": str(build_clip(base / "clip", tokenizer)),
+        "DINO_FOLDER": str(build_dino(base / "dino")),
+    }
+    return folder, artifacts, folders
 
 
 def _keys(folder: Path, artifacts: Path, *overrides: str) -> dict[str, str]:
@@ -106,8 +116,8 @@ def test_every_setting_is_in_the_table() -> None:
 
 @pytest.mark.parametrize(("setting", "value", "changed"), CHANGES, ids=[c[0] for c in CHANGES])
 def test_setting_changes_exactly_these_stage_keys(setup, setting: str, value, changed: set[str]) -> None:
-    folder, artifacts, sdxl_vae = setup
-    value = sdxl_vae if value == "SDXL_VAE" else value
+    folder, artifacts, folders = setup
+    value = folders.get(value, value) if isinstance(value, str) else value
     literal = f"'{value}'" if isinstance(value, str) else str(value).replace("'", '"').lower()
     before = _keys(folder, artifacts)
     after = _keys(folder, artifacts, f"{setting}={literal}")

@@ -331,6 +331,7 @@ def test_rerun_is_cached_and_loads_no_model(
     timings = {name: {**info, "seconds": info.get("seconds", 0) + 7.5} for name, info in STAGES.items()}
     settings = {**inputs.settings, "run": {**inputs.settings["run"], "artifacts_root": "/elsewhere"}}
     moved = replace(inputs, stages=timings, settings=settings, instance_dir=root / "moved")
+    assert report.stage_key_for(metric_models, moved) == made.key
     assert report.run(metric_models, moved, store).status == "cached"
 
 
@@ -350,15 +351,12 @@ def test_key_follows_upstream_keys_run_name_and_model_content(
 
     # The same model files elsewhere: the same key (no folder path in it); one changed file: another key.
     copy = shutil.copytree(metric_models.dino_model, tmp_path / "dino copy")
-    assert report.stage_key_for(replace_models(metric_models, dino_model=str(copy)), inputs) == key
+    moved = metric_models.model_copy(update={"dino_model": str(copy)})
+    assert report.stage_key_for(moved, inputs) == key
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-6}))
-    assert report.stage_key_for(replace_models(metric_models, dino_model=str(copy)), inputs) != key
+    assert report.stage_key_for(moved, inputs) != key
     assert report.stage_key_for(ReportSection(), inputs) != key
-
-
-def replace_models(cfg: ReportSection, **models: str) -> ReportSection:
-    return cfg.model_copy(update=models)
 
 
 def fake_class_images(store: Store, count: int) -> StageResult:
