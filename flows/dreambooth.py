@@ -3,8 +3,8 @@
 Every stage is a cached task, so a rerun skips what is done; `dreambooth_stage` runs one stage alone.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Prefect builds the flow's parameter model from real annotations,
+# and a string `RunConfig` fails to resolve when a deployment loads this file by path.
 import copy
 from typing import Any
 
