@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -181,6 +183,7 @@ def ui(
     cfg = _config(None, [], artifacts)
     root = cfg.run.artifacts_root
     root.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server and files cleanly on SIGTERM too
     log = root / ".prefect-server.log"
     server = start_server(port, None, log)
     files = serve_files(root, files_port or free_port())

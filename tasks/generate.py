@@ -10,15 +10,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from prefect import task
-from transformers import CLIPTextModel
 
 from tasks.config import GenerateSection, fill_prompt
 from tasks.faults import fail_if_injected
@@ -35,6 +33,9 @@ from tasks.render import (
 )
 from tasks.stage import StageError, StageResult
 from tasks.store import Store, link_or_copy, stage_key
+
+if TYPE_CHECKING:  # imported where a pipeline is loaded: a fully cached run never pays for diffusers
+    from diffusers import DiffusionPipeline
 
 STAGE = "generate"
 ITEMS = "generate-items"
@@ -216,6 +217,9 @@ def _device() -> torch.device:
 def load_weights(weights: Weights, model: ResolvedModel, method: str) -> DiffusionPipeline:
     """A pipeline with these weights: the fine-tuned diffusers folder as users load it, or the base pipeline with
     a sample step's UNet (and text encoder) or LoRA on top; the base alone for kind "base"."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
     device = _device()
     if weights.kind == "finetuned" and method == "full":
         return DiffusionPipeline.from_pretrained(weights.folder, dtype=DTYPE).to(device)

@@ -6,11 +6,12 @@ Shared by the latents stage (which stores mean and logvar) and training (which s
 from __future__ import annotations
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 
 def sample_latent(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A draw from N(mean, exp(logvar)); equal to `vae.encode(x).latent_dist.sample(generator)` for the same state."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     return DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1)).sample(generator)
 
 

@@ -11,24 +11,24 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 from prefect import task
 from safetensors.torch import save_file
 
 from tasks.config import LatentsSection
 from tasks.faults import fail_if_injected
-from tasks.latent_dist import sample_latent as sample_latent  # re-exported: training's helpers, one implementation
-from tasks.latent_dist import scale_latent as scale_latent
 from tasks.models import ResolvedModel
 from tasks.progress import track
 from tasks.stage import StageError, StageResult
 from tasks.store import Store, file_sha256, link_or_copy, stage_key
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 STAGE = "latents"
 ITEMS = "latents-items"
@@ -153,6 +153,8 @@ def samples(inputs: LatentsInputs) -> list[Sample]:
 
 def vae_settings(vae_path: Path) -> dict[str, Any]:
     """Scaling, shift and channels from the VAE's config (AutoencoderKL's defaults where it is silent)."""
+    from diffusers import AutoencoderKL
+
     config = json.loads((Path(vae_path) / "config.json").read_text())
     defaults = inspect.signature(AutoencoderKL.__init__).parameters
     return {
@@ -165,6 +167,8 @@ def _device() -> torch.device:
 
 
 def _load_vae(vae_path: Path, dtype: str) -> AutoencoderKL:
+    from diffusers import AutoencoderKL  # here, so a fully cached run never imports diffusers
+
     vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=getattr(torch, dtype))
     return vae.to(_device()).eval()
 

@@ -3,6 +3,8 @@
 Tiny vs real is only a model id: every stage loads through `resolve_model`, so CPU tests run the real path.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 import os
@@ -12,22 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
 from filelock import FileLock
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+if TYPE_CHECKING:  # diffusers and transformers load where models are built or loaded: resolving needs neither
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
 T = TypeVar("T")
 
@@ -149,6 +145,8 @@ def _clip_vocab() -> tuple[dict[str, int], list[str]]:
 
 
 def _tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     """Write vocab.json and merges.txt into `folder` and build CLIP's tokenizer from them, offline."""
     vocab, merges = _clip_vocab()
     folder.mkdir(parents=True)
@@ -159,6 +157,8 @@ def _tiny_tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def _text_config(tokenizer: CLIPTokenizer, **overrides: Any) -> CLIPTextConfig:
+    from transformers import CLIPTextConfig
+
     """A tiny CLIP text config whose vocab and special ids match `tokenizer`."""
     return CLIPTextConfig(
         **(TINY_TEXT_ENCODER | overrides),
@@ -171,6 +171,9 @@ def _text_config(tokenizer: CLIPTokenizer, **overrides: Any) -> CLIPTextConfig:
 
 def _build_tiny_sd15(folder: Path) -> StableDiffusionPipeline:
     """Save a tiny StableDiffusionPipeline into `folder`; return it, so tests can compare it with its reload."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
     tokenizer = _tiny_tokenizer(folder / "tokenizer")
     pipe = StableDiffusionPipeline(
         vae=_seeded(AutoencoderKL, **TINY_VAE, scaling_factor=0.18215),
@@ -188,6 +191,9 @@ def _build_tiny_sd15(folder: Path) -> StableDiffusionPipeline:
 
 def _build_tiny_sdxl(folder: Path) -> StableDiffusionXLPipeline:
     """Save a tiny StableDiffusionXLPipeline into `folder`; return it, so tests can compare it with its reload."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     tokenizer = _tiny_tokenizer(folder / "tokenizer")
     pipe = StableDiffusionXLPipeline(
         vae=_seeded(AutoencoderKL, **TINY_VAE, scaling_factor=0.13025),
@@ -258,6 +264,8 @@ def _hub_snapshot(model_id: str) -> Path:
         pass
     try:
         # diffusers picks the files a pipeline needs (no duplicate fp16/ema/ckpt variants of each weight).
+        from diffusers import DiffusionPipeline
+
         return Path(DiffusionPipeline.download(model_id))
     except Exception as error:
         why = f"is not in the local Hugging Face cache and the hub is unreachable or lacks it ({_first_line(error)})"
@@ -324,6 +332,8 @@ def _resolve_vae(vae_id: str) -> Path:
 
 def load_pipeline(model_id: str, root: Path, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """Load any model id the same way, so presets, folders and hub ids share one code path."""
+    from diffusers import DiffusionPipeline
+
     return DiffusionPipeline.from_pretrained(resolve_model(model_id, root), torch_dtype=torch_dtype)
 
 

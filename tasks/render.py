@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import diffusers
 import torch
-from diffusers import DiffusionPipeline, SchedulerMixin
 from PIL import Image
 
 from tasks.models import ResolvedModel
 from tasks.progress import track
+
+if TYPE_CHECKING:  # diffusers is imported where pipelines are built: cached runs never pay for it
+    from diffusers import DiffusionPipeline, SchedulerMixin
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class RenderError(Exception):
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:
     """The diffusers scheduler class called `name`, e.g. DPMSolverMultistepScheduler."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
     found = getattr(diffusers, name, None)
     if not (isinstance(found, type) and issubclass(found, SchedulerMixin)):
         raise ValueError(
@@ -73,6 +77,9 @@ def load_pipeline_for(model: ResolvedModel, device: torch.device, dtype: torch.d
 
     Cache keys hash `model.identities`, whose "vae" is the separate VAE when one is set, so rendering must use it.
     """
+    import diffusers
+    from diffusers import DiffusionPipeline
+
     pipe = DiffusionPipeline.from_pretrained(model.path, dtype=dtype)
     if model.vae_path != model.path / "vae":
         pipe.vae = diffusers.AutoencoderKL.from_pretrained(model.vae_path, dtype=dtype)

@@ -17,11 +17,8 @@ from urllib.parse import quote
 import pandas as pd
 import torch
 from huggingface_hub import snapshot_download
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 from prefect import task
-from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
 from tasks import imaging
 from tasks.config import ReportSection, RunConfig, fill_prompt
@@ -167,6 +164,9 @@ def read_losses(train: Path) -> pd.DataFrame:
 
 def plot_loss(losses: pd.DataFrame, out: Path) -> None:
     """Loss per step with a moving average (single steps are noisy: each draws its own timestep)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(8, 3.4), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -225,6 +225,8 @@ def load_metric_model(model: MetricModel, model_id: str, device: torch.device) -
             f"{model.scores}: {model.setting} = {model_id!r} is neither a folder nor in the local Hugging Face "
             f"cache; download it once (hf download {model_id}) or {how}"
         )
+    from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
+
     try:
         if model is CLIP:
             return CLIPModel.from_pretrained(path).eval().to(device), CLIPProcessor.from_pretrained(path)

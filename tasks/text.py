@@ -9,15 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+if TYPE_CHECKING:  # transformers loads with the encoders: computing keys and reading caches need none of it
+    from transformers import CLIPTokenizer
 
 COMPONENTS = {
     "sd15": (("tokenizer", "text_encoder"),),
     "sdxl": (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
 }
-ENCODER_CLASSES = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,17 @@ def text_components(family: str) -> list[str]:
 
 
 def load_tokenizers(base: Path, family: str) -> list[CLIPTokenizer]:
+    from transformers import CLIPTokenizer
+
     return [CLIPTokenizer.from_pretrained(base, subfolder=tok) for tok, _ in COMPONENTS[family]]
 
 
 def load_text_encoders(base: Path, family: str, dtype: torch.dtype = torch.float32) -> list[torch.nn.Module]:
+    import transformers
+
     return [
-        ENCODER_CLASSES[enc].from_pretrained(base, subfolder=enc, torch_dtype=dtype) for _, enc in COMPONENTS[family]
+        getattr(transformers, ENCODER_CLASSES[name]).from_pretrained(base, subfolder=name, torch_dtype=dtype)
+        for _, name in COMPONENTS[family]
     ]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 from prefect import task
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 
 from tasks import text
@@ -29,13 +30,33 @@ from tasks.models import ResolvedModel
 from tasks.progress import Reporter, run_logger
 from tasks.stage import StageError, StageResult
 from tasks.store import Store, stage_key
-from tasks.trainer import TrainJob
 
 STAGE = "train"
 EMBEDS = "text-embeds-items"
 CODE_VERSION = 1
 SUPPORTED = {("sd15", "full"), ("sdxl", "lora")}
 TAIL_LINES = 40
+
+
+class TrainJob(BaseModel):
+    """Everything the child needs, written by the train stage; paths here never reach a cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    family: str
+    base: Path
+    vae_path: Path
+    latents_dir: Path
+    out_dir: Path
+    checkpoints_dir: Path
+    train: TrainSection
+    optimizer: str
+    instance_prompt: str
+    class_prompt: str | None
+    prior_weight: float
+    text_embeds: dict[str, Path] | None
+    safety_checker: bool
+    parent_pid: int
+    facts: dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
-from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -36,31 +35,11 @@ from tasks.faults import fault
 from tasks.latent_dist import sample_latent, scale_latent
 from tasks.objective import Objective
 from tasks.store import link_or_copy
+from tasks.train import TrainJob
 
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 COMPLETE = "COMPLETE"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainJob(BaseModel):
-    """Everything the child needs, written by the train stage; paths here never reach a cache key."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    family: str
-    base: Path
-    vae_path: Path
-    latents_dir: Path
-    out_dir: Path
-    checkpoints_dir: Path
-    train: TrainSection
-    optimizer: str
-    instance_prompt: str
-    class_prompt: str | None
-    prior_weight: float
-    text_embeds: dict[str, Path] | None
-    safety_checker: bool
-    parent_pid: int
-    facts: dict[str, Any]
 
 
 def emit(event: str, **fields: Any) -> None:

@@ -72,3 +72,21 @@ def test_a_killed_training_run_resumes_on_rerun_and_says_so(boothflow, tmp_path:
     assert "resuming from checkpoint" in resumed.stdout + resumed.stderr
     train = _stages(tmp_path / "2.json")["train"]
     assert (train["status"], train["items_processed"], train["items_cached"]) == ("ran", 3, 2)
+
+
+def test_changing_a_prompt_renders_only_its_images_and_reruns_the_report(boothflow, tmp_path: Path) -> None:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    base = ["--config", "configs/demo.toml", "--artifacts", tmp_path / "a", "--set", f"data.instance_dir='{images}'",
+            *QUICK, "--set", "generate.compare_base=false"]  # fmt: skip
+    prompts = ["a photo of {token} {class}", "a photo of {token} {class} on the beach"]
+    boothflow("run", *base, "--set", f"generate.prompts={json.dumps(prompts)}", "--summary", tmp_path / "1.json")
+    prompts[1] = "a photo of {token} {class} in the snow"
+    boothflow("run", *base, "--set", f"generate.prompts={json.dumps(prompts)}", "--summary", tmp_path / "2.json")
+    second = json.loads((tmp_path / "2.json").read_text())
+    stages = second["stages"]
+    assert [stages[s]["status"] for s in ("preprocess", "latents", "train")] == ["cached"] * 3
+    seeds = 2  # configs/demo.toml
+    assert (stages["generate"]["status"], stages["generate"]["items_processed"]) == ("ran", seeds)
+    assert stages["generate"]["items_cached"] == seeds
+    assert stages["report"]["status"] == "ran"
+    assert "in the snow" in Path(second["outputs"]["report_html"]).read_text()

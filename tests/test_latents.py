@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tasks import latents, preprocess
+from tasks import latent_dist, latents, preprocess
 from tasks.config import LatentsSection, PreprocessSection
 from tasks.models import ResolvedModel, resolve
 from tasks.stage import StageError, StageResult
@@ -102,7 +102,7 @@ def _disallow_vae_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the VAE was loaded although every item was cached")
 
-    monkeypatch.setattr(latents.AutoencoderKL, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", refuse)
 
 
 def test_stored_distribution_is_the_vaes_and_samples_match_diffusers(
@@ -132,16 +132,16 @@ def test_stored_distribution_is_the_vaes_and_samples_match_diffusers(
 
         for seed in (0, 7):
             expected = dist.sample(torch.Generator().manual_seed(seed))
-            from_dist = latents.sample_latent(dist.mean, dist.logvar, torch.Generator().manual_seed(seed))
+            from_dist = latent_dist.sample_latent(dist.mean, dist.logvar, torch.Generator().manual_seed(seed))
             assert torch.equal(from_dist, expected)
-            from_cache = latents.sample_latent(
+            from_cache = latent_dist.sample_latent(
                 item["mean"][None], item["logvar"][None], torch.Generator().manual_seed(seed)
             )
             assert torch.equal(from_cache, expected)  # batch size 1 on this CPU: the very same floats
 
     z = torch.full((1, 4, 8, 8), 2.0)
-    assert torch.equal(latents.scale_latent(z, 0.5, None), torch.full_like(z, 1.0))
-    assert torch.equal(latents.scale_latent(z, 0.5, 1.0), torch.full_like(z, 0.5))
+    assert torch.equal(latent_dist.scale_latent(z, 0.5, None), torch.full_like(z, 1.0))
+    assert torch.equal(latent_dist.scale_latent(z, 0.5, 1.0), torch.full_like(z, 0.5))
 
 
 def test_batch_size_does_not_change_stored_values(

@@ -51,8 +51,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _job(model, lat, cfg: TrainSection, out: Path, embeds=None) -> trainer.TrainJob:
-    return trainer.TrainJob(
+def _job(model, lat, cfg: TrainSection, out: Path, embeds=None) -> train.TrainJob:
+    return train.TrainJob(
         family=model.family, base=model.path, vae_path=model.vae_path, latents_dir=lat.path, out_dir=out,
         checkpoints_dir=out / "ckpt", train=cfg, optimizer="adamw", instance_prompt=INSTANCE_PROMPT,
         class_prompt=None, prior_weight=0.0, text_embeds=embeds, safety_checker=False, parent_pid=0, facts={},
