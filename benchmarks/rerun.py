@@ -1,7 +1,7 @@
 """Cold run vs warm rerun (all cached) vs rerun after adding one image, for the demo flow, measured side by side.
 
-Runs the real `boothflow run` CLI against a running Prefect server and in ephemeral mode, and writes the wall
-times, per-stage items processed and the warm/cold ratio to benchmarks/RESULTS.md.
+Runs the real `boothflow run` CLI against a running Prefect server and in ephemeral mode, for the demo config and
+for the demo with longer training, and writes wall times, per-stage items processed and ratios to RESULTS.md.
 Usage: .venv/bin/python benchmarks/rerun.py [--config configs/demo.toml] [--out benchmarks/RESULTS.md]
 """
 
@@ -24,52 +24,69 @@ from flows.server import api_url, free_port, start_server, stop_server, wait_hea
 
 REPO = Path(__file__).resolve().parents[1]
 BOOTHFLOW = Path(sys.executable).parent / "boothflow"
+PROFILES = {
+    "demo": [],
+    "longer training": ["--set", "train.steps=1000", "--set", "train.checkpoint_every=250"],
+}
+RUNS = ("cold", "warm", "one new image")
 
 
-def timed_run(config: Path, images: Path, artifacts: Path, env: dict[str, str], summary: Path) -> tuple[float, dict]:
-    command = [BOOTHFLOW, "run", "--config", config, "--artifacts", artifacts, "--summary", summary,
-               "--set", f"data.instance_dir='{images}'"]  # fmt: skip
+def timed_run(command: list, env: dict[str, str], summary: Path) -> tuple[float, dict]:
     started = time.monotonic()
-    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run([*command, "--summary", summary], cwd=REPO, env=env, check=True, capture_output=True)
     return time.monotonic() - started, json.loads(summary.read_text())
 
 
-def scenario(name: str, config: Path, env: dict[str, str], work: Path) -> list[dict]:
-    """Cold, warm and one-new-image runs of one mode on a fresh artifact root and a copy of the demo images."""
-    images = shutil.copytree(REPO / "data" / "demo", work / name / "images")
-    artifacts, rows = work / name / "artifacts", []
-    for label in ("cold", "warm", "one new image"):
-        if label == "one new image":
+def scenario(profile: str, mode: str, config: Path, env: dict[str, str], work: Path) -> list[dict]:
+    """Cold, warm and one-new-image runs on a fresh artifact root and a fresh copy of the demo images."""
+    folder = work / profile.replace(" ", "-") / mode
+    images = shutil.copytree(REPO / "data" / "demo", folder / "images")
+    command = [BOOTHFLOW, "run", "--config", config, "--artifacts", folder / "artifacts",
+               "--set", f"data.instance_dir='{images}'", *PROFILES[profile]]  # fmt: skip
+    rows = []
+    for run in RUNS:
+        if run == "one new image":
             Image.open(images / "toy_01_park.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(images / "new.png")
-        seconds, summary = timed_run(config, images, artifacts, env, work / name / f"{label}.json")
+        seconds, summary = timed_run(command, env, folder / f"{run}.json")
         processed = {stage: s.get("items_processed", 0) for stage, s in summary["stages"].items()}
-        rows.append({"mode": name, "run": label, "seconds": seconds, "processed": processed,
+        rows.append({"profile": profile, "mode": mode, "run": run, "seconds": seconds, "processed": processed,
                      "models_loaded": len(summary.get("models_loaded", []))})  # fmt: skip
-        print(f"{name:10} {label:14} {seconds:7.1f} s  {processed}", flush=True)
+        print(f"{profile:16} {mode:10} {run:14} {seconds:7.1f} s  {processed}", flush=True)
     return rows
 
 
 def write_results(rows: list[dict], out: Path, command: str) -> None:
+    profiles = "; ".join(
+        f"{name}: `{' '.join(extra) or 'configs/demo.toml as is'}`" for name, extra in PROFILES.items()
+    )
     lines = [
         "# Rerun benchmark",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}.",
-        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}).",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}). Profiles: {profiles}.",
         "",
-        "| mode | run | wall s | ratio to cold | items processed per stage | models loaded |",
-        "| --- | --- | ---: | ---: | --- | ---: |",
+        "| profile | mode | run | wall s | ratio to cold | items processed per stage | models loaded |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: |",
     ]
-    cold = {r["mode"]: r["seconds"] for r in rows if r["run"] == "cold"}
+    cold = {(r["profile"], r["mode"]): r["seconds"] for r in rows if r["run"] == "cold"}
     for r in rows:
         processed = ", ".join(f"{stage} {n}" for stage, n in r["processed"].items())
-        ratio = r["seconds"] / cold[r["mode"]]
-        lines.append(
-            f"| {r['mode']} | {r['run']} | {r['seconds']:.1f} | {ratio:.3f} | {processed} | {r['models_loaded']} |"
-        )
+        ratio = r["seconds"] / cold[r["profile"], r["mode"]]
+        cells = [
+            r["profile"],
+            r["mode"],
+            r["run"],
+            f"{r['seconds']:.1f}",
+            f"{ratio:.3f}",
+            processed,
+            r["models_loaded"],
+        ]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += [
         "",
-        "Each run is a fresh `boothflow` process, so every row includes Python and library start-up (imports of",
-        "torch, diffusers and Prefect); ephemeral mode also starts a temporary Prefect server inside the run.",
+        "Each run is a fresh `boothflow` process, so every row includes Python start-up and the imports of torch",
+        "and Prefect; a fully cached run imports no diffusers or transformers. Ephemeral mode also starts a",
+        "temporary Prefect server inside every run.",
     ]
     out.write_text("\n".join(lines) + "\n")
 
@@ -79,6 +96,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base_env = {**os.environ, "PREFECT_HOME": str(work / "client-home")}
@@ -87,10 +105,12 @@ def main() -> None:
         server = start_server(port, work / "server-home", log)
         try:
             wait_healthy(server, api_url(port), 120, log)
-            rows = scenario("server", args.config, {**base_env, "PREFECT_API_URL": api_url(port)}, work)
+            for profile in PROFILES:
+                rows += scenario(profile, "server", args.config, {**base_env, "PREFECT_API_URL": api_url(port)}, work)
         finally:
             stop_server(server)
-        rows += scenario("ephemeral", args.config, base_env, work)
+        for profile in PROFILES:
+            rows += scenario(profile, "ephemeral", args.config, base_env, work)
     write_results(rows, args.out, " ".join(["python", *sys.argv]))
     print(f"wrote {args.out}")
 

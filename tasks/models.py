@@ -21,6 +21,8 @@ from filelock import FileLock
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from tasks.store import file_sha256
+
 if TYPE_CHECKING:  # diffusers and transformers load where models are built or loaded: resolving needs neither
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTokenizer
@@ -254,22 +256,30 @@ def _first_line(error: Exception, limit: int = 200) -> str:
     return f"{type(error).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
 
 
-def _hub_snapshot(model_id: str) -> Path:
-    """The cached snapshot of a hub repo; downloaded only when the cache does not have it."""
+def _hub_snapshot(model_id: str, download: Callable[[str], str], what: str) -> Path:
+    """The cached snapshot of a hub repo; `download` runs only when the cache does not have it."""
     try:
         return Path(snapshot_download(model_id, local_files_only=True))
     except HFValidationError as error:
-        raise _unavailable(model_id, "is not a preset, an existing folder or a valid hub id") from error
+        raise _unavailable(model_id, f"is not {what} or a valid hub id") from error
     except LocalEntryNotFoundError:
         pass
     try:
-        # diffusers picks the files a pipeline needs (no duplicate fp16/ema/ckpt variants of each weight).
-        from diffusers import DiffusionPipeline
-
-        return Path(DiffusionPipeline.download(model_id))
+        return Path(download(model_id))
     except Exception as error:
         why = f"is not in the local Hugging Face cache and the hub is unreachable or lacks it ({_first_line(error)})"
         raise _unavailable(model_id, why) from error
+
+
+def _download_pipeline(model_id: str) -> str:
+    """Only the files a pipeline needs (not every fp16/ema/ckpt variant of each weight)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.download(model_id)
+
+
+def _download_vae(vae_id: str) -> str:
+    return snapshot_download(vae_id, allow_patterns=["config.json", "*.safetensors"])
 
 
 def resolve_model(model_id: str, root: Path) -> Path:
@@ -281,7 +291,7 @@ def resolve_model(model_id: str, root: Path) -> Path:
         if not (local / "model_index.json").is_file():
             raise ModelUnavailable(f"model folder {str(local)!r} has no model_index.json: not a diffusers folder")
         return local
-    return _hub_snapshot(model_id)
+    return _hub_snapshot(model_id, _download_pipeline, "a preset, an existing folder")
 
 
 @dataclass(frozen=True)
@@ -317,17 +327,7 @@ def _resolve_vae(vae_id: str) -> Path:
         if not (local / "config.json").is_file():
             raise ModelUnavailable(f"VAE folder {str(local)!r} has no config.json: not a diffusers AutoencoderKL")
         return local
-    try:
-        return Path(snapshot_download(vae_id, local_files_only=True))
-    except HFValidationError as error:
-        raise _unavailable(vae_id, "is not an existing folder or a valid hub id") from error
-    except LocalEntryNotFoundError:
-        pass
-    try:
-        return Path(snapshot_download(vae_id, allow_patterns=["config.json", "*.safetensors"]))
-    except Exception as error:
-        why = f"is not in the local Hugging Face cache and the hub is unreachable or lacks it ({_first_line(error)})"
-        raise _unavailable(vae_id, why) from error
+    return _hub_snapshot(vae_id, _download_vae, "an existing folder")
 
 
 def load_pipeline(model_id: str, root: Path, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
@@ -353,21 +353,13 @@ _RACY_WINDOW_NS = 2_000_000_000
 @lru_cache(maxsize=65536)
 def _memoized_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
     """Keyed by the file's stat, so asking again about an unchanged multi-GB weight file costs no read."""
-    return _file_digest(Path(path))
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(Path(path))
 
 
 def _stat_digest(path: Path) -> str:
     stat = path.stat()
     if time.time_ns() - stat.st_mtime_ns < _RACY_WINDOW_NS:
-        return _file_digest(path)
+        return file_sha256(path)
     return _memoized_digest(str(path.absolute()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 

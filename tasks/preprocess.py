@@ -6,7 +6,6 @@ costs one image; unusable files are recorded with a reason (and cached too), nev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from tasks.config import PreprocessSection
 from tasks.faults import fail_if_injected
 from tasks.progress import track
 from tasks.stage import StageError, StageResult
-from tasks.store import Store, digest, link_or_copy, stage_key
+from tasks.store import Store, digest, file_sha256, link_or_copy, stage_key
 
 STAGE = "preprocess"
 ITEMS = "preprocess-items"
@@ -59,14 +58,6 @@ def _is_ignored(path: Path) -> bool:
     return path.name.startswith(".") or path.suffix.lower() in SIDECAR_SUFFIXES
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def scan(instance_dir: Path) -> tuple[SourceFile, ...]:
     """Every candidate file under `instance_dir`, sorted, hashed, with scan-level problems marked."""
     root = Path(instance_dir)
@@ -94,7 +85,7 @@ def _examine(path: Path, relpath: str, real_root: Path, first_by_hash: dict[str,
         if target.is_dir():
             return SourceFile(relpath, None, "symlinked folder (its files are scanned where they are)")
     try:
-        sha = _hash_file(path)
+        sha = file_sha256(path)
     except OSError as err:
         return SourceFile(relpath, None, f"cannot read: {err.strerror or err}")
     if sha in first_by_hash:
@@ -118,7 +109,7 @@ def item_key(cfg: PreprocessSection, source_sha256: str) -> str:
 
 def _build_item(cfg: PreprocessSection, source: Path, sha256: str):
     def build(folder: Path) -> dict[str, Any]:
-        if _hash_file(source) != sha256:
+        if file_sha256(source) != sha256:
             raise StageError(STAGE, "file changed while the run was reading it; run again", str(source))
         try:
             prepared = imaging.prepare(source, cfg.resolution, cfg.crop, cfg.min_side, cfg.max_pixels, cfg.face_margin)
