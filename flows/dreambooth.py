@@ -26,7 +26,7 @@ def stage_names(config: RunConfig) -> list[str]:
 def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
     try:
         return resolve(config.model.id, config.model.vae, config.run.artifacts_root)
-    except ModelUnavailable as err:
+    except (ModelUnavailable, ValueError, OSError) as err:  # unreachable, unsupported or unreadable model
         raise StageError(needed_by, str(err), item=config.model.id) from None
 
 

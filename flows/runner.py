@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,8 @@ class StageRunner:
             if state.is_failed():
                 raise state.result(raise_on_failure=False)
             result, peak_memory = state.result(), memory.mib
-            if state.name == "Cached":
-                result = result.as_cached()
+            if state.name == "Cached":  # the record may come from a run whose artifact root lived elsewhere
+                result = replace(result.as_cached(), path=Store(self.root).path(name, result.key))
             self.summary["models_loaded"] += [f"{name}: {model}" for model in result.models_loaded]
         self.summary["stages"][name] = {
             "status": result.status,

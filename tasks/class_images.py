@@ -36,7 +36,7 @@ from tasks.store import Store, link_or_copy, stage_key
 
 STAGE = "class_images"
 ITEMS = "class_images-items"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: base pipelines load without the SD 1.5 safety checker
 TRAINING_ONLY = ("enabled", "loss_weight")  # prior settings that shape training, not the images
 
 

@@ -54,7 +54,7 @@ class DataSection(Section):
     token: str = Field("sks", description="Rare identifier token that names the subject")
     class_name: str = Field("toy", description="Class noun of the subject, e.g. dog or person")
     instance_prompt: str = Field(
-        "a photo of {token} {class}", description="Training prompt; {token} and {class} are filled in"
+        "a photo of {token} {class}", min_length=1, description="Training prompt; {token} and {class} are filled in"
     )
     min_images: int = Field(3, ge=1, description="Fail when fewer usable instance images remain")
 
@@ -84,7 +84,9 @@ class LatentsSection(Section):
 
 class PriorSection(Section):
     enabled: bool = Field(False, description="Prior preservation: train on generated class images too")
-    class_prompt: str = Field("a photo of {class}", description="Prompt for class images; {class} is filled in")
+    class_prompt: str = Field(
+        "a photo of {class}", min_length=1, description="Prompt for class images; {class} is filled in"
+    )
     negative_prompt: str = Field("", description="Negative prompt for class images")
     num_images: int = Field(100, ge=1, description="Number of class images (more later generates only the extra ones)")
     loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss")
@@ -102,7 +104,9 @@ class TrainSection(Section):
     batch_size: int = Field(1, ge=1, description="Images per micro-batch (instance; as many class images with prior)")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step")
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate")
-    lr_scheduler: str = Field("constant", description="Name for diffusers.optimization.get_scheduler")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="Learning-rate schedule (diffusers.optimization.get_scheduler)")
     lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the LR schedule")
     optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs CUDA + bitsandbytes")
     adam_beta1: float = Field(0.9, description="Adam beta1")
@@ -131,20 +135,28 @@ class TrainSection(Section):
 class GenerateSection(Section):
     prompts: tuple[str, ...] = Field(
         ("a photo of {token} {class}", "a photo of {token} {class} on the beach", "a photo of a {class}"),
+        min_length=1,
         description="Prompts to render; {token} and {class} are filled in",
     )
-    seeds: tuple[int, ...] = Field((0, 1), description="Seeds; every prompt is rendered with every seed")
+    seeds: tuple[int, ...] = Field((0, 1), min_length=1, description="Seeds; every prompt is rendered with every seed")
     negative_prompt: str = Field("", description="Negative prompt for every image")
     scheduler: str = Field("DPMSolverMultistepScheduler", description="diffusers scheduler class name")
     steps: int = Field(25, ge=1, description="Inference steps")
     guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale")
-    size: int = Field(0, ge=0, description="Image side in pixels; 0: the training resolution")
+    size: int = Field(0, ge=0, description="Image side in pixels: a multiple of 8, at least 64; 0: training resolution")
     compare_base: bool = Field(False, description="Also render the prompts with the base model, for before/after")
     validation_prompts: tuple[str, ...] = Field(
         ("a photo of {token} {class}",),
         description="Prompts rendered (first seed) from each train.sample_every checkpoint",
     )
     batch_size: int = no_key("Images per pipeline call", default=4, ge=1)
+
+    @field_validator("size")
+    @classmethod
+    def _size_multiple_of_8(cls, value: int) -> int:
+        if value and (value < 64 or value % 8):
+            raise ValueError("must be 0 (the training resolution) or a multiple of 8 and at least 64")
+        return value
 
 
 class ReportSection(Section):
@@ -233,7 +245,7 @@ def absolute_paths(config: RunConfig) -> RunConfig:
     """Folders relative to the working directory, made absolute so every process of a run agrees."""
     return config.model_copy(
         update={
-            "run": config.run.model_copy(update={"artifacts_root": config.run.artifacts_root.resolve()}),
-            "data": config.data.model_copy(update={"instance_dir": config.data.instance_dir.resolve()}),
+            "run": config.run.model_copy(update={"artifacts_root": config.run.artifacts_root.expanduser().resolve()}),
+            "data": config.data.model_copy(update={"instance_dir": config.data.instance_dir.expanduser().resolve()}),
         }
     )

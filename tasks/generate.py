@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # imported where a pipeline is loaded: a fully cached run nev
 
 STAGE = "generate"
 ITEMS = "generate-items"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: base pipelines load without the SD 1.5 safety checker
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DTYPE = torch.float32  # rendering precision; part of every image's pixels, so fixed rather than per device
 COLUMNS = ["id", "kind", "step", "template", "prompt", "seed", "model", "image"]

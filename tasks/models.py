@@ -1,6 +1,6 @@
 """Base models by preset name, local folder or hub id, and the tiny presets built offline on first use.
 
-Tiny vs real is only a model id: every stage loads through `resolve_model`, so CPU tests run the real path.
+Tiny vs real is only a model id: every stage resolves its model here, so CPU tests run the real loading path.
 """
 
 from __future__ import annotations
@@ -147,9 +147,9 @@ def _clip_vocab() -> tuple[dict[str, int], list[str]]:
 
 
 def _tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    """Write vocab.json and merges.txt into `folder` and build CLIP's tokenizer from them, offline."""
     from transformers import CLIPTokenizer
 
-    """Write vocab.json and merges.txt into `folder` and build CLIP's tokenizer from them, offline."""
     vocab, merges = _clip_vocab()
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -159,9 +159,9 @@ def _tiny_tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def _text_config(tokenizer: CLIPTokenizer, **overrides: Any) -> CLIPTextConfig:
+    """A tiny CLIP text config whose vocab and special ids match `tokenizer`."""
     from transformers import CLIPTextConfig
 
-    """A tiny CLIP text config whose vocab and special ids match `tokenizer`."""
     return CLIPTextConfig(
         **(TINY_TEXT_ENCODER | overrides),
         vocab_size=len(tokenizer),
@@ -328,13 +328,6 @@ def _resolve_vae(vae_id: str) -> Path:
             raise ModelUnavailable(f"VAE folder {str(local)!r} has no config.json: not a diffusers AutoencoderKL")
         return local
     return _hub_snapshot(vae_id, _download_vae, "an existing folder")
-
-
-def load_pipeline(model_id: str, root: Path, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
-    """Load any model id the same way, so presets, folders and hub ids share one code path."""
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(resolve_model(model_id, root), torch_dtype=torch_dtype)
 
 
 def model_family(path: Path) -> str:

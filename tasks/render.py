@@ -80,7 +80,10 @@ def load_pipeline_for(model: ResolvedModel, device: torch.device, dtype: torch.d
     import diffusers
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model.path, dtype=dtype)
+    # SD 1.5's safety checker blacks out flagged images; a black class image would be cached as prior data
+    # (diffusers' DreamBooth script renders class images without it too).
+    no_checker = {"safety_checker": None, "requires_safety_checker": False} if model.family == "sd15" else {}
+    pipe = DiffusionPipeline.from_pretrained(model.path, dtype=dtype, **no_checker)
     if model.vae_path != model.path / "vae":
         pipe.vae = diffusers.AutoencoderKL.from_pretrained(model.vae_path, dtype=dtype)
     return pipe.to(device)

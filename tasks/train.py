@@ -10,6 +10,7 @@ import collections
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -107,6 +108,8 @@ def _check_supported(cfg: TrainSection, inputs: TrainInputs) -> None:
             f"train.method={cfg.method!r} is not supported for {inputs.model.family} models; "
             "use full for SD 1.5 and lora for SDXL",
         )
+    if cfg.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise StageError(STAGE, "train.attention='xformers' but xformers is not installed; use train.attention=sdpa")
     if cfg.optimizer != resolved_optimizer(cfg):
         run_logger().warning("train.optimizer=adamw8bit needs CUDA and bitsandbytes; using AdamW instead")
 
@@ -172,15 +175,15 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
         Reporter(cfg.steps, "train steps") as progress,
     ):
         for event in _events(proc, tail):
-            if event["event"] == "resume":
+            if event.get("event") == "resume":
                 restored = last_step = event["step"]
                 progress.advance(restored)
                 log.info("resuming from checkpoint %s (step %d of %d)", event["checkpoint"], restored, cfg.steps)
-            elif event["event"] == "step":
+            elif event.get("event") == "step":
                 last_step, final_loss = event["step"], event["loss"]
                 progress.advance()
                 log.info("step %d loss %.5f lr %.3g", last_step, final_loss, event["lr"])
-            elif event["event"] == "error":
+            elif event.get("event") == "error":
                 error = event["message"]
         code = proc.wait()
     if code != 0:
@@ -240,6 +243,8 @@ def run(cfg: TrainSection, inputs: TrainInputs, store: Store) -> StageResult:
         return {"steps": cfg.steps, "restored_steps": restored, "final_loss": final_loss}
 
     entry = store.get_or_create(STAGE, key, build, {**cfg.keyed(), "optimizer": resolved_optimizer(cfg)})
+    if entry.created:  # the entry holds the result (and its sample weights); resume state is gigabytes of dead weight
+        shutil.rmtree(checkpoints_dir(store, key), ignore_errors=True)
     restored = counts.get("restored", 0)
     trained = cfg.steps - restored if entry.created else 0
     loaded = (f"unet + text encoders ({inputs.model.id})",) if entry.created else ()

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,11 @@ class Batch:
     prompts: list[str]
     time_ids: torch.Tensor
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on the model's device; it is drawn on the CPU so its numbers never depend on the device."""
+        tensors = ("latents", "noise", "timesteps", "is_class", "time_ids")
+        return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
+
 
 def make_batch(data: LatentData, objective: Objective, job: TrainJob, step: int, micro: int) -> Batch:
     """Instance samples (then as many class samples with prior preservation), each with its own generator."""
@@ -127,11 +132,14 @@ def make_batch(data: LatentData, objective: Objective, job: TrainJob, step: int,
 class Conditioner:
     """Text conditioning per batch: from the trained encoders each step, or from cached embeddings when frozen."""
 
-    def __init__(self, job: TrainJob, encoders: list[torch.nn.Module] | None) -> None:
+    def __init__(self, job: TrainJob, encoders: list[torch.nn.Module] | None, device: torch.device) -> None:
         self.family, self.encoders = job.family, encoders
-        prompts = [p for p in (job.instance_prompt, job.class_prompt) if p]
+        prompts = [p for p in (job.instance_prompt, job.class_prompt) if p is not None]
         if encoders is None:
-            cached = {p: load_file(job.text_embeds[k]) for k, p in zip(("instance", "class"), prompts, strict=False)}
+            cached = {
+                p: load_file(job.text_embeds[k], device=str(device))
+                for k, p in zip(("instance", "class"), prompts, strict=False)
+            }
             self.cached = {p: text.Conditioning(t["hidden"], t.get("pooled")) for p, t in cached.items()}
         else:
             tokenizers = text.load_tokenizers(job.base, job.family)
@@ -206,13 +214,13 @@ def trainable(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Paramete
     return {f"{name}.{k}": p for name, m in models.items() for k, p in m.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(job: TrainJob, step: int, params: dict, optimizer, lr_scheduler, metrics: list[dict]) -> None:
+def save_checkpoint(job: TrainJob, step: int, params: dict, state: dict, metrics: list[dict]) -> None:
     """Write to a temporary folder, rename, then mark complete; keep only the newest K complete ones."""
     final = job.checkpoints_dir / f"step-{step:06d}"
     temp = job.checkpoints_dir / f".step-{step:06d}.tmp-{os.getpid()}"
     temp.mkdir(parents=True)
     save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, temp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, temp / "state.pt")
+    torch.save({name: part.state_dict() for name, part in state.items()}, temp / "state.pt")
     (temp / "metrics.json").write_text(json.dumps(metrics))
     (temp / "step.json").write_text(json.dumps({"step": step}))
     if final.exists():
@@ -223,11 +231,17 @@ def save_checkpoint(job: TrainJob, step: int, params: dict, optimizer, lr_schedu
         shutil.rmtree(old)
 
 
+def clear_partial_checkpoints(job: TrainJob) -> None:
+    """Folders a killed save left behind; never read, possibly gigabytes."""
+    for partial in [*job.checkpoints_dir.glob(".step-*.tmp-*"), *job.checkpoints_dir.glob("samples/.step-*.tmp-*")]:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / COMPLETE).is_file())
 
 
-def restore(job: TrainJob, params: dict, optimizer, lr_scheduler) -> tuple[int, list[dict]]:
+def restore(job: TrainJob, params: dict, state: dict) -> tuple[int, list[dict]]:
     """Load the newest complete checkpoint; returns (steps done, metrics so far), (0, []) without one."""
     checkpoints = complete_checkpoints(job.checkpoints_dir)
     if not checkpoints:
@@ -237,9 +251,9 @@ def restore(job: TrainJob, params: dict, optimizer, lr_scheduler) -> tuple[int, 
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
-    state = torch.load(latest / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    saved_state = torch.load(latest / "state.pt", weights_only=True)
+    for name, part in state.items():
+        part.load_state_dict(saved_state[name])
     step = json.loads((latest / "step.json").read_text())["step"]
     emit("resume", step=step, checkpoint=str(latest))
     return step, json.loads((latest / "metrics.json").read_text())
@@ -315,18 +329,23 @@ def main(job_path: Path) -> None:
     objective = Objective(scheduler, cfg.noise_offset, cfg.snr_gamma, job.prior_weight)
     data = LatentData(job.latents_dir)
     unet, encoders = build_models(job, accelerator)
-    conditioner = Conditioner(job, encoders)
+    conditioner = Conditioner(job, encoders, accelerator.device)
     params = trainable({"unet": unet, **{f"text_encoder_{i}": e for i, e in enumerate(encoders or [])}})
     optimizer = make_optimizer(job, list(params.values()))
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.steps)  # fmt: skip
-    start, metrics = restore(job, params, optimizer, lr_scheduler)
+    # Everything a resume needs besides weights; fp16's loss scaler too, or a resumed run would start unscaled.
+    state = {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
+    if accelerator.scaler is not None:
+        state["scaler"] = accelerator.scaler
+    clear_partial_checkpoints(job)
+    start, metrics = restore(job, params, state)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     started = time.monotonic()
     for step in range(start, cfg.steps):
         total = 0.0
         for micro in range(cfg.grad_accum):
-            batch = make_batch(data, objective, job, step, micro)
+            batch = make_batch(data, objective, job, step, micro).to(accelerator.device)
             with accelerator.autocast():
                 loss = training_step(unet, conditioner, objective, batch) / cfg.grad_accum
             if fault("nan_at_step") == step + 1:
@@ -347,7 +366,7 @@ def main(job_path: Path) -> None:
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
             save_sample_weights(job, step + 1, accelerator.unwrap_model(unet), encoders)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(job, step + 1, params, optimizer, lr_scheduler, metrics)
+            save_checkpoint(job, step + 1, params, state, metrics)
         if fault("kill_train_after_step") == step + 1:
             os.kill(os.getpid(), signal.SIGKILL)
     write_outputs(job, accelerator.unwrap_model(unet), encoders, params, metrics)
@@ -355,4 +374,12 @@ def main(job_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    try:
+        main(Path(sys.argv[1]))
+    except Exception as err:  # one line for the stage's error; the traceback stays in the log above it
+        import traceback
+
+        traceback.print_exc()
+        hint = "; lower train.batch_size or enable train.gradient_checkpointing" if "out of memory" in str(err) else ""
+        emit("error", message=f"training failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}{hint}")
+        sys.exit(1)

@@ -39,3 +39,10 @@ def test_recipe_presets_hold_the_recipe_values(name: str) -> None:
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
     assert load_config(path).run.name
+
+
+def test_folders_are_absolute_with_the_home_folder_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(None, ["data.instance_dir=~/photos/rex", "run.artifacts_root=~/runs"])
+    assert config.data.instance_dir == tmp_path / "photos" / "rex"
+    assert config.run.artifacts_root == tmp_path / "runs"

@@ -138,8 +138,23 @@ def test_broken_and_unusual_files_are_recorded_never_fatal(boothflow, tmp_path: 
         (["--set", "data.min_images=few"], "data.min_images = 'few'"),
         (["--set", "novalue"], "expected section.key=value"),
         (["--config", "configs/missing.toml"], "config file 'configs/missing.toml' not found"),
+        (["--set", "generate.size=100"], "generate.size = 100"),
+        (["--set", "train.lr_scheduler=cosinus"], "train.lr_scheduler = 'cosinus'"),
+        (["--set", "generate.seeds=[]"], "generate.seeds = []"),
+        (["--set", "data.instance_prompt=''"], "data.instance_prompt = ''"),
     ],
-    ids=["bad-resolution", "bad-crop", "unknown-key", "bad-int", "malformed-set", "missing-file"],
+    ids=[
+        "bad-resolution",
+        "bad-crop",
+        "unknown-key",
+        "bad-int",
+        "malformed-set",
+        "missing-file",
+        "bad-size",
+        "bad-lr-scheduler",
+        "no-seeds",
+        "empty-prompt",
+    ],
 )
 def test_config_errors_are_one_line_without_traceback(boothflow, args: list[str], message: str) -> None:
     proc = boothflow("run", *args, check=False)
@@ -210,3 +225,15 @@ def test_cache_ls_and_models_ls_list_what_is_there(boothflow, tmp_path: Path) ->
 
     models = boothflow("models", "ls", "--artifacts", artifacts).stdout
     assert "tiny-sd15" in models and "tiny-sdxl" in models and " yes " not in models
+
+
+def test_a_moved_artifact_root_serves_cache_hits_from_where_it_is_now(boothflow, tmp_path: Path) -> None:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    args = ["stage", "preprocess", "--set", f"data.instance_dir='{images}'", "--set", "preprocess.resolution=64"]
+    boothflow(*args, "--artifacts", tmp_path / "old", "--summary", tmp_path / "1.json")
+    (tmp_path / "old").rename(tmp_path / "new")
+    boothflow(*args, "--artifacts", tmp_path / "new", "--summary", tmp_path / "2.json")
+    summary = _summary(tmp_path / "2.json")
+    assert summary["stages"]["preprocess"]["status"] == "cached"
+    outputs = Path(summary["outputs"]["preprocess_dir"])
+    assert outputs.is_relative_to(tmp_path / "new") and len(list(outputs.glob("*.png"))) == 6

@@ -266,8 +266,11 @@ def test_stage_key_leaves_out_batch_size_and_keeps_what_shapes_the_set(sd15: tup
 
 def test_failures_name_the_image_and_commit_nothing(sd15: tuple[ResolvedModel, StageResult], tmp_path: Path) -> None:
     store = Store(tmp_path / "artifacts")
+    model, trained = sd15
+    # The config refuses such a size up front; bypass it to see how a failing pipeline call is reported.
+    unrenderable = GenerateSection(**{**FAST, "prompts": (SUBJECT,), "seeds": (7,)}).model_copy(update={"size": 60})
     with pytest.raises(StageError, match="divisible by 8") as err:
-        _run(store, sd15, prompts=(SUBJECT,), seeds=(7,), size=60)
+        generate.run(unrenderable, GenerateInputs(model, trained, TOKEN, CLASS, 64), store)
     assert (err.value.stage, err.value.item) == ("generate", "a photo of sks toy seed 7")
     assert not (store.root / generate.STAGE).exists() and not (store.root / generate.ITEMS).exists()
 
@@ -279,7 +282,6 @@ def test_failures_name_the_image_and_commit_nothing(sd15: tuple[ResolvedModel, S
         _run(store, _broken(sd15, tmp_path / "broken"), prompts=(BEACH,), seeds=(2,))
     assert err.value.item == "a toy on the beach seed 2"
 
-    model, trained = sd15
     empty = replace(trained, path=tmp_path / "empty")
     with pytest.raises(StageError, match=r"training\.json") as err:
         generate.run(GenerateSection(), GenerateInputs(model, empty, TOKEN, CLASS, 64), store)

@@ -25,7 +25,6 @@ from tasks.models import (
     _memoized_digest,
     component_identity,
     list_models,
-    load_pipeline,
     model_family,
     resolve_model,
 )
@@ -102,7 +101,7 @@ def test_vae_downsamples_by_8(name: str, fresh: dict) -> None:
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_load_pipeline_generates(name: str, root: Path) -> None:
-    pipe = load_pipeline(name, root)
+    pipe = DiffusionPipeline.from_pretrained(resolve_model(name, root))
     assert isinstance(pipe, PIPELINE_CLASSES[name])
     images = pipe(
         "a photo of sks dog",

@@ -90,7 +90,7 @@ def _reference_loss(model, pre, lat, job, unet, encoders, *, scale=True, mirror_
 def _cached_loss(model, lat, job, unet, encoders):
     objective = Objective(DDPMScheduler.from_pretrained(model.path, subfolder="scheduler"), 0.1, 0.0, 0.0)
     batch = trainer.make_batch(trainer.LatentData(lat.path), objective, job, step=0, micro=0)
-    return trainer.training_step(unet, trainer.Conditioner(job, encoders), objective, batch)
+    return trainer.training_step(unet, trainer.Conditioner(job, encoders, torch.device("cpu")), objective, batch)
 
 
 def _loss_and_grads(loss_fn, unet):
