@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from filelock import FileLock
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from tasks.store import file_sha256
 
@@ -256,30 +257,34 @@ def _first_line(error: Exception, limit: int = 200) -> str:
     return f"{type(error).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
 
 
-def _hub_snapshot(model_id: str, download: Callable[[str], str], what: str) -> Path:
-    """The cached snapshot of a hub repo; `download` runs only when the cache does not have it."""
+def _hub_snapshot(model_id: str, download: Callable[[str, bool], str], what: str) -> Path:
+    """The cached snapshot of a hub repo, looked up with the file patterns its download uses (a cache filled by a
+    pipeline download lacks the repo's other files, so a plain snapshot lookup would call it incomplete); the
+    download runs only when the cache does not have it."""
     try:
-        return Path(snapshot_download(model_id, local_files_only=True))
+        validate_repo_id(model_id)
     except HFValidationError as error:
         raise _unavailable(model_id, f"is not {what} or a valid hub id") from error
-    except LocalEntryNotFoundError:
+    try:
+        return Path(download(model_id, True))
+    except Exception:
         pass
     try:
-        return Path(download(model_id))
+        return Path(download(model_id, False))
     except Exception as error:
         why = f"is not in the local Hugging Face cache and the hub is unreachable or lacks it ({_first_line(error)})"
         raise _unavailable(model_id, why) from error
 
 
-def _download_pipeline(model_id: str) -> str:
+def _download_pipeline(model_id: str, local_only: bool) -> str:
     """Only the files a pipeline needs (not every fp16/ema/ckpt variant of each weight)."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.download(model_id)
+    return DiffusionPipeline.download(model_id, local_files_only=local_only)
 
 
-def _download_vae(vae_id: str) -> str:
-    return snapshot_download(vae_id, allow_patterns=["config.json", "*.safetensors"])
+def _download_vae(vae_id: str, local_only: bool) -> str:
+    return snapshot_download(vae_id, allow_patterns=["config.json", "*.safetensors"], local_files_only=local_only)
 
 
 def resolve_model(model_id: str, root: Path) -> Path:

@@ -76,6 +76,11 @@ def scan(instance_dir: Path) -> tuple[SourceFile, ...]:
 
 
 def _examine(path: Path, relpath: str, real_root: Path, first_by_hash: dict[str, str]) -> SourceFile:
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:  # e.g. names from a zip made on Windows; they cannot go into tables or keys
+        shown = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return SourceFile(shown, None, "file name is not valid UTF-8; rename the file")
     if path.is_symlink():
         target = path.resolve()
         if not target.exists():

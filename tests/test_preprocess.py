@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -86,3 +87,13 @@ def test_sources_are_never_changed(folder: Path, tmp_path: Path) -> None:
 def test_missing_instance_folder_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(StageError, match=r"data\.instance_dir"):
         preprocess.scan(tmp_path / "nope")
+
+
+def test_a_file_name_that_is_not_utf8_is_rejected_with_a_reason(folder: Path, tmp_path: Path) -> None:
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:  # Latin-1 name, as old zips make
+        Image.new("RGB", (300, 300), "white").save(f, format="PNG")
+    result = _run(folder, Store(tmp_path / "artifacts"))
+    table = pd.read_csv(result.path / "items.csv")
+    row = table[table["status"] == "rejected"].iloc[0]
+    assert row["source"] == "caf\\xe9.png" and "not valid UTF-8" in row["reason"]
+    assert (result.items_processed, result.items_rejected) == (4, 1)
