@@ -177,7 +177,8 @@ def ui(
     artifacts: ArtifactsOpt = None,
 ):
     """Start a local Prefect server with its UI on 127.0.0.1 and serve the artifact root for report links."""
-    from flows.operate import serve_files, ui_file
+    from flows.operate import serve_files
+    from flows.publish import ui_file
     from flows.server import HOST, api_url, free_port, start_server, stop_server, wait_healthy
 
     cfg = _config(None, [], artifacts)

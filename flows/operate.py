@@ -23,7 +23,6 @@ from prefect.schedules import Cron
 from prefect.states import AwaitingRetry, State
 
 from flows.dreambooth import dreambooth, dreambooth_stage
-from flows.publish import UI_FILE
 from flows.runner import summary_path
 from flows.server import HOST
 from tasks.config import RunConfig
@@ -100,8 +99,3 @@ def serve_files(root: Path, port: int) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer((HOST, port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-def ui_file(root: Path) -> Path:
-    """Where `boothflow ui` records the URL it serves the artifact root at, for report links of runs."""
-    return Path(root) / UI_FILE

@@ -27,12 +27,17 @@ def stage_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"stage": name, **{c: entry.get(c) for c in STAGE_COLUMNS}} for name, entry in summary["stages"].items()]
 
 
+def ui_file(root: Path) -> Path:
+    """Where `boothflow ui` records the URL it serves the artifact root at, for report links of runs."""
+    return Path(root) / UI_FILE
+
+
 def report_link(html: Path, root: Path) -> str:
     """An http URL where `boothflow ui` serves the artifact root (browsers refuse file:// links from a web page),
     else a file:// URI whose text names the path."""
     base = os.environ.get(ARTIFACTS_URL_ENV)
-    if not base and (root / UI_FILE).is_file():
-        base = json.loads((root / UI_FILE).read_text())["artifacts_url"]
+    if not base and ui_file(root).is_file():
+        base = json.loads(ui_file(root).read_text())["artifacts_url"]
     if base and html.is_relative_to(root):
         return f"{base.rstrip('/')}/{html.relative_to(root).as_posix()}"
     return html.as_uri()

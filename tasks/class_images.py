@@ -150,7 +150,7 @@ def run(cfg: PriorSection, inputs: ClassImagesInputs, store: Store) -> StageResu
     key = stage_key_for(cfg, inputs)
     done = store.get(STAGE, key)
     if done is not None:
-        return StageResult(STAGE, key, done.path, items_cached=done.info["items"]).as_cached()
+        return StageResult.cached(done)
 
     scheduler = rendering_scheduler(cfg, inputs.model)
     keys = [item_key(cfg, inputs, scheduler, index) for index in range(cfg.num_images)]

@@ -282,7 +282,7 @@ def run(cfg: GenerateSection, inputs: GenerateInputs, store: Store) -> StageResu
     key = stage_key_for(cfg, inputs)
     done = store.get(STAGE, key)
     if done is not None:
-        return StageResult(STAGE, key, done.path, items_cached=done.info["items"]).as_cached()
+        return StageResult.cached(done)
 
     training = training_facts(inputs.train)
     items = plan(cfg, inputs, training)

@@ -253,7 +253,7 @@ def run(cfg: LatentsSection, inputs: LatentsInputs, store: Store) -> StageResult
     key = stage_key_for(cfg, inputs)
     done = store.get(STAGE, key)
     if done is not None:
-        return StageResult(STAGE, key, done.path, items_cached=done.info["items"]).as_cached()
+        return StageResult.cached(done)
 
     found = samples(inputs)
     vae_identity = inputs.model.identity("vae")

@@ -137,8 +137,7 @@ def run(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store) -> Stage
     key = stage_key_for(cfg, inputs)
     done = store.get(STAGE, key)
     if done is not None:
-        counts = {"items_cached": done.info["items"], "items_rejected": done.info["rejected"]}
-        return StageResult(STAGE, key, done.path, **counts).as_cached()
+        return StageResult.cached(done)
 
     rows: list[dict[str, Any]] = []
     processed = cached = 0

@@ -722,10 +722,10 @@ def run(cfg: ReportSection, inputs: ReportInputs, store: Store) -> StageResult:
     key = stage_key_for(cfg, inputs)
     done = store.get(STAGE, key)
     if done is not None:
-        return StageResult(STAGE, key, done.path, items_cached=done.info["items"]).as_cached()
+        return StageResult.cached(done)
     entry = store.get_or_create(STAGE, key, _build(cfg, inputs, key), cfg.keyed())
     if not entry.created:  # another run wrote it while this one waited for the lock
-        return StageResult(STAGE, key, entry.path, items_cached=entry.info["items"]).as_cached()
+        return StageResult.cached(entry)
     loaded = tuple(entry.info["models_loaded"])
     return StageResult(STAGE, key, entry.path, items_processed=entry.info["items"], models_loaded=loaded)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tasks.store import Entry
+
 
 class StageError(Exception):
     """A stage failure the user can act on: which stage, which item (file or step), and why."""
@@ -31,6 +33,12 @@ class StageResult:
     items_rejected: int = 0
     status: str = "ran"
     models_loaded: tuple[str, ...] = ()
+
+    @classmethod
+    def cached(cls, entry: Entry) -> StageResult:
+        """A stage entry found complete in the store: every item it counts was served from the cache."""
+        counts = {"items_cached": entry.info["items"], "items_rejected": entry.info.get("rejected", 0)}
+        return cls(entry.stage, entry.key, entry.path, status="cached", **counts)
 
     def as_cached(self) -> StageResult:
         """The same output seen from a run that found it already in the cache: no work, no model loaded."""
