@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+# The toy world: the shipped toy-sd model learns a subject it never saw; the report shows before and after.
 demo: install
-	$(VENV)/bin/boothflow run --config configs/demo.toml --summary artifacts/demo-summary.json
-	@echo "summary: artifacts/demo-summary.json; outputs under artifacts/ (see the table above)"
+	$(VENV)/bin/boothflow run --config configs/toy.toml --summary artifacts/toy-summary.json
+	@echo "summary: artifacts/toy-summary.json; open the report_html it names (outputs under artifacts/)"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -241,6 +241,37 @@ def models_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: Se
     Console().print(table)
 
 
+@models_app.command("pretrain-toy")
+def models_pretrain_toy(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Model folder to write (default: <artifacts>/models/...)")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A rough model in a few minutes (tests, trying it out)")
+    ] = False,
+    minutes: Annotated[float, typer.Option("--minutes", help="Train at most this long, then save and return")] = 10.0,
+    artifacts: ArtifactsOpt = None,
+):
+    """Pretrain toy-sd on the toy world, resumably: run it again until it says done."""
+    from tasks.pretrain_toy import FULL, QUICK, PretrainError, pretrain
+
+    root = _config(None, [], artifacts).run.artifacts_root
+    out = (out or root / "models" / ("toy-sd-quick" if quick else "toy-sd-pretrained")).expanduser().resolve()
+    try:
+        state = pretrain(out, QUICK if quick else FULL, minutes)
+    except PretrainError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
+    cpu = f"{state.cpu_seconds / 60:.1f} CPU minutes so far"
+    if state.phase != "done":
+        console.print(
+            f"paused in phase {state.phase!r} at step {state.step} ({cpu}); run the same command again to go on"
+        )
+        raise typer.Exit(3)
+    scores = ", ".join(f"{name} {100 * value:.0f}%" for name, value in state.fidelity.items())
+    console.print(f"done: {out} ({cpu}); caption fidelity: {scores}", highlight=False)
+
+
 def _size(n: float) -> str:
     if n < 1024:
         return f"{n:.0f} B"

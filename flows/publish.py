@@ -18,7 +18,7 @@ from tasks.report import report_facts
 
 ARTIFACTS_URL_ENV = "BOOTHFLOW_ARTIFACTS_URL"
 UI_FILE = ".boothflow-ui.json"
-METRICS = ("clip_t", "clip_i", "dino")
+METRICS = ("clip_t", "clip_i", "dino", "subject")  # subject: the toy analyser's hit rate
 METRIC_COLUMNS = ("group", "kind", "step", "images", *METRICS)
 STAGE_COLUMNS = ("status", "key", "seconds", "items_processed", "items_cached", "items_rejected", "peak_memory_mb")
 
@@ -60,11 +60,17 @@ def summary_markdown(summary: dict[str, Any], facts: dict[str, Any] | None, link
     loaded = summary.get("models_loaded") or ["none (every model-using stage was cached)"]
     lines += ["", "Models loaded: " + ", ".join(_cell(m) for m in loaded), ""]
     if facts:
-        lines += ["## Metrics", "", "| " + " | ".join(METRIC_COLUMNS) + " |", "|" + " --- |" * len(METRIC_COLUMNS)]
-        lines += ["| " + " | ".join(_cell(row.get(c)) for c in METRIC_COLUMNS) + " |" for row in metric_rows(facts)]
+        columns = [c for c in METRIC_COLUMNS if c not in METRICS or c in shown_metrics(facts)]
+        lines += ["## Metrics", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in metric_rows(facts)]
         lines += [f"- {_cell(missing)}" for missing in facts["metrics"]["missing"]]
         lines += ["", f"Report: [{facts['html']}]({link})", ""]
     return "\n".join(lines)
+
+
+def shown_metrics(facts: dict[str, Any]) -> list[str]:
+    """The metric columns for this report: the analyser's only when it scored the samples."""
+    return [m for m in METRICS if m != "subject" or facts["metrics"].get("analyser")]
 
 
 def metric_rows(facts: dict[str, Any]) -> list[dict[str, Any]]:
@@ -77,7 +83,7 @@ def sample_rows(facts: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for sample in facts["samples"]:
         metrics = by_group.get((sample["kind"], sample["step"]), {})
-        rows.append({**sample, "image": str(sample["image"]), **{m: metrics.get(m) for m in METRICS}})
+        rows.append({**sample, "image": str(sample["image"]), **{m: metrics.get(m) for m in shown_metrics(facts)}})
     return rows
 
 

@@ -162,6 +162,9 @@ class GenerateSection(Section):
 class ReportSection(Section):
     clip_model: str = Field("", description="CLIP model (hub id or folder) for CLIP-T and CLIP-I; empty: skip")
     dino_model: str = Field("", description="DINO ViT (hub id or folder) for the DINO subject score; empty: skip")
+    analyser: Literal["", "toy"] = Field(
+        "", description="Score samples with a closed-form analyser: toy (for toy-sd runs); empty: none"
+    )
 
 
 class RunConfig(Section):

@@ -6,6 +6,7 @@ Tiny vs real is only a model id: every stage resolves its model here, so CPU tes
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -117,7 +118,7 @@ class Preset:
     description: str
 
 
-def _seeded(factory: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def seeded(factory: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Construct one component from seed 0 without disturbing the caller's global torch RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -130,36 +131,56 @@ def _byte_unicode_chars() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
 
 
-def _clip_vocab() -> tuple[dict[str, int], list[str]]:
-    """A byte-level BPE vocab in CLIP's order (bytes, bytes</w>, merges, specials) and its merge rules."""
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """How CLIP's BPE splits `word`: the lowest-ranked adjacent pair merges (everywhere), until none is left."""
+    symbols = [*word[:-1], word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pair = min(itertools.pairwise(symbols), key=lambda p: ranks.get(p, len(ranks)))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if tuple(symbols[i : i + 2]) == pair:
+                merged.append(pair[0] + pair[1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def _clip_vocab(words: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
+    """A byte-level BPE vocab in CLIP's order (bytes, bytes</w>, merges, specials) and merge rules that make each
+    of `words` one token (each new rule ranks after the earlier words' rules, so it never splits them)."""
     chars = _byte_unicode_chars()
     tokens = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    for word in TOKENIZER_WORDS:
-        symbols = [*word[:-1], word[-1] + "</w>"]
-        while len(symbols) > 1:
-            merged = symbols[0] + symbols[1]
-            if merged not in tokens:
-                merges.append(f"{symbols[0]} {symbols[1]}")
-                tokens.append(merged)
-            symbols = [merged, *symbols[2:]]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        while len(symbols := _bpe(word, ranks)) > 1:
+            ranks[symbols[0], symbols[1]] = len(ranks)
+            if symbols[0] + symbols[1] not in tokens:
+                tokens.append(symbols[0] + symbols[1])
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(tokens)}, merges
+    return {token: i for i, token in enumerate(tokens)}, [f"{a} {b}" for a, b in ranks]
 
 
-def _tiny_tokenizer(folder: Path) -> CLIPTokenizer:
-    """Write vocab.json and merges.txt into `folder` and build CLIP's tokenizer from them, offline."""
+def tiny_tokenizer(folder: Path, words: tuple[str, ...] = TOKENIZER_WORDS, max_length: int = 77) -> CLIPTokenizer:
+    """Write vocab.json and merges.txt into `folder` and build CLIP's tokenizer from them, offline: each of
+    `words` is one token, everything else falls back to byte tokens."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = _clip_vocab()
+    vocab, merges = _clip_vocab(words)
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
-    # transformers 5 leaves model_max_length unbounded without it, and prompts overflow the 77 positions.
-    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    # transformers 5 leaves model_max_length unbounded without it, and prompts overflow the text positions.
+    return CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=max_length
+    )
 
 
-def _text_config(tokenizer: CLIPTokenizer, **overrides: Any) -> CLIPTextConfig:
+def text_config(tokenizer: CLIPTokenizer, **overrides: Any) -> CLIPTextConfig:
     """A tiny CLIP text config whose vocab and special ids match `tokenizer`."""
     from transformers import CLIPTextConfig
 
@@ -177,12 +198,12 @@ def _build_tiny_sd15(folder: Path) -> StableDiffusionPipeline:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    tokenizer = _tiny_tokenizer(folder / "tokenizer")
+    tokenizer = tiny_tokenizer(folder / "tokenizer")
     pipe = StableDiffusionPipeline(
-        vae=_seeded(AutoencoderKL, **TINY_VAE, scaling_factor=0.18215),
-        text_encoder=_seeded(CLIPTextModel, _text_config(tokenizer)),
+        vae=seeded(AutoencoderKL, **TINY_VAE, scaling_factor=0.18215),
+        text_encoder=seeded(CLIPTextModel, text_config(tokenizer)),
         tokenizer=tokenizer,
-        unet=_seeded(UNet2DConditionModel, **TINY_SD15_UNET),
+        unet=seeded(UNet2DConditionModel, **TINY_SD15_UNET),
         scheduler=PNDMScheduler(**SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
@@ -197,14 +218,14 @@ def _build_tiny_sdxl(folder: Path) -> StableDiffusionXLPipeline:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizer = _tiny_tokenizer(folder / "tokenizer")
+    tokenizer = tiny_tokenizer(folder / "tokenizer")
     pipe = StableDiffusionXLPipeline(
-        vae=_seeded(AutoencoderKL, **TINY_VAE, scaling_factor=0.13025),
-        text_encoder=_seeded(CLIPTextModel, _text_config(tokenizer)),
-        text_encoder_2=_seeded(CLIPTextModelWithProjection, _text_config(tokenizer, hidden_act="gelu")),
+        vae=seeded(AutoencoderKL, **TINY_VAE, scaling_factor=0.13025),
+        text_encoder=seeded(CLIPTextModel, text_config(tokenizer)),
+        text_encoder_2=seeded(CLIPTextModelWithProjection, text_config(tokenizer, hidden_act="gelu")),
         tokenizer=tokenizer,
-        tokenizer_2=_tiny_tokenizer(folder / "tokenizer_2"),
-        unet=_seeded(UNet2DConditionModel, **TINY_SDXL_UNET),
+        tokenizer_2=tiny_tokenizer(folder / "tokenizer_2"),
+        unet=seeded(UNet2DConditionModel, **TINY_SDXL_UNET),
         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
         add_watermarker=False,
     )
@@ -218,8 +239,23 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Pretrained presets that ship with the project as diffusers folders: loaded from there, never built.
+SHIPPED_FOLDER = Path(__file__).resolve().parent.parent / "data" / "models"
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A pretrained preset that ships with the project as a diffusers folder in `SHIPPED_FOLDER`."""
+
+    family: str
+    description: str
+
+
+SHIPPED = {"toy-sd": Shipped("sd15", "SD 1.5 architecture pretrained on the toy world (shipped)")}
+
+
 def _preset_folder(name: str, root: Path) -> Path:
-    return root / "models" / name
+    return SHIPPED_FOLDER / name if name in SHIPPED else root / "models" / name
 
 
 def _build_preset(name: str, root: Path) -> Path:
@@ -291,6 +327,13 @@ def resolve_model(model_id: str, root: Path) -> Path:
     """The diffusers folder for a preset name (built on first use), a local folder or a hub id."""
     if model_id in PRESETS:
         return _build_preset(model_id, root)
+    if model_id in SHIPPED:
+        folder = _preset_folder(model_id, root)
+        if not (folder / "model_index.json").is_file():
+            raise ModelUnavailable(
+                f"preset {model_id!r} should ship in {folder}, which is missing; restore it with git"
+            )
+        return folder
     local = Path(model_id).expanduser()
     if local.is_dir():
         if not (local / "model_index.json").is_file():
@@ -384,7 +427,7 @@ def _folder_size(path: Path) -> int:
 def list_models(root: Path) -> list[dict[str, Any]]:
     """One row per preset for `boothflow models ls`: what it is, whether it is built under `root`, where."""
     rows = []
-    for name, preset in PRESETS.items():
+    for name, preset in (PRESETS | SHIPPED).items():
         folder = _preset_folder(name, root)
         built = folder.is_dir()
         rows.append(

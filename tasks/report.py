@@ -124,6 +124,7 @@ def stage_key_for(cfg: ReportSection, inputs: ReportInputs) -> str:
         CODE_VERSION,
         settings,
         metric_models={"clip": model_identity(cfg.clip_model), "dino": model_identity(cfg.dino_model)},
+        analyser_version=_analyser_version(cfg.analyser),
         preprocess=inputs.preprocess.key,
         class_images=inputs.class_images.key if inputs.class_images else None,
         train=inputs.train.key,
@@ -189,10 +190,23 @@ def thumbnail(source: Path, out: Path) -> None:
     image.save(out, format="JPEG", quality=88)
 
 
+def _analyser_version(name: str) -> int | None:
+    if not name:
+        return None
+    from tasks import toyscore
+
+    return toyscore.VERSION
+
+
+def _token_pattern(token: str) -> re.Pattern[str]:
+    """The identifier as a word of a prompt (`sks,` included, `asks` not)."""
+    return re.compile(rf"(?<!\w){re.escape(token)}(?!\w)")
+
+
 def _clip_text(prompt: str, token: str) -> str:
     """The text CLIP-T compares an image with: its prompt without the identifier token, which CLIP never saw."""
     if token:
-        prompt = re.sub(rf"(?<!\w){re.escape(token)}(?!\w)", " ", prompt)
+        prompt = _token_pattern(token).sub(" ", prompt)
     return " ".join(prompt.split())
 
 
@@ -287,9 +301,8 @@ def compute_metrics(
     prompt), CLIP-I and DINO (image vs every instance image); the instance images against each other are the
     reference row. Returns them and the names of the models loaded; a missing model is a message, not an error."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    order = list(KIND_LABELS)
     groups: dict[tuple[str, int | None], list[Sample]] = {}
-    for sample in sorted(samples, key=lambda s: (order.index(s.kind) if s.kind in order else len(order), s.step or 0)):
+    for sample in _in_group_order(samples):
         groups.setdefault((sample.kind, sample.step), []).append(sample)
     empty = {"clip_t": None, "clip_i": None, "dino": None}
     rows = [
@@ -317,8 +330,52 @@ def compute_metrics(
             for row, members in zip(rows, groups.values(), strict=True):
                 pairs = [float(vectors[s.source] @ texts[_clip_text(s.prompt, token)]) for s in members]
                 row["clip_t"] = sum(pairs) / len(pairs)
+    analysed = analyser_scores(samples, token) if cfg.analyser == "toy" else []
+    for row in rows:
+        prompts = [a for a in analysed if (a["kind"], a["step"]) == (row["kind"], row["step"]) and a["token"]]
+        images = sum(a["images"] for a in prompts)
+        row["subject"] = sum(a["subject"] * a["images"] for a in prompts) / images if images else None
     models = {"clip": cfg.clip_model, "dino": cfg.dino_model}
-    return {"rows": [*rows, reference] if instance else rows, "missing": missing, "models": models}, loaded
+    rows = [*rows, reference | {"subject": None}] if instance else rows
+    return {"rows": rows, "missing": missing, "models": models, "analyser": analysed}, loaded
+
+
+def _in_group_order(samples: list[Sample]) -> list[Sample]:
+    """Fine-tuned, base, then checkpoints by step: the order of the metrics tables."""
+    order = list(KIND_LABELS)
+    return sorted(samples, key=lambda s: (order.index(s.kind) if s.kind in order else len(order), s.step or 0))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def analyser_scores(samples: list[Sample], token: str) -> list[dict[str, Any]]:
+    """The toy analyser per group and prompt: the share of images that show the subject, and the share that show
+    every colour, shape and background the prompt names."""
+    from tasks.toyscore import matches, parse, read
+
+    names_token = _token_pattern(token)
+    grouped: dict[tuple[str, int | None, str], list[Sample]] = {}
+    for sample in _in_group_order(samples):
+        grouped.setdefault((sample.kind, sample.step, sample.prompt), []).append(sample)
+    rows = []
+    for (kind, step, prompt), members in grouped.items():
+        readings = [read(_open_rgb(s.source)) for s in members]
+        checks = [matches(r, parse(prompt)) for r in readings]
+        rows.append(
+            {
+                "group": _group_label(kind, step),
+                "kind": kind,
+                "step": step,
+                "prompt": prompt,
+                "token": bool(names_token.search(prompt)),
+                "images": len(members),
+                "subject": _mean([float(r.subject) for r in readings]),
+                "words": _mean([float(c["all"]) for c in checks if c]),
+            }
+        )
+    return rows
 
 
 # ---- HTML: every value goes through esc() unless it is Html built here from escaped parts ----
@@ -555,9 +612,31 @@ def checkpoints_section(samples: list[Sample], steps: Any) -> Html:
     return _section("checkpoints", "Checkpoints", _table(headers, rows))
 
 
+def analyser_section(rows: list[dict[str, Any]]) -> list[Html]:
+    if not rows:
+        return []
+    table = _table(
+        ["samples", "prompt", "images", "shows the subject", "shows the prompt's words"],
+        [(r["group"], r["prompt"], r["images"], _percent(r["subject"]), _percent(r["words"])) for r in rows],
+    )
+    explain = (
+        "The toy analyser reads each image in closed form (background, foreground colour, shape, and the subject: a"
+        " circle, left half red, right half yellow). For prompts with the identifier the subject column is the hit"
+        " rate; for the plain class prompt it is the leak. The words column checks every colour, shape and"
+        " background the prompt names."
+    )
+    return [Html("<h3>Toy analyser</h3>"), table, _p(explain, "muted")]
+
+
+def _percent(value: float | None) -> str:
+    return _number(None) if value is None else Num(f"{100 * value:.0f}%")
+
+
 def metrics_section(metrics: dict[str, Any]) -> Html:
+    analysed = bool(metrics.get("analyser"))
     rows = [
         (row["group"], row["images"], _number(row["clip_t"]), _number(row["clip_i"]), _number(row["dino"]))
+        + ((_percent(row.get("subject")),) if analysed else ())
         for row in metrics["rows"]
     ]
     used = ", ".join(f"{name.upper()}: {model_id}" for name, model_id in metrics["models"].items() if model_id)
@@ -570,7 +649,8 @@ def metrics_section(metrics: dict[str, Any]) -> Html:
     return _section(
         "metrics",
         "Metrics",
-        _table(["samples", "images", "CLIP-T", "CLIP-I", "DINO"], rows),
+        _table(["samples", "images", "CLIP-T", "CLIP-I", "DINO", *(["subject (analyser)"] if analysed else [])], rows),
+        *analyser_section(metrics.get("analyser", [])),
         *notes,
         _p(explain, "muted"),
         _p(f"Models: {used}." if used else "Models: none set.", "muted"),

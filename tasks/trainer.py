@@ -7,7 +7,6 @@ a generator seeded by (seed, step, sample), so a resumed run needs no RNG state 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from tasks.config import TrainSection
 from tasks.faults import fault
 from tasks.latent_dist import sample_latent, scale_latent
 from tasks.objective import Objective
+from tasks.seeds import generator
 from tasks.store import link_or_copy
 from tasks.train import TrainJob
 
@@ -44,15 +44,6 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any JSON-able parts: independent streams without shared RNG state."""
-    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "big") >> 1
-
-
-def generator(*parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 class LatentData:

@@ -84,6 +84,7 @@ CHANGES = [
     ("generate.batch_size", 1, set()),
     ("report.clip_model", "CLIP_FOLDER", {"report"}),
     ("report.dino_model", "DINO_FOLDER", {"report"}),
+    ("report.analyser", "toy", {"report"}),
 ]
 
 

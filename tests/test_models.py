@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 
 from tasks.models import (
     PRESETS,
+    SHIPPED_FOLDER,
     ModelUnavailable,
     _memoized_digest,
     component_identity,
@@ -190,14 +191,20 @@ def test_concurrent_builds_leave_one_complete_folder(root: Path, tmp_path: Path)
 
 
 def test_list_models_reports_built_and_missing(root: Path, tmp_path: Path) -> None:
-    assert [(row["name"], row["built"], row["size_bytes"]) for row in list_models(tmp_path)] == [
-        ("tiny-sd15", False, 0),
-        ("tiny-sdxl", False, 0),
+    shipped = SHIPPED_FOLDER / "toy-sd"
+    assert [(row["name"], row["built"], row["path"]) for row in list_models(tmp_path)] == [
+        ("tiny-sd15", False, str(tmp_path / "models" / "tiny-sd15")),
+        ("tiny-sdxl", False, str(tmp_path / "models" / "tiny-sdxl")),
+        ("toy-sd", True, str(shipped)),  # ships with the project: never built
     ]
     rows = {row["name"]: row for row in list_models(root)}
-    assert {name: row["family"] for name, row in rows.items()} == {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+    assert {name: row["family"] for name, row in rows.items()} == {
+        "tiny-sd15": "sd15",
+        "tiny-sdxl": "sdxl",
+        "toy-sd": "sd15",
+    }
     for name, row in rows.items():
-        folder = root / "models" / name
+        folder = shipped if name == "toy-sd" else root / "models" / name
         assert row["built"] and row["path"] == str(folder)
         assert row["size_bytes"] == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) > 0
 

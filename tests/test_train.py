@@ -17,6 +17,7 @@ from tasks.config import LatentsSection, PreprocessSection, TrainSection
 from tasks.faults import ENV as FAULTS_ENV
 from tasks.models import resolve
 from tasks.objective import Objective
+from tasks.seeds import generator
 from tasks.stage import StageError
 from tasks.store import Store
 
@@ -68,7 +69,7 @@ def _reference_loss(model, pre, lat, job, unet, encoders, *, scale=True, mirror_
     samples, noise, steps, time_ids = [], [], [], []
     for j in range(cfg.batch_size):
         sample_id = data.pick("instance", j, cfg.seed)
-        rng = trainer.generator(cfg.seed, "sample", 0, 0, j, "instance", sample_id)
+        rng = generator(cfg.seed, "sample", 0, 0, j, "instance", sample_id)
         image = Image.open(pre.path / "images" / f"{sample_id}.png")
         if mirror_images:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

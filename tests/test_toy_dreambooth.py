@@ -1,0 +1,129 @@
+"""DreamBooth in the toy world, through boothflow's own stages and the CLI: configs/toy.toml teaches the shipped
+toy-sd model a subject it never saw, and prior preservation keeps it out of plain class prompts.
+
+Rates are read by the toy analyser from the samples the flow wrote: 64 seeds per prompt and model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from tasks.models import SHIPPED_FOLDER, resolve
+from tasks.toyscore import Reading, read
+
+SUBJECT = "a photo of sks circle"
+CONTEXT = "a photo of sks circle on a green background"
+CLASS = "a photo of a circle"
+SAMPLES_PER_RATE = 64
+# The thresholds the defaults in configs/toy.toml must clear.
+BASE_HIT_AT_MOST = 0.05
+HIT_AT_LEAST = 0.50
+CONTEXT_AT_LEAST = 0.60
+LEAK_AT_MOST = 0.10
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def runs(boothflow, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The toy flow with prior preservation (the config's default) and without, on one artifact root; returns
+    each run's report folder."""
+    root = tmp_path_factory.mktemp("toy-dreambooth")
+    reports = {}
+    for name, extra in (("prior", []), ("no prior", ["--set", "prior.enabled=false"])):
+        summary = root / f"{name}.json"
+        boothflow("run", "-c", "configs/toy.toml", "--artifacts", root / "artifacts", *extra, "--summary", summary)
+        reports[name] = Path(json.loads(summary.read_text())["outputs"]["report_html"]).parent
+    return reports
+
+
+def readings(report: Path) -> dict[tuple[str, str], list[Reading]]:
+    """The analyser's reading of every final sample, by (kind, prompt)."""
+    facts = json.loads((report / "report.json").read_text())
+    found: dict[tuple[str, str], list[Reading]] = defaultdict(list)
+    for sample in facts["samples"]:
+        if sample["kind"] in ("base", "finetuned"):
+            found[sample["kind"], sample["prompt"]].append(read(Image.open(report / sample["image"])))
+    return found
+
+
+def rate(found: list[Reading], what: str) -> float:
+    assert len(found) >= SAMPLES_PER_RATE
+    values = [r.subject if what == "subject" else getattr(r, what) == "green" for r in found]
+    return float(np.mean(values))
+
+
+def test_the_base_model_does_not_know_the_subject_and_fine_tuning_teaches_it(runs: dict[str, Path]) -> None:
+    found = readings(runs["prior"])
+    assert rate(found["base", SUBJECT], "subject") <= BASE_HIT_AT_MOST
+    assert rate(found["finetuned", SUBJECT], "subject") >= HIT_AT_LEAST
+
+
+def test_the_fine_tuned_subject_follows_a_context_it_never_saw_it_in(runs: dict[str, Path]) -> None:
+    found = readings(runs["prior"])
+    assert rate(found["finetuned", CONTEXT], "background") >= CONTEXT_AT_LEAST
+
+
+def test_prior_preservation_keeps_the_subject_out_of_plain_class_prompts(runs: dict[str, Path]) -> None:
+    with_prior = rate(readings(runs["prior"])["finetuned", CLASS], "subject")
+    without = rate(readings(runs["no prior"])["finetuned", CLASS], "subject")
+    assert with_prior <= LEAK_AT_MOST
+    assert with_prior < without
+
+
+def test_the_report_shows_the_analysers_rates(runs: dict[str, Path]) -> None:
+    found = readings(runs["prior"])
+    rows = json.loads((runs["prior"] / "report.json").read_text())["metrics"]["analyser"]
+    shown = {(row["kind"], row["prompt"]): row for row in rows}
+    for (kind, prompt), members in found.items():
+        assert shown[kind, prompt]["subject"] == pytest.approx(rate(members, "subject"))
+        assert shown[kind, prompt]["images"] == len(members)
+    html = (runs["prior"] / "report.html").read_text()
+    assert "Toy analyser" in html and "subject (analyser)" in html
+
+
+def test_the_report_screenshot_shows_the_subject_learned(runs: dict[str, Path], tmp_path: Path) -> None:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("Python playwright is not installed (pip install playwright)") if os.environ.get(
+            "CI"
+        ) == "true" else pytest.skip("no playwright")
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} not found") if os.environ.get("CI") == "true" else pytest.skip("no chromium")
+    shot = tmp_path / "samples.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto((runs["prior"] / "report.html").as_uri(), wait_until="load")
+            broken = page.eval_on_selector_all("img", "els => els.filter(e => !e.complete || !e.naturalWidth).length")
+            page.locator("#samples").screenshot(path=str(shot))
+            metrics = page.inner_text("#metrics")
+        finally:
+            browser.close()
+    assert broken == 0
+    assert "Toy analyser" in metrics and "shows the subject" in metrics
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
+    red = (np.abs(pixels - (220, 30, 30)).max(-1) < 40).mean()
+    yellow = (np.abs(pixels - (240, 220, 30)).max(-1) < 40).mean()
+    assert red > 0.01 and yellow > 0.01  # the fine-tuned samples show the subject's two colours
+
+
+def test_the_shipped_toy_model_loads_with_no_build_step(tmp_path: Path) -> None:
+    model = resolve("toy-sd", "", tmp_path)
+    assert model.path == SHIPPED_FOLDER / "toy-sd" and model.family == "sd15"
+    size = sum(p.stat().st_size for p in model.path.rglob("*.safetensors"))
+    assert size <= 20 * 2**20
+    pipe = StableDiffusionPipeline.from_pretrained(model.path)
+    assert pipe.unet.config.sample_size == 16 and pipe.scheduler.config.beta_schedule == "linear"
+    card = (model.path / "README.md").read_text()
+    assert "boothflow models pretrain-toy" in card and "caption fidelity" in card.lower()
+    assert not any(tmp_path.iterdir())  # nothing was built under the artifact root

@@ -1,0 +1,86 @@
+"""The toy world and its analyser: exact on clean renders, the subject never drawn for pretraining."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.models import tiny_tokenizer
+from tasks.toyscore import Asked, matches, parse, read
+from tasks.toyworld import PALETTE, SHAPES, SUBJECT_COLOURS, VOCABULARY, render, scene, subject_scene
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_analyser_reads_500_held_out_renders_exactly() -> None:
+    rng = random.Random(2024)
+    scenes = [scene(rng) for _ in range(500)]
+    readings = [read(render(s)) for s in scenes]
+    assert [(r.colour, r.shape, r.background) for r in readings] == [(s.colour, s.shape, s.background) for s in scenes]
+    assert not any(r.subject for r in readings)
+    # every shape, colour and background occurs, so each class is exercised
+    assert {s.shape for s in scenes} == set(SHAPES)
+    assert {s.colour for s in scenes} == {s.background for s in scenes} == set(PALETTE)
+
+
+def test_the_analyser_finds_the_subject_and_only_the_subject() -> None:
+    rng = random.Random(5)
+    subjects = [subject_scene(rng) for _ in range(200)]
+    readings = [read(render(s)) for s in subjects]
+    assert all(r.subject for r in readings)
+    assert [r.background for r in readings] == [s.background for s in subjects]
+    # the same circle with its halves swapped, or in one of its colours, is not the subject
+    swapped = [s.__class__(**{**s.__dict__, "colour": "yellow", "second_colour": "red"}) for s in subjects[:50]]
+    plain = [s.__class__(**{**s.__dict__, "second_colour": ""}) for s in subjects[:50]]
+    assert not any(read(render(s)).subject for s in swapped + plain)
+
+
+def test_pretraining_scenes_never_show_the_subject_nor_name_an_identifier() -> None:
+    rng = random.Random(0)
+    scenes = [scene(rng) for _ in range(20000)]
+    assert not any(s.second_colour for s in scenes)  # the subject is the only two-colour shape
+    assert not any(read(render(s)).subject for s in scenes[:1000])
+    words = {w for s in scenes[:2000] for w in s.caption().split()}
+    assert words.isdisjoint({"sks", "zwx", "ohwx"})
+
+
+def test_the_analyser_copes_with_noise_and_blank_images() -> None:
+    item = subject_scene(random.Random(1), "blue")
+    pixels = np.asarray(render(item), dtype=np.float32)
+    noisy = np.clip(pixels + np.random.default_rng(0).normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+    reading = read(Image.fromarray(noisy))
+    assert reading.subject and reading.background == "blue"
+    blank = read(Image.new("RGB", (64, 64), PALETTE["green"]))
+    assert (blank.background, blank.colour, blank.shape, blank.subject) == ("green", "", "", False)
+    assert read(render(item).resize((512, 512))).subject  # any size is read at 64 px
+
+
+def test_prompts_parse_into_the_attributes_they_name() -> None:
+    assert parse("a photo of a red circle on a blue background") == Asked("red", "circle", "blue")
+    assert parse("a photo of sks circle on a green background") == Asked("", "circle", "green")
+    assert parse("a photo of a circle") == Asked("", "circle", "")
+    reading = read(render(subject_scene(random.Random(3), "green")))
+    assert matches(reading, parse("a photo of sks circle on a green background")) == {
+        "shape": True,
+        "background": True,
+        "all": True,
+    }
+    assert matches(reading, parse("a photo of a white square")) == {"colour": False, "shape": False, "all": False}
+
+
+def test_every_toy_word_is_one_token(tmp_path: Path) -> None:
+    tokenizer = tiny_tokenizer(tmp_path / "tok", VOCABULARY, 16)
+    for word in VOCABULARY:
+        assert len(tokenizer(word).input_ids) == 3, word  # start, the word, end
+    longest = "a photo of sks circle on a yellow background"
+    assert len(tokenizer(longest).input_ids) <= tokenizer.model_max_length
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "data" / "toy").glob("*.png")), ids=lambda p: p.name)
+def test_the_shipped_instance_images_show_the_subject_never_on_green(path: Path) -> None:
+    reading = read(Image.open(path))
+    assert reading.subject and reading.background not in ("green", *SUBJECT_COLOURS)
