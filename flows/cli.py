@@ -257,6 +257,7 @@ def models_pretrain_toy(
 
     root = _config(None, [], artifacts).run.artifacts_root
     out = (out or root / "models" / ("toy-sd-quick" if quick else "toy-sd-pretrained")).expanduser().resolve()
+    _show_progress_logs()
     try:
         state = pretrain(out, QUICK if quick else FULL, minutes)
     except PretrainError as err:
@@ -270,6 +271,18 @@ def models_pretrain_toy(
         raise typer.Exit(3)
     scores = ", ".join(f"{name} {100 * value:.0f}%" for name, value in state.fidelity.items())
     console.print(f"done: {out} ({cpu}); caption fidelity: {scores}", highlight=False)
+
+
+def _show_progress_logs() -> None:
+    """Outside a flow run Prefect's loggers drop INFO lines; a long command outside one prints them (progress and
+    the VAE gate's figures) on stderr, bar or no bar."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("prefect.boothflow")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(RichHandler(console=console, show_path=False))
 
 
 def _size(n: float) -> str:

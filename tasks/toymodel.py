@@ -41,13 +41,13 @@ TOY_TEXT_ENCODER = {
 }
 TOY_UNET = {
     "sample_size": 16,
-    "block_out_channels": (48, 96, 96),
+    "block_out_channels": (32, 64, 64),
     "layers_per_block": 1,
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     "cross_attention_dim": TOY_TEXT_ENCODER["hidden_size"],
     "attention_head_dim": 8,
-    "norm_num_groups": 12,
+    "norm_num_groups": 8,
 }
 TOY_SCHEDULER = {
     "num_train_timesteps": 1000,

@@ -1,8 +1,9 @@
 """The toy world's analyser: what a (generated) image shows, in closed form, and whether it matches a prompt.
 
 Background: the median colour of the border ring. Foreground: the largest connected region that differs from it.
-Colours are the nearest palette colour to a median; the shape comes from how much of its bounding box the region
-fills and where its centre of mass sits. The subject is a circle whose left and right halves have its two colours.
+Colours are the palette colour most of a region's pixels are nearest to; a shape whose left and right halves each
+show mostly another colour is two-tone (`red and yellow`). The shape comes from how much of its bounding box the
+region fills and where its centre of mass sits. The subject is a circle, left half red and right half yellow.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tasks.toyworld import PALETTE, SHAPES, SIZE, SUBJECT_CLASS, SUBJECT_COLOURS
+from tasks.toyworld import PALETTE, SHAPES, SIZE, SUBJECT_CLASS, SUBJECT_COLOURS, Scene
 
 _NAMES = list(PALETTE)
 _COLOURS = np.array([PALETTE[name] for name in _NAMES], dtype=np.float32)
 _BORDER = 3  # px of the ring that the background colour is read from; shapes keep a 4 px margin
 _FOREGROUND_DISTANCE = 90.0  # RGB distance from the background above which a pixel belongs to the foreground
 _MIN_AREA = 40  # px: a smaller region is noise, not a shape (the smallest toy shape covers ~200)
-_HALF_SHARE = 0.6  # a half of the subject must be at least this much its own colour
-VERSION = 1  # part of the report's cache key when it scores with this analyser: bump when a reading changes
+_HALF_SHARE = 0.6  # each half of a two-tone shape must be at least this much its own colour
+VERSION = 2  # part of the report's cache key when it scores with this analyser: bump when a reading changes
 
 
 @dataclass(frozen=True)
@@ -30,21 +31,17 @@ class Reading:
     """What the analyser sees in one image; a field is "" when there is nothing to read."""
 
     background: str
-    colour: str
+    colour: str  # as a caption names it: `red`, or `red and yellow` for a two-tone shape
     shape: str
-    left_colour: str
-    right_colour: str
-    left_share: float
-    right_share: float
 
     @property
     def subject(self) -> bool:
         """The subject: a circle with its left half and right half in the subject's two colours."""
-        return (
-            self.shape == SUBJECT_CLASS
-            and (self.left_colour, self.right_colour) == SUBJECT_COLOURS
-            and min(self.left_share, self.right_share) >= _HALF_SHARE
-        )
+        return self.shape == SUBJECT_CLASS and self.colour == " and ".join(SUBJECT_COLOURS)
+
+    def shows(self, item: Scene) -> dict[str, bool]:
+        """Whether the image shows the scene's colour, background and shape."""
+        return {name: getattr(self, name) == getattr(item, name) for name in ("colour", "background", "shape")}
 
 
 def _nearest(pixels: np.ndarray) -> np.ndarray:
@@ -84,29 +81,32 @@ def read(image: Image.Image) -> Reading:
     differs = (np.linalg.norm(rgb - background_rgb, axis=-1) > _FOREGROUND_DISTANCE).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(differs, connectivity=8)
     if count < 2 or stats[1:, cv2.CC_STAT_AREA].max() < _MIN_AREA:
-        return Reading(background, "", "", "", "", 0.0, 0.0)
+        return Reading(background, "", "")
     mask = labels == 1 + int(stats[1:, cv2.CC_STAT_AREA].argmax())
     # The colour is read inside the region, away from its anti-aliased rim.
     core = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     core = core if core.sum() >= _MIN_AREA // 2 else mask
-    colour, _ = _dominant(rgb[core])
     xs = np.nonzero(mask)[1]
     middle = (xs.min() + xs.max()) / 2
     columns = np.arange(SIZE)[None, :]
-    left_colour, left_share = _dominant(rgb[core & (columns < middle - 1)])
-    right_colour, right_share = _dominant(rgb[core & (columns > middle + 1)])
-    return Reading(background, colour, _shape(mask), left_colour, right_colour, left_share, right_share)
+    left, left_share = _dominant(rgb[core & (columns < middle - 1)])
+    right, right_share = _dominant(rgb[core & (columns > middle + 1)])
+    two_tone = left != right and min(left_share, right_share) >= _HALF_SHARE
+    colour = f"{left} and {right}" if two_tone else _dominant(rgb[core])[0]
+    return Reading(background, colour, _shape(mask))
 
 
+_COLOUR_WORD = "|".join(PALETTE)
 _CAPTION = re.compile(
-    rf"\b(?:(?P<colour>{'|'.join(PALETTE)}) )?(?P<shape>{'|'.join(SHAPES)})\b"
+    rf"\b(?:(?P<colour>(?:{_COLOUR_WORD})(?: and (?:{_COLOUR_WORD}))?) )?(?P<shape>{'|'.join(SHAPES)})\b"
     rf"(?: on an? (?P<background>{'|'.join(PALETTE)}) background\b)?"
 )
 
 
 @dataclass(frozen=True)
 class Asked:
-    """What a prompt asks for: any of colour, shape and background ("" where the prompt leaves it open)."""
+    """What a prompt asks for: any of colour (`red`, `red and yellow`), shape and background ("" where the prompt
+    leaves it open)."""
 
     colour: str
     shape: str

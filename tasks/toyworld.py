@@ -2,7 +2,9 @@
 
 A world small enough to pretrain a Stable Diffusion-shaped model on CPU, yet one where every image's content is
 known exactly, so the analyser (`tasks.toyscore`) can tell whether a generated image shows what its prompt asked.
-The subject (a two-colour circle) is never drawn by `scene`; only `subject_scene` draws it.
+A quarter of the shapes are two-tone (left half one colour, right half another), so a model pretrained here knows
+what a two-tone shape is, as Stable Diffusion knows what a dog is before DreamBooth teaches it one dog. The subject
+is a red and yellow circle: `scene` never pairs red with yellow, only `subject_scene` draws it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from PIL import Image, ImageDraw
 
 SIZE = 64
 SUPERSAMPLE = 4  # shapes are drawn 4x larger and downsampled, so edges are anti-aliased like a photo's
+TWO_TONE_SHARE = 0.25  # of pretraining scenes
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -25,26 +28,31 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 
-# The DreamBooth subject: a circle whose left half is red and right half is yellow. Pretraining never shows a
-# two-colour shape, so no caption or image there teaches it.
+# The DreamBooth subject: a circle whose left half is red and right half is yellow. Pretraining never puts red and
+# yellow on one shape, so no caption or image there shows it.
 SUBJECT_CLASS = "circle"
 SUBJECT_COLOURS = ("red", "yellow")
 
 # Every word a toy caption uses, plus rare identifiers for subjects: the toy tokenizer makes each one token.
-VOCABULARY = ("a", "photo", "of", "on", "background", *PALETTE, *SHAPES, "sks", "zwx", "ohwx")
+VOCABULARY = ("a", "photo", "of", "on", "and", "background", *PALETTE, *SHAPES, "sks", "zwx", "ohwx")
 
 
 @dataclass(frozen=True)
 class Scene:
-    """What one toy image shows: a shape of one colour (two for the subject) at a place and size, on a colour."""
+    """What one toy image shows: a shape in one colour (or a left and a right colour) at a place and size, on a
+    background colour."""
 
     shape: str
-    colour: str
+    colours: tuple[str, ...]  # one colour, or the left half's and the right half's
     background: str
     left: int
     top: int
     side: int
-    second_colour: str = ""  # the right half's colour; only the subject has one
+
+    @property
+    def colour(self) -> str:
+        """How a caption names the shape's colour: `red`, or `red and yellow` for a two-tone shape."""
+        return " and ".join(self.colours)
 
     def caption(self, with_colour: bool = True, with_background: bool = True) -> str:
         """`a photo of a red circle on a blue background`, optionally without the colour or the background."""
@@ -60,18 +68,20 @@ def _placement(rng: random.Random) -> tuple[int, int, int]:
 
 
 def scene(rng: random.Random) -> Scene:
-    """A random pretraining scene: any shape, any colour, on any other colour."""
+    """A random pretraining scene: any shape in one colour, or in two that are not the subject's, on another."""
     shape = rng.choice(SHAPES)
-    colour = rng.choice(list(PALETTE))
-    background = rng.choice([c for c in PALETTE if c != colour])
-    return Scene(shape, colour, background, *_placement(rng))
+    colours = [rng.choice(list(PALETTE))]
+    if rng.random() < TWO_TONE_SHARE:
+        subject_pair = set(SUBJECT_COLOURS) if colours[0] in SUBJECT_COLOURS else set()
+        colours.append(rng.choice([c for c in PALETTE if c != colours[0] and c not in subject_pair]))
+    background = rng.choice([c for c in PALETTE if c not in colours])
+    return Scene(shape, tuple(colours), background, *_placement(rng))
 
 
 def subject_scene(rng: random.Random, background: str | None = None) -> Scene:
     """The subject at a random place and size, on `background` or a random colour that is not one of its own."""
-    first, second = SUBJECT_COLOURS
     background = background or rng.choice([c for c in PALETTE if c not in SUBJECT_COLOURS])
-    return Scene(SUBJECT_CLASS, first, background, *_placement(rng), second_colour=second)
+    return Scene(SUBJECT_CLASS, SUBJECT_COLOURS, background, *_placement(rng))
 
 
 def _outline(shape: str, box: tuple[int, int, int, int]) -> list[tuple[int, int]] | None:
@@ -98,10 +108,10 @@ def render(item: Scene) -> Image.Image:
     scale = SUPERSAMPLE
     image = Image.new("RGB", (SIZE * scale, SIZE * scale), PALETTE[item.background])
     box = (item.left * scale, item.top * scale, (item.left + item.side) * scale - 1, (item.top + item.side) * scale - 1)
-    _draw_shape(ImageDraw.Draw(image), item.shape, box, PALETTE[item.colour])
-    if item.second_colour:
+    _draw_shape(ImageDraw.Draw(image), item.shape, box, PALETTE[item.colours[0]])
+    if len(item.colours) == 2:
         right = Image.new("RGB", image.size, PALETTE[item.background])
-        _draw_shape(ImageDraw.Draw(right), item.shape, box, PALETTE[item.second_colour])
+        _draw_shape(ImageDraw.Draw(right), item.shape, box, PALETTE[item.colours[1]])
         half = (item.left + item.side / 2) * scale
         image.paste(right.crop((round(half), 0, *image.size)), (round(half), 0))
     return image.resize((SIZE, SIZE), Image.Resampling.BOX)

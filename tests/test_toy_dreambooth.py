@@ -31,13 +31,20 @@ LEAK_AT_MOST = 0.10
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+# The run without prior preservation only needs the plain class prompt, the one its leak is read from.
+WITHOUT_PRIOR = (
+    *("--set", "prior.enabled=false", "--set", "generate.compare_base=false", "--set", "train.sample_every=0"),
+    *("--set", 'generate.prompts=["a photo of a {class}"]'),
+)
+
+
 @pytest.fixture(scope="module")
 def runs(boothflow, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The toy flow with prior preservation (the config's default) and without, on one artifact root; returns
-    each run's report folder."""
+    """The toy flow as configs/toy.toml sets it (prior preservation on) and without prior preservation, on one
+    artifact root; returns each run's report folder."""
     root = tmp_path_factory.mktemp("toy-dreambooth")
     reports = {}
-    for name, extra in (("prior", []), ("no prior", ["--set", "prior.enabled=false"])):
+    for name, extra in (("prior", ()), ("no prior", WITHOUT_PRIOR)):
         summary = root / f"{name}.json"
         boothflow("run", "-c", "configs/toy.toml", "--artifacts", root / "artifacts", *extra, "--summary", summary)
         reports[name] = Path(json.loads(summary.read_text())["outputs"]["report_html"]).parent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,11 @@ def test_the_analyser_reads_500_held_out_renders_exactly() -> None:
     readings = [read(render(s)) for s in scenes]
     assert [(r.colour, r.shape, r.background) for r in readings] == [(s.colour, s.shape, s.background) for s in scenes]
     assert not any(r.subject for r in readings)
-    # every shape, colour and background occurs, so each class is exercised
+    # every shape, colour and background occurs, one-colour and two-tone, so each class is exercised
     assert {s.shape for s in scenes} == set(SHAPES)
-    assert {s.colour for s in scenes} == {s.background for s in scenes} == set(PALETTE)
+    assert {s.colours[0] for s in scenes} == {s.colours[-1] for s in scenes} == {s.background for s in scenes}
+    assert {s.background for s in scenes} == set(PALETTE)
+    assert 0.2 < sum(len(s.colours) == 2 for s in scenes) / len(scenes) < 0.3
 
 
 def test_the_analyser_finds_the_subject_and_only_the_subject() -> None:
@@ -34,15 +37,17 @@ def test_the_analyser_finds_the_subject_and_only_the_subject() -> None:
     assert all(r.subject for r in readings)
     assert [r.background for r in readings] == [s.background for s in subjects]
     # the same circle with its halves swapped, or in one of its colours, is not the subject
-    swapped = [s.__class__(**{**s.__dict__, "colour": "yellow", "second_colour": "red"}) for s in subjects[:50]]
-    plain = [s.__class__(**{**s.__dict__, "second_colour": ""}) for s in subjects[:50]]
-    assert not any(read(render(s)).subject for s in swapped + plain)
+    swapped = [replace(s, colours=("yellow", "red")) for s in subjects[:50]]
+    plain = [replace(s, colours=("red",)) for s in subjects[:50]]
+    square = [replace(s, shape="square") for s in subjects[:50]]
+    assert not any(read(render(s)).subject for s in swapped + plain + square)
 
 
 def test_pretraining_scenes_never_show_the_subject_nor_name_an_identifier() -> None:
     rng = random.Random(0)
     scenes = [scene(rng) for _ in range(20000)]
-    assert not any(s.second_colour for s in scenes)  # the subject is the only two-colour shape
+    assert not any(set(SUBJECT_COLOURS) <= set(s.colours) for s in scenes)  # red and yellow never share a shape
+    assert sum(len(s.colours) == 2 and s.shape == "circle" for s in scenes) > 1000  # other two-tone circles do
     assert not any(read(render(s)).subject for s in scenes[:1000])
     words = {w for s in scenes[:2000] for w in s.caption().split()}
     assert words.isdisjoint({"sks", "zwx", "ohwx"})
@@ -63,6 +68,8 @@ def test_prompts_parse_into_the_attributes_they_name() -> None:
     assert parse("a photo of a red circle on a blue background") == Asked("red", "circle", "blue")
     assert parse("a photo of sks circle on a green background") == Asked("", "circle", "green")
     assert parse("a photo of a circle") == Asked("", "circle", "")
+    two_tone = "a photo of a red and yellow circle on a white background"
+    assert parse(two_tone) == Asked("red and yellow", "circle", "white")
     reading = read(render(subject_scene(random.Random(3), "green")))
     assert matches(reading, parse("a photo of sks circle on a green background")) == {
         "shape": True,
@@ -70,6 +77,7 @@ def test_prompts_parse_into_the_attributes_they_name() -> None:
         "all": True,
     }
     assert matches(reading, parse("a photo of a white square")) == {"colour": False, "shape": False, "all": False}
+    assert matches(reading, parse("a photo of a red and yellow circle"))["all"]
 
 
 def test_every_toy_word_is_one_token(tmp_path: Path) -> None:
