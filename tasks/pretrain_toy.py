@@ -52,7 +52,7 @@ class Plan:
     gate_every: int = 200
     gate_images: int = 256
     scenes: int = 16384  # encoded once; captions are drawn afresh each step
-    unet_steps: int = 3000
+    unet_steps: int = 2500
     unet_batch: int = 64
     unet_lr: float = 6e-4
     warmup: int = 200
@@ -199,7 +199,8 @@ class Pretraining:
         self._clock = (cpu, wall)
 
     def _load(self, saved: dict) -> None:
-        started = {k: v for k, v in saved["state"]["plan"].items() if k != "vae_steps"}
+        # vae_steps may be raised to resume a run that missed its gate; a field newer than the run takes its default
+        started = {k: v for k, v in {**asdict(Plan()), **saved["state"]["plan"]}.items() if k != "vae_steps"}
         if started != {k: v for k, v in self.state.plan.items() if k != "vae_steps"}:
             raise PretrainError(
                 f"{self.work} holds a run started with another plan ({started['name']}); use another --out or"

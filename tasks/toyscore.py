@@ -21,7 +21,7 @@ _NAMES = list(PALETTE)
 _COLOURS = np.array([PALETTE[name] for name in _NAMES], dtype=np.float32)
 _BORDER = 3  # px of the ring that the background colour is read from; shapes keep a 4 px margin
 _FOREGROUND_DISTANCE = 90.0  # RGB distance from the background above which a pixel belongs to the foreground
-_MIN_AREA = 40  # px: a smaller region is noise, not a shape (the smallest toy shape covers ~200)
+_MIN_AREA = 40  # px: a smaller region is noise, not a shape (the smallest toy shape covers ~290)
 _HALF_SHARE = 0.6  # each half of a two-tone shape must be at least this much its own colour
 VERSION = 2  # part of the report's cache key when it scores with this analyser: bump when a reading changes
 

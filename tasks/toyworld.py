@@ -62,7 +62,7 @@ class Scene:
 
 
 def _placement(rng: random.Random) -> tuple[int, int, int]:
-    side = rng.randint(20, 36)
+    side = rng.randint(24, 36)  # smaller shapes lose their corners in a 16 x 16 latent
     margin = 4
     return rng.randint(margin, SIZE - margin - side), rng.randint(margin, SIZE - margin - side), side
 

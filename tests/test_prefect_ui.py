@@ -10,7 +10,6 @@ analytics) are refused, so the tests run offline. Skips without a browser, excep
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,25 +22,17 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from browser import chromium
 
 from tasks.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]  # fmt: skip
 QUICK = ["--set", "train.steps=3", "--set", "train.checkpoint_every=0", "--set", "train.sample_every=0",
          "--set", "generate.steps=2", "--set", "generate.seeds=[0]"]  # fmt: skip
 STAGES = ("preprocess", "latents", "train", "generate", "report")
 ARTIFACT_KEYS = ("run-summary", "stage-summary", "report-samples", "report-link")
 TIMEOUT_MS = 30_000  # first paint of a route, including its lazily loaded chunks, on a busy 2-core machine
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: the browser test must run)")
-    pytest.skip(reason)
 
 
 def _get_json(url: str):
@@ -61,16 +52,8 @@ def ui(prefect_server: str) -> str:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("Python playwright is not installed (pip install playwright)")
-    if not CHROMIUM.is_file():
-        _unavailable(f"{CHROMIUM} not found (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ nothing but file:// is requested and a script prompt stays text. Skips without a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from browser import chromium
 from metric_models import build_clip, build_dino
 from test_report import BOLD_FILE, BROKEN_FILE, SCRIPT, TRAIN_STEPS, build_inputs
 
@@ -17,9 +17,6 @@ from tasks.models import resolve
 from tasks.stage import StageResult
 from tasks.store import Store
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update"]  # fmt: skip
 EXPECTED_TEXT = {
     "summary": ["rory <i>run</i>", "a photo of sks toy", str(TRAIN_STEPS)],
     "settings": ["[generate]", "prompts", "[report]", "clip_model", "learning_rate"],
@@ -32,12 +29,6 @@ EXPECTED_TEXT = {
 }
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: the browser test must run)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> StageResult:
     root = tmp_path_factory.mktemp("report-browser")
@@ -47,30 +38,19 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> StageResult:
 
 
 def test_report_opens_offline_in_chromium(made: StageResult, tmp_path: Path) -> None:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("Python playwright is not installed (pip install playwright)")
-    if not CHROMIUM.is_file():
-        _unavailable(f"{CHROMIUM} not found (apt-get install chromium)")
-
     requests: list[str] = []
     dialogs: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("request", lambda request: requests.append(request.url))
-            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-            page.goto((made.path / "report.html").as_uri(), wait_until="load")
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-            texts = {section: page.inner_text(f"#{section}") for section in report.SECTIONS}
-            images = page.eval_on_selector_all(
-                "img", "elements => elements.map(e => [e.getAttribute('src'), e.complete, e.naturalWidth])"
-            )
-            title = page.title()
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("request", lambda request: requests.append(request.url))
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto((made.path / "report.html").as_uri(), wait_until="load")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        texts = {section: page.inner_text(f"#{section}") for section in report.SECTIONS}
+        images = page.eval_on_selector_all(
+            "img", "elements => elements.map(e => [e.getAttribute('src'), e.complete, e.naturalWidth])"
+        )
+        title = page.title()
 
     for section, expected in EXPECTED_TEXT.items():
         for text in expected:

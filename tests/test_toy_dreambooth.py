@@ -6,13 +6,14 @@ Rates are read by the toy analyser from the samples the flow wrote: 64 seeds per
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import chromium
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -28,7 +29,6 @@ BASE_HIT_AT_MOST = 0.05
 HIT_AT_LEAST = 0.50
 CONTEXT_AT_LEAST = 0.60
 LEAK_AT_MOST = 0.10
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 # The run without prior preservation only needs the plain class prompt, the one its leak is read from.
@@ -96,32 +96,23 @@ def test_the_report_shows_the_analysers_rates(runs: dict[str, Path]) -> None:
     assert "Toy analyser" in html and "subject (analyser)" in html
 
 
-def test_the_report_screenshot_shows_the_subject_learned(runs: dict[str, Path], tmp_path: Path) -> None:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("Python playwright is not installed (pip install playwright)") if os.environ.get(
-            "CI"
-        ) == "true" else pytest.skip("no playwright")
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found") if os.environ.get("CI") == "true" else pytest.skip("no chromium")
-    shot = tmp_path / "samples.png"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto((runs["prior"] / "report.html").as_uri(), wait_until="load")
-            broken = page.eval_on_selector_all("img", "els => els.filter(e => !e.complete || !e.naturalWidth).length")
-            page.locator("#samples").screenshot(path=str(shot))
-            metrics = page.inner_text("#metrics")
-        finally:
-            browser.close()
+def test_the_report_in_a_browser_shows_the_subject_learned(runs: dict[str, Path], tmp_path: Path) -> None:
+    """What a user sees: the analyser reads the subject prompt's thumbnails as the browser draws them."""
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((runs["prior"] / "report.html").as_uri(), wait_until="load")
+        broken = page.eval_on_selector_all("img", "els => els.filter(e => !e.complete || !e.naturalWidth).length")
+        shown = {}
+        for label in ("fine-tuned", "base model"):
+            figures = page.locator("#samples figure").filter(has=page.locator(f'img[alt="{SUBJECT}"]'))
+            shots = [f.locator("img").screenshot() for f in figures.filter(has_text=f"{label}, seed").all()]
+            shown[label] = [read(Image.open(io.BytesIO(shot))) for shot in shots]
+        page.locator("#samples").screenshot(path=str(tmp_path / "samples.png"))
+        metrics = page.inner_text("#metrics")
     assert broken == 0
     assert "Toy analyser" in metrics and "shows the subject" in metrics
-    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
-    red = (np.abs(pixels - (220, 30, 30)).max(-1) < 40).mean()
-    yellow = (np.abs(pixels - (240, 220, 30)).max(-1) < 40).mean()
-    assert red > 0.01 and yellow > 0.01  # the fine-tuned samples show the subject's two colours
+    assert rate(shown["base model"], "subject") <= BASE_HIT_AT_MOST
+    assert rate(shown["fine-tuned"], "subject") >= HIT_AT_LEAST
 
 
 def test_the_shipped_toy_model_loads_with_no_build_step(tmp_path: Path) -> None:
