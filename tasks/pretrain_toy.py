@@ -49,6 +49,7 @@ class Plan:
     vae_steps: int = 2000  # at most; the UNet starts as soon as the gate passes
     vae_batch: int = 32
     vae_lr: float = 2e-3
+    vae_anneal_from: int = 1200  # constant LR until this step, then cosine decay to a tenth at vae_steps
     gate_every: int = 200
     gate_images: int = 256
     scenes: int = 16384  # encoded once; captions are drawn afresh each step
@@ -223,12 +224,16 @@ class Pretraining:
     def vae_step(self) -> None:
         if self.state.step >= self.plan.vae_steps:  # a rerun after a missed gate must not train on
             raise self._missed_gate()
-        rng = _rng(self.plan, "vae", self.state.step)
-        pixels = _pixels([render(scene(rng)) for _ in range(self.plan.vae_batch)])
+        plan = self.plan
+        rng = _rng(plan, "vae", self.state.step)
+        pixels = _pixels([render(scene(rng)) for _ in range(plan.vae_batch)])
         posterior = self.vae.encode(pixels).latent_dist
         draws = torch.Generator().manual_seed(rng.getrandbits(63))
         reconstruction = self.vae.decode(posterior.sample(generator=draws)).sample
         loss = torch.nn.functional.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        anneal = max(0, self.state.step - plan.vae_anneal_from)
+        for group in self.vae_opt.param_groups:
+            group["lr"] = plan.vae_lr * _cosine(anneal, max(1, plan.vae_steps - plan.vae_anneal_from))
         self.vae_opt.zero_grad()
         loss.backward()
         self.vae_opt.step()
@@ -358,8 +363,8 @@ def model_card(scores: dict[str, Any]) -> str:
     vae = (
         f"The VAE is {plan['vae_from']}'s, checked against the gate"
         if plan.get("vae_from")
-        else f"The VAE trained {plan['vae_batch']} images per step until its gate passed (at most {plan['vae_steps']}"
-        " steps)"
+        else f"The VAE trained {plan['vae_batch']} images per step (AdamW, LR {plan['vae_lr']}, cosine decay from step"
+        f" {plan['vae_anneal_from']}) until its gate passed (at most {plan['vae_steps']} steps)"
     )
     return f"""# toy-sd{" (quick)" if quick else ""}
 
