@@ -24,13 +24,12 @@ SUBJECT = "a photo of sks circle"
 CONTEXT = "a photo of sks circle on a green background"
 CLASS = "a photo of a circle"
 SAMPLES_PER_RATE = 64
-# What the defaults in configs/toy.toml clear on the shipped toy-sd (measured: base 0%, fine-tuned 54.7%, context
-# 100%, leak 10.9% with prior preservation and 60.9% without). The targets are a 50% hit rate and at most 10% leak,
-# each by a margin of 10 points; hit and leak do not reach them yet, so these floors sit below the measured rates.
+# The thresholds the defaults in configs/toy.toml must clear on the shipped toy-sd (measured: base 0%, fine-tuned
+# 64.1%, context 100%, leak 7.8% with prior preservation and 60.9% without).
 BASE_HIT_AT_MOST = 0.05
-HIT_AT_LEAST = 0.40
+HIT_AT_LEAST = 0.50
 CONTEXT_AT_LEAST = 0.60
-LEAK_AT_MOST = 0.20
+LEAK_AT_MOST = 0.10
 
 
 # The run without prior preservation only needs the plain class prompt, the one its leak is read from.
