@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from PIL import Image
+from results import write_section
 
 from flows.server import api_url, free_port, start_server, stop_server, wait_healthy
 
@@ -88,7 +89,7 @@ def write_results(rows: list[dict], out: Path, command: str) -> None:
         "and Prefect; a fully cached run imports no diffusers or transformers. Ephemeral mode also starts a",
         "temporary Prefect server inside every run.",
     ]
-    out.write_text("\n".join(lines) + "\n")
+    write_section("rerun", lines, out)
 
 
 def main() -> None:

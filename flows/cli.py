@@ -33,11 +33,18 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML con
 ArtifactsOpt = Annotated[Path | None, typer.Option("--artifacts", help="Artifact root (overrides run.artifacts_root)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: section.key=value (repeatable)")]
 SummaryOpt = Annotated[Path | None, typer.Option("--summary", help="Write the run summary JSON here")]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option("--device-memory", help="Accelerator memory to plan for, e.g. 24GiB (default: the CUDA device's)"),
+]
 
 
-def _config(config: Path | None, overrides: list[str] | None, artifacts: Path | None) -> RunConfig:
+def _config(
+    config: Path | None, overrides: list[str] | None, artifacts: Path | None, device_memory: str | None = None
+) -> RunConfig:
+    memory = [f"run.device_memory={json.dumps(device_memory)}"] if device_memory is not None else []
     try:
-        return load_config(config, overrides or [], artifacts)
+        return load_config(config, [*(overrides or []), *memory], artifacts)
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None
@@ -99,9 +106,15 @@ def _print_summary(result: dict, seconds: float) -> None:
 
 
 @app.command()
-def run(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, summary: SummaryOpt = None, set_: SetOpt = None):
+def run(
+    config: ConfigOpt = None,
+    artifacts: ArtifactsOpt = None,
+    summary: SummaryOpt = None,
+    set_: SetOpt = None,
+    device_memory: MemoryOpt = None,
+):
     """Run the whole pipeline; stages whose inputs did not change are cache hits."""
-    _execute(_config(config, set_, artifacts), summary, stage=None)
+    _execute(_config(config, set_, artifacts, device_memory), summary, stage=None)
 
 
 @app.command()
@@ -111,9 +124,49 @@ def stage(
     artifacts: ArtifactsOpt = None,
     summary: SummaryOpt = None,
     set_: SetOpt = None,
+    device_memory: MemoryOpt = None,
 ):
     """Run one stage from cached upstream outputs (names the upstream that is missing)."""
-    _execute(_config(config, set_, artifacts), summary, stage=name)
+    _execute(_config(config, set_, artifacts, device_memory), summary, stage=name)
+
+
+@app.command()
+def plan(
+    config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None, device_memory: MemoryOpt = None
+):
+    """Estimate each stage's peak accelerator memory before anything loads; exit 1 when a stage cannot fit."""
+    from tasks.config import GIB
+    from tasks.memory import PARTS, MemoryPlanError, architecture, check_memory, estimates
+    from tasks.memory import device_memory as memory_of
+
+    cfg = _config(config, set_, artifacts, device_memory)
+    arch = architecture(cfg.model.id, cfg.run.artifacts_root)
+    if arch is None:
+        console.print(f"the architecture of {cfg.model.id!r} is unknown until it is downloaded", highlight=False)
+        raise typer.Exit(1)
+    found = estimates(cfg, arch)
+    console.print(f"model {cfg.model.id} ({arch.family})", highlight=False)
+    table = Table(title="memory plan (GiB)")
+    table.add_column("part")
+    for estimate in found:
+        table.add_column(estimate.stage, justify="right")
+    for part in [part for part in PARTS if any(part in e.parts for e in found)]:
+        table.add_row(part, *(f"{e.parts[part] / GIB:.2f}" if part in e.parts else "" for e in found))
+    table.add_row("total", *(f"{e.total / GIB:.2f}" for e in found))
+    Console().print(table)
+    memory = memory_of(cfg)
+    if memory is None:
+        console.print("no CUDA device here: pass --device-memory (e.g. 24GiB) to check a device", highlight=False)
+        return
+    try:
+        warnings = check_memory(cfg, memory)
+    except MemoryPlanError as err:
+        console.print(f"[red]does not fit[/red]: {err}", highlight=False)
+        raise typer.Exit(1) from None
+    for warning in warnings:
+        console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
+    source = "as stated" if cfg.run.device_memory else "the CUDA device's"
+    console.print(f"fits in {memory / GIB:.1f} GiB ({source})", highlight=False)
 
 
 @app.command()
@@ -157,11 +210,12 @@ def serve(
     ] = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
+    device_memory: MemoryOpt = None,
 ):
     """Serve the nightly deployment: the config is frozen in now, so restart serve after editing it."""
     from flows.operate import SERVED_DEPLOYMENT, local_timezone, serve_nightly
 
-    cfg = _config(config, set_, artifacts)
+    cfg = _config(config, set_, artifacts, device_memory)
     zone = timezone or local_timezone()
     console.print(_server_line(), highlight=False)
     console.print(

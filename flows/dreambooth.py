@@ -8,12 +8,13 @@ Every stage is a cached task, so a rerun skips what is done; `dreambooth_stage` 
 import copy
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.publish import publish
 from flows.runner import StageRunner
 from tasks import class_images, generate, latents, preprocess, report, train
 from tasks.config import RunConfig, fill_prompt
+from tasks.memory import MemoryPlanError, preflight
 from tasks.models import ModelUnavailable, ResolvedModel, resolve
 from tasks.stage import StageError
 
@@ -30,9 +31,20 @@ def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
         raise StageError(needed_by, str(err), item=config.model.id) from None
 
 
+def check_plan(config: RunConfig) -> None:
+    """Before any stage loads a model: precision the device can run, and the memory plan (when its size is known)."""
+    try:
+        for warning in preflight(config):
+            get_run_logger().warning(warning)
+    except MemoryPlanError as err:
+        raise StageError("plan", str(err)) from None
+
+
 def pipeline(config: RunConfig, stages: StageRunner) -> None:
     data = config.data
     with stages:
+        if not stages.plan:
+            check_plan(config)
         files = preprocess.scan(data.instance_dir)
         instance = stages.run(
             preprocess.preprocess_task,

@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 
 from flows.caching import cache_options
 from tasks.config import RunConfig
+from tasks.device import release
 from tasks.stage import StageError, StageResult
 from tasks.store import Store
 
@@ -136,6 +137,7 @@ class StageRunner:
                 state = stage_task.with_options(**cache_options(name, self.root, key_fn))(
                     cfg, inputs, self.root, return_state=True
                 )
+            release()  # the stage's models are gone: give their accelerator memory back before the next stage
             if state.is_failed():
                 raise state.result(raise_on_failure=False)
             result, peak_memory = state.result(), memory.mib

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from PIL import Image
 from prefect import task
 
@@ -28,6 +27,7 @@ from tasks.render import (
     load_pipeline_for,
     make_scheduler,
     render,
+    rendering_options,
     scheduler_class,
     scheduler_settings,
 )
@@ -74,6 +74,7 @@ def item_settings(cfg: PriorSection) -> dict[str, Any]:
         "steps": cfg.steps,
         "guidance": cfg.guidance,
         "seed": cfg.seed,
+        **rendering_options(dtype=cfg.dtype, vae_slicing=cfg.vae_slicing),
     }
 
 
@@ -106,10 +107,6 @@ def request_for(cfg: PriorSection, inputs: ClassImagesInputs, index: int) -> Ren
     return RenderRequest(inputs.class_prompt, cfg.negative_prompt, seed, cfg.steps, cfg.guidance, side, side)
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _save_item(image: Image.Image, request: RenderRequest, index: int) -> Callable[[Path], dict[str, Any]]:
     def build(folder: Path) -> dict[str, Any]:
         image.save(folder / "image.png", format="PNG")
@@ -123,7 +120,7 @@ def _render_missing(
 ) -> int:
     """Load the base model and render the `missing` indexes; returns how many items this call created."""
     try:
-        pipe = load_pipeline_for(inputs.model, _device(), torch.float32)
+        pipe = load_pipeline_for(inputs.model, cfg.dtype, cfg.vae_slicing)
         make_scheduler(pipe, cfg.scheduler)
     except Exception as err:
         message = f"cannot load the base model ({type(err).__name__}: {err}); check model.id and its files"

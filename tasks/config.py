@@ -5,6 +5,7 @@ Sections are what cache keys hash, so every field says whether it can change a s
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,23 @@ class ConfigError(Exception):
 def no_key(description: str, **kwargs: Any) -> Any:
     """A field that cannot change any output, so cache keys leave it out."""
     return Field(description=description, json_schema_extra={"affects_output": False}, **kwargs)
+
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+GIB = 2**30
+_UNITS = {"": GIB, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": GIB,
+          "gb": 1e9, "gib": GIB, "t": 2**40, "tb": 1e12, "tib": 2**40}  # fmt: skip
+
+
+def parse_memory(value: str) -> int:
+    """`24GiB`, `24 GB`, `80G` (a bare G or number means GiB), `24576MiB` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not an amount of memory; write it like 24GiB, 80GB or 16384MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+VAE_SLICING = "Decode one image at a time: a batch's decode memory over its size; pixels may move by 1 level"
 
 
 class Section(BaseModel):
@@ -47,6 +65,17 @@ class ModelSection(Section):
 class RunSection(Section):
     name: str = no_key("Run name, shown in Prefect and the report", default="demo")
     artifacts_root: Path = no_key("Folder where every stage writes its cached outputs", default=Path("artifacts"))
+    device_memory: str = no_key(
+        "Accelerator memory the plan checks against, e.g. 24GiB; empty: the CUDA device's (no check without CUDA)",
+        default="",
+    )
+
+    @field_validator("device_memory")
+    @classmethod
+    def _memory_amount(cls, value: str) -> str:
+        if value:
+            parse_memory(value)
+        return value
 
 
 class DataSection(Section):
@@ -77,7 +106,7 @@ class PreprocessSection(Section):
 
 
 class LatentsSection(Section):
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="VAE precision while encoding")
+    dtype: Dtype = Field("float32", description="VAE precision while encoding")
     flip: bool = Field(False, description="Also cache each image's mirror image; training picks one at random per step")
     batch_size: int = no_key("Images per VAE forward pass", default=4, ge=1)
 
@@ -94,6 +123,8 @@ class PriorSection(Section):
     steps: int = Field(25, ge=1, description="Inference steps per class image")
     guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale")
     seed: int = Field(0, description="Base seed; image i is rendered with its own generator seeded by (seed, i)")
+    dtype: Dtype = Field("float32", description="Rendering precision (float16 needs CUDA)")
+    vae_slicing: bool = Field(True, description=VAE_SLICING)
     batch_size: int = no_key("Class images rendered per batch", default=4, ge=1)
 
 
@@ -130,6 +161,14 @@ class TrainSection(Section):
     checkpoint_every: int = no_key("Save a resumable checkpoint every N steps (0: never)", default=100, ge=0)
     keep_checkpoints: int = no_key("Keep the newest K checkpoints", default=2, ge=1)
     cpu_threads: int = no_key("Torch threads per training process on CPU (results depend on it)", default=2, ge=1)
+    num_processes: int = no_key(
+        "Training processes (one per GPU) on this machine under accelerate; batch_size is per process", default=1, ge=1
+    )
+
+    def keyed(self) -> dict[str, Any]:
+        """The batch is keyed as the global micro-batch (batch_size x num_processes), which is what is drawn: two
+        processes of batch 1 are the same training as one of batch 2, and share its key."""
+        return {**super().keyed(), "batch_size": self.batch_size * self.num_processes}
 
 
 class GenerateSection(Section):
@@ -149,6 +188,11 @@ class GenerateSection(Section):
         ("a photo of {token} {class}",),
         description="Prompts rendered (first seed) from each train.sample_every checkpoint",
     )
+    dtype: Dtype = Field(
+        "float32", description="Rendering precision; float16 needs CUDA (and, for SDXL, an fp16-safe VAE to keep it)"
+    )
+    vae_slicing: bool = Field(True, description=VAE_SLICING)
+    vae_tiling: bool = Field(False, description="Decode large images tile by tile (less memory, seams possible)")
     batch_size: int = no_key("Images per pipeline call", default=4, ge=1)
 
     @field_validator("size")

@@ -19,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from prefect import task
 
 from tasks.config import GenerateSection, fill_prompt
+from tasks.device import device
 from tasks.faults import fail_if_injected
 from tasks.models import ResolvedModel
 from tasks.render import (
@@ -27,7 +28,9 @@ from tasks.render import (
     build_scheduler,
     load_pipeline_for,
     make_scheduler,
+    prepare,
     render,
+    rendering_options,
     scheduler_class,
     scheduler_settings,
 )
@@ -41,7 +44,6 @@ STAGE = "generate"
 ITEMS = "generate-items"
 CODE_VERSION = 2  # 2: base pipelines load without the SD 1.5 safety checker
 LORA_FILE = "pytorch_lora_weights.safetensors"
-DTYPE = torch.float32  # rendering precision; part of every image's pixels, so fixed rather than per device
 COLUMNS = ["id", "kind", "step", "template", "prompt", "seed", "model", "image"]
 
 
@@ -151,6 +153,7 @@ def item_settings(cfg: GenerateSection) -> dict[str, Any]:
         "scheduler": cfg.scheduler,
         "steps": cfg.steps,
         "guidance": cfg.guidance,
+        **rendering_options(dtype=cfg.dtype, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling),
     }
 
 
@@ -210,28 +213,24 @@ def png_text(item: Item, scheduler: str) -> dict[str, str]:
     }
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_weights(weights: Weights, model: ResolvedModel, method: str) -> DiffusionPipeline:
+def load_weights(cfg: GenerateSection, weights: Weights, model: ResolvedModel, method: str) -> DiffusionPipeline:
     """A pipeline with these weights: the fine-tuned diffusers folder as users load it, or the base pipeline with
     a sample step's UNet (and text encoder) or LoRA on top; the base alone for kind "base"."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    device = _device()
+    dtype = getattr(torch, cfg.dtype)
     if weights.kind == "finetuned" and method == "full":
-        return DiffusionPipeline.from_pretrained(weights.folder, dtype=DTYPE).to(device)
-    pipe = load_pipeline_for(model, device, DTYPE)
+        return prepare(DiffusionPipeline.from_pretrained(weights.folder, dtype=dtype), cfg.vae_slicing, cfg.vae_tiling)
+    pipe = load_pipeline_for(model, cfg.dtype, cfg.vae_slicing, cfg.vae_tiling)
     if weights.folder is None:
         return pipe
     if method == "lora":
         pipe.load_lora_weights(weights.folder, weight_name=LORA_FILE)
         return pipe
-    pipe.unet = UNet2DConditionModel.from_pretrained(weights.folder / "unet", dtype=DTYPE).to(device)
+    pipe.unet = UNet2DConditionModel.from_pretrained(weights.folder / "unet", dtype=dtype).to(device())
     if (weights.folder / "text_encoder").is_dir():
-        pipe.text_encoder = CLIPTextModel.from_pretrained(weights.folder / "text_encoder", dtype=DTYPE).to(device)
+        pipe.text_encoder = CLIPTextModel.from_pretrained(weights.folder / "text_encoder", dtype=dtype).to(device())
     return pipe
 
 
@@ -250,7 +249,7 @@ def _render_from(cfg: GenerateSection, inputs: GenerateInputs, method: str, todo
     """Load one set of weights and render its missing images; returns how many items this call created."""
     weights = todo[0].weights
     try:
-        pipe = load_weights(weights, inputs.model, method)
+        pipe = load_weights(cfg, weights, inputs.model, method)
         make_scheduler(pipe, cfg.scheduler)
     except Exception as err:
         where, hint = (

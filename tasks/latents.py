@@ -21,6 +21,7 @@ from prefect import task
 from safetensors.torch import save_file
 
 from tasks.config import LatentsSection
+from tasks.device import device, loaded
 from tasks.faults import fail_if_injected
 from tasks.models import ResolvedModel
 from tasks.progress import track
@@ -162,15 +163,11 @@ def vae_settings(vae_path: Path) -> dict[str, Any]:
     }
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _load_vae(vae_path: Path, dtype: str) -> AutoencoderKL:
     from diffusers import AutoencoderKL  # here, so a fully cached run never imports diffusers
 
     vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=getattr(torch, dtype))
-    return vae.to(_device()).eval()
+    return loaded(vae.to(device()).eval())
 
 
 def _pixels(image: Path) -> torch.Tensor:

@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,6 +23,8 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from tasks import text
+from tasks.architectures import COMPONENT_CONFIGS
 from tasks.store import file_sha256
 
 if TYPE_CHECKING:  # diffusers and transformers load where models are built or loaded: resolving needs neither
@@ -113,7 +115,7 @@ class ModelUnavailable(Exception):
 class Preset:
     """What `resolve_model` builds for a preset name: a builder that saves into a folder, and its family."""
 
-    build: Callable[[Path], DiffusionPipeline]
+    build: Callable[[Path], DiffusionPipeline | None]
     family: str
     description: str
 
@@ -233,9 +235,61 @@ def _build_tiny_sdxl(folder: Path) -> StableDiffusionXLPipeline:
     return pipe
 
 
+# The pipeline class, extra constructor arguments and scheduler of each family's full-size preset.
+ARCH_PIPELINES = {
+    "sd15": ("StableDiffusionPipeline", {"safety_checker": None, "feature_extractor": None,
+                                         "requires_safety_checker": False}, "PNDMScheduler", SD15_SCHEDULER),
+    "sdxl": ("StableDiffusionXLPipeline", {"add_watermarker": False}, "EulerDiscreteScheduler", SDXL_SCHEDULER),
+}  # fmt: skip
+
+
+def _build_arch(family: str) -> Callable[[Path], None]:
+    """A builder of the full-size `family` architecture with random weights (seed 0 per component), saved one
+    component at a time in 2 GB shards, so its peak memory is one component (SDXL's UNet: 10 GB), not the pipeline."""
+
+    def build(folder: Path) -> None:
+        import diffusers
+        import transformers
+        from accelerate import init_empty_weights
+
+        pipeline_name, extra, scheduler_name, scheduler_config = ARCH_PIPELINES[family]
+        configs = COMPONENT_CONFIGS[family]
+        makers: dict[str, Callable[[], Any]] = {
+            "unet": partial(diffusers.UNet2DConditionModel, **configs["unet"]),
+            "vae": partial(diffusers.AutoencoderKL, **configs["vae"]),
+        }
+        tokenizers = {}
+        for tokenizer_name, encoder_name in text.COMPONENTS[family]:
+            tokenizer = tokenizers[tokenizer_name] = tiny_tokenizer(folder / tokenizer_name)
+            tokenizer.save_pretrained(folder / tokenizer_name)  # its config: the 77-token length
+            config = transformers.CLIPTextConfig(
+                **configs[encoder_name],
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            makers[encoder_name] = partial(getattr(transformers, text.ENCODER_CLASSES[encoder_name]), config)
+        scheduler = getattr(diffusers, scheduler_name)(**scheduler_config)
+        with init_empty_weights():  # the pipeline's model_index.json, without allocating any weights
+            skeleton = getattr(diffusers, pipeline_name)(
+                **{name: make() for name, make in makers.items()}, **tokenizers, scheduler=scheduler, **extra
+            )
+        skeleton.save_config(folder)
+        scheduler.save_pretrained(folder / "scheduler")
+        for name, make in makers.items():
+            seeded(make).save_pretrained(folder / name, safe_serialization=True, max_shard_size="2GB")
+
+    return build
+
+
+ARCH_PRESETS = {"sd15-arch": "sd15", "sdxl-arch": "sdxl"}
 PRESETS: dict[str, Preset] = {
     "tiny-sd15": Preset(_build_tiny_sd15, "sd15", "SD 1.5 architecture, tiny random weights (CPU tests)"),
     "tiny-sdxl": Preset(_build_tiny_sdxl, "sdxl", "SDXL architecture, tiny random weights (CPU tests)"),
+    **{
+        name: Preset(_build_arch(family), family, f"{family} at full size, random weights (memory, speed, exports)")
+        for name, family in ARCH_PRESETS.items()
+    },
 }
 
 
@@ -284,7 +338,7 @@ def _build_preset(name: str, root: Path) -> Path:
 def _unavailable(model_id: str, why: str) -> ModelUnavailable:
     return ModelUnavailable(
         f"model {model_id!r} {why}; pass a local diffusers folder, set HF_HOME to a cache that has it,"
-        f" or use a tiny preset such as {' or '.join(PRESETS)}"
+        f" or use a preset such as {' or '.join(PRESETS)}"
     )
 
 
@@ -340,6 +394,21 @@ def resolve_model(model_id: str, root: Path) -> Path:
             raise ModelUnavailable(f"model folder {str(local)!r} has no model_index.json: not a diffusers folder")
         return local
     return _hub_snapshot(model_id, _download_pipeline, "a preset, an existing folder")
+
+
+def local_model_folder(model_id: str, root: Path) -> Path | None:
+    """The model's diffusers folder when it is on disk or cheap to build (tiny presets), without downloading;
+    None otherwise (a hub id not in the local cache, an unbuilt full-size preset, a name that is nothing)."""
+    if model_id in ARCH_PRESETS:
+        folder = _preset_folder(model_id, root)
+        return folder if folder.is_dir() else None
+    try:
+        if model_id in PRESETS or model_id in SHIPPED or Path(model_id).expanduser().is_dir():
+            return resolve_model(model_id, root)
+        validate_repo_id(model_id)
+        return Path(_download_pipeline(model_id, True))
+    except Exception:  # not on disk: the caller decides what an unknown model means
+        return None
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,28 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
-from prefect.logging import get_logger, get_run_logger
 from rich.progress import Progress
 
 T = TypeVar("T")
 LOG_EVERY_SECONDS = 5.0
 
 
+def in_task_run() -> bool:
+    """Inside a Prefect task run; a process that never imported Prefect (a GPU check, the training child) is not."""
+    if "prefect" not in sys.modules:
+        return False
+    from prefect.context import TaskRunContext
+
+    return TaskRunContext.get() is not None
+
+
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """The Prefect task-run logger inside a task run (its lines reach the UI), else a plain logger."""
-    return get_run_logger() if TaskRunContext.get() else get_logger("boothflow")
+    if in_task_run():
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    return logging.getLogger("prefect.boothflow")
 
 
 class Reporter:
@@ -31,8 +41,11 @@ class Reporter:
     def __init__(self, total: int, description: str) -> None:
         self.total, self.description, self.done = total, description, 0
         self.log = run_logger()
-        in_task = TaskRunContext.get() is not None and total > 0
-        self.artifact = create_progress_artifact(0.0, description=description) if in_task else None
+        self.artifact = None
+        if in_task_run() and total > 0:
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact = create_progress_artifact(0.0, description=description)
         self.bar = Progress(transient=True, disable=not sys.stderr.isatty())
         self.last = time.monotonic()
 
@@ -52,6 +65,8 @@ class Reporter:
             self.last = now
             self.log.info("%s: %d/%d", self.description, self.done, self.total)
             if self.artifact is not None:
+                from prefect.artifacts import update_progress_artifact
+
                 update_progress_artifact(self.artifact, 100.0 * self.done / self.total)
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from tasks.device import device, loaded
 from tasks.models import ResolvedModel
 from tasks.progress import track
 
@@ -40,6 +41,16 @@ class RenderError(Exception):
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.requests = requests
         self.cause = cause
+
+
+# How images were rendered before these options existed: an option at this value leaves an image's key as it was.
+RENDERED_BEFORE = {"dtype": "float32", "vae_slicing": False, "vae_tiling": False}
+
+
+def rendering_options(**options: Any) -> dict[str, Any]:
+    """The rendering options that enter an image's key: those that change its pixels from how images were rendered
+    before the options existed, so caches made earlier stay valid (and class images keep their ids and order)."""
+    return {name: value for name, value in options.items() if value != RENDERED_BEFORE[name]}
 
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:
@@ -72,8 +83,10 @@ def make_scheduler(pipe: DiffusionPipeline, name: str) -> SchedulerMixin:
     return pipe.scheduler
 
 
-def load_pipeline_for(model: ResolvedModel, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
-    """The base pipeline with the model's own VAE (a separate one when configured), ready on `device`.
+def load_pipeline_for(
+    model: ResolvedModel, dtype: str, vae_slicing: bool = True, vae_tiling: bool = False
+) -> DiffusionPipeline:
+    """The base pipeline with the model's own VAE (a separate one when configured), on the accelerator in `dtype`.
 
     Cache keys hash `model.identities`, whose "vae" is the separate VAE when one is set, so rendering must use it.
     """
@@ -83,10 +96,21 @@ def load_pipeline_for(model: ResolvedModel, device: torch.device, dtype: torch.d
     # SD 1.5's safety checker blacks out flagged images; a black class image would be cached as prior data
     # (diffusers' DreamBooth script renders class images without it too).
     no_checker = {"safety_checker": None, "requires_safety_checker": False} if model.family == "sd15" else {}
-    pipe = DiffusionPipeline.from_pretrained(model.path, dtype=dtype, **no_checker)
+    pipe = DiffusionPipeline.from_pretrained(model.path, dtype=getattr(torch, dtype), **no_checker)
     if model.vae_path != model.path / "vae":
-        pipe.vae = diffusers.AutoencoderKL.from_pretrained(model.vae_path, dtype=dtype)
-    return pipe.to(device)
+        pipe.vae = diffusers.AutoencoderKL.from_pretrained(model.vae_path, dtype=getattr(torch, dtype))
+    return prepare(pipe, vae_slicing, vae_tiling)
+
+
+def prepare(pipe: DiffusionPipeline, vae_slicing: bool, vae_tiling: bool) -> DiffusionPipeline:
+    """On the accelerator, registered as loaded; with `vae_slicing` the VAE decodes one image at a time (a batch's
+    decode memory divided by its size; a batched decode can round a pixel differently), with `vae_tiling` tile by
+    tile."""
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    return loaded(pipe.to(device()))
 
 
 def _group_key(request: RenderRequest) -> tuple[int, float, int, int, bool]:

@@ -22,13 +22,15 @@ from prefect import task
 
 from tasks import imaging
 from tasks.config import ReportSection, RunConfig, fill_prompt
+from tasks.device import device as accelerator
+from tasks.device import loaded
 from tasks.models import component_identity
 from tasks.progress import track
 from tasks.stage import StageError, StageResult
 from tasks.store import Store, file_sha256, link_or_copy, stage_key
 
 STAGE = "report"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: the summary shows the global batch
 SECTIONS = ("summary", "settings", "stages", "inputs", "loss", "samples", "checkpoints", "metrics")
 """The id of every section element of report.html, in page order; links and tests rely on them."""
 MODEL_SETTINGS = ("clip_model", "dino_model")  # keyed by the models' identities, never by a folder path
@@ -243,8 +245,8 @@ def load_metric_model(model: MetricModel, model_id: str, device: torch.device) -
 
     try:
         if model is CLIP:
-            return CLIPModel.from_pretrained(path).eval().to(device), CLIPProcessor.from_pretrained(path)
-        return AutoModel.from_pretrained(path).eval().to(device), AutoImageProcessor.from_pretrained(path)
+            return loaded(CLIPModel.from_pretrained(path).eval().to(device)), CLIPProcessor.from_pretrained(path)
+        return loaded(AutoModel.from_pretrained(path).eval().to(device)), AutoImageProcessor.from_pretrained(path)
     except Exception as err:
         line = (str(err).splitlines() or [""])[0][:200]
         raise MetricsUnavailable(
@@ -300,7 +302,7 @@ def compute_metrics(
     """The DreamBooth paper's scores per group of samples, each a mean cosine similarity: CLIP-T (image vs its
     prompt), CLIP-I and DINO (image vs every instance image); the instance images against each other are the
     reference row. Returns them and the names of the models loaded; a missing model is a message, not an error."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = accelerator()
     groups: dict[tuple[str, int | None], list[Sample]] = {}
     for sample in _in_group_order(samples):
         groups.setdefault((sample.kind, sample.step), []).append(sample)
@@ -735,11 +737,21 @@ def summary_facts(
         "token / class": f"{inputs.token} / {inputs.class_name}",
         "training": f"{training.get('method', '—')} fine-tune ({training.get('family', '—')})",
         "steps": training.get("steps"),
+        "global batch": _global_batch(training),
         "final loss": float(losses["loss"].iloc[-1]) if len(losses) else None,
         "instance images": f"{instance_counts[0]} used, {instance_counts[1]} rejected",
         "class images": class_count if inputs.class_images else "none (prior preservation off)",
         "samples": ", ".join(f"{kinds.count(k)} {KIND_LABELS.get(k, k)}" for k in _in_order(kinds)) or "none",
     }
+
+
+def _global_batch(training: dict[str, Any]) -> str:
+    """Images per optimizer step, and how they were split (processes share the batch; see train.num_processes)."""
+    if "global_batch" not in training:
+        return "—"
+    parts = (f"{training['batch_size']} per process x {training['grad_accum']} accumulation"
+             f" x {training['num_processes']} process{'es' if training['num_processes'] > 1 else ''}")  # fmt: skip
+    return f"{training['global_batch']} ({parts})"
 
 
 def _build(cfg: ReportSection, inputs: ReportInputs, key: str) -> Callable[[Path], dict[str, Any]]:

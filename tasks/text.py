@@ -21,6 +21,7 @@ COMPONENTS = {
     "sdxl": (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
 }
 ENCODER_CLASSES = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # the encoders' attention projections that get LoRA
 
 
 @dataclass(frozen=True)

@@ -20,44 +20,24 @@ from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 from prefect import task
-from pydantic import BaseModel, ConfigDict
 from safetensors.torch import save_file
 
-from tasks import text
+from tasks import device, text
 from tasks.config import TrainSection
 from tasks.faults import fail_if_injected
 from tasks.models import ResolvedModel
 from tasks.progress import Reporter, run_logger
 from tasks.stage import StageError, StageResult
 from tasks.store import Store, stage_key
+from tasks.train_job import TrainJob, resolved_optimizer
 
 STAGE = "train"
 EMBEDS = "text-embeds-items"
 CODE_VERSION = 1
 SUPPORTED = {("sd15", "full"), ("sdxl", "lora")}
 TAIL_LINES = 40
-
-
-class TrainJob(BaseModel):
-    """Everything the child needs, written by the train stage; paths here never reach a cache key."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    family: str
-    base: Path
-    vae_path: Path
-    latents_dir: Path
-    out_dir: Path
-    checkpoints_dir: Path
-    train: TrainSection
-    optimizer: str
-    instance_prompt: str
-    class_prompt: str | None
-    prior_weight: float
-    text_embeds: dict[str, Path] | None
-    safety_checker: bool
-    parent_pid: int
-    facts: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -68,13 +48,6 @@ class TrainInputs:
     class_prompt: str | None
     prior_weight: float
     safety_checker: bool
-
-
-def resolved_optimizer(cfg: TrainSection) -> str:
-    """8-bit Adam only where it can run (CUDA + bitsandbytes); otherwise AdamW, and the key says AdamW."""
-    if cfg.optimizer == "adamw8bit" and torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
-        return "adamw8bit"
-    return "adamw"
 
 
 def _model_components(inputs: TrainInputs) -> list[str]:
@@ -123,7 +96,8 @@ def cache_text_embeddings(model: ResolvedModel, prompts: dict[str, str], store: 
     def build(prompt: str):
         def write(folder: Path) -> dict[str, Any]:
             if not loaded:
-                loaded.append((text.load_tokenizers(model.path, family), text.load_text_encoders(model.path, family)))
+                encoders = [device.loaded(e) for e in text.load_text_encoders(model.path, family)]
+                loaded.append((text.load_tokenizers(model.path, family), encoders))
             tokenizers, encoders = loaded[0]
             with torch.no_grad():
                 cond = text.encode(family, encoders, text.tokenize(tokenizers, prompt))
@@ -159,13 +133,33 @@ def _events(proc: subprocess.Popen, tail: collections.deque) -> Iterator[dict[st
             yield event
 
 
+def accelerate_config(cfg: TrainSection) -> dict[str, Any]:
+    """The launch settings boothflow owns: nothing from the user's accelerate folder (a DeepSpeed or FSDP default
+    there would change or break the run). Several processes go through accelerate's multi-GPU launcher (torchrun),
+    which is also what runs them on a CPU, where the child picks gloo."""
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU" if cfg.num_processes > 1 else "NO",
+        "num_processes": cfg.num_processes,
+        "num_machines": 1,
+        "machine_rank": 0,
+        "mixed_precision": cfg.mixed_precision,
+        "dynamo_config": {"dynamo_backend": "NO"},
+        "use_cpu": False,
+        "gpu_ids": "all",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "downcast_bf16": "no",
+    }
+
+
 def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
-    """Run the child to the end; returns (steps restored from a checkpoint, final loss)."""
+    """Run the child to the end under the job's own accelerate config; returns (steps restored, final loss)."""
+    config_file = job_path.with_name("accelerate.yaml")
+    config_file.write_text(yaml.safe_dump(accelerate_config(cfg)))
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
-        "--mixed_precision", cfg.mixed_precision, "--num_cpu_threads_per_process", str(cfg.cpu_threads),
-        "-m", "tasks.trainer", str(job_path),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+        "--num_cpu_threads_per_process", str(cfg.cpu_threads), "-m", "tasks.trainer", str(job_path),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log, tail = run_logger(), collections.deque(maxlen=TAIL_LINES)

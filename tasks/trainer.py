@@ -6,21 +6,25 @@ a generator seeded by (seed, step, sample), so a resumed run needs no RNG state 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import resource
 import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -30,20 +34,22 @@ from safetensors.torch import load_file, save_file
 
 from tasks import export, text
 from tasks.config import TrainSection
+from tasks.device import release
 from tasks.faults import fault
 from tasks.latent_dist import sample_latent, scale_latent
 from tasks.objective import Objective
 from tasks.seeds import generator
 from tasks.store import link_or_copy
-from tasks.train import TrainJob
+from tasks.train_job import TrainJob
 
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 COMPLETE = "COMPLETE"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
+    """One JSON line for the train stage, from the main process only (the others train in step with it)."""
+    if PartialState().is_main_process:
+        print(json.dumps({"event": event, **fields}), flush=True)
 
 
 class LatentData:
@@ -101,16 +107,19 @@ class Batch:
         return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
 
 
-def make_batch(data: LatentData, objective: Objective, job: TrainJob, step: int, micro: int) -> Batch:
-    """Instance samples (then as many class samples with prior preservation), each with its own generator."""
+def make_batch(data: LatentData, objective: Objective, job: TrainJob, step: int, micro: int, rank: int = 0) -> Batch:
+    """This process's slice of one global micro-batch: instance samples (then as many class samples with prior
+    preservation), each with its own generator seeded by its global slot, so what is drawn does not depend on how
+    many processes share the global batch (batch_size x num_processes)."""
     cfg = job.train
     kinds = ["instance"] + (["class"] if job.class_prompt else [])
+    width = cfg.batch_size * cfg.num_processes
     rows = []
     for kind in kinds:
-        for j in range(cfg.batch_size):
-            position = (step * cfg.grad_accum + micro) * cfg.batch_size + j
+        for slot in range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size):
+            position = (step * cfg.grad_accum + micro) * width + slot
             sample_id = data.pick(kind, position, cfg.seed)
-            rng = generator(cfg.seed, "sample", step, micro, j, kind, sample_id)
+            rng = generator(cfg.seed, "sample", step, micro, slot, kind, sample_id)
             latent, time_ids = data.draw(sample_id, rng)
             noise, timestep = objective.draw(latent, rng)
             rows.append((latent, noise, timestep, kind == "class", time_ids))
@@ -128,7 +137,7 @@ class Conditioner:
         prompts = [p for p in (job.instance_prompt, job.class_prompt) if p is not None]
         if encoders is None:
             cached = {
-                p: load_file(job.text_embeds[k], device=str(device))
+                p: {name: t.to(device) for name, t in load_file(job.text_embeds[k]).items()}
                 for k, p in zip(("instance", "class"), prompts, strict=False)
             }
             self.cached = {p: text.Conditioning(t["hidden"], t.get("pooled")) for p, t in cached.items()}
@@ -166,7 +175,8 @@ def build_models(job: TrainJob, accelerator: Accelerator) -> tuple[torch.nn.Modu
     """The UNet and (when trained) the text encoders, with LoRA adapters or full weights made trainable."""
     cfg = job.train
     frozen_dtype = DTYPES[cfg.mixed_precision] if cfg.method == "lora" else torch.float32
-    unet = UNet2DConditionModel.from_pretrained(job.base, subfolder="unet")
+    # Loaded in its training precision: a float32 copy of SDXL's frozen UNet would be 10 GB for nothing.
+    unet = UNet2DConditionModel.from_pretrained(job.base, subfolder="unet", torch_dtype=frozen_dtype)
     encoders = text.load_text_encoders(job.base, job.family) if cfg.train_text_encoder else None
     torch.manual_seed(cfg.seed)
     if cfg.method == "lora":
@@ -174,7 +184,7 @@ def build_models(job: TrainJob, accelerator: Accelerator) -> tuple[torch.nn.Modu
         unet.add_adapter(lora_config(cfg, list(cfg.lora_targets)))
         for encoder in encoders or []:
             encoder.requires_grad_(False)
-            inject_adapter_in_model(lora_config(cfg, TEXT_LORA_TARGETS), encoder)
+            inject_adapter_in_model(lora_config(cfg, list(text.LORA_TARGETS)), encoder)
     for model in [unet, *(encoders or [])]:
         model.to(accelerator.device, dtype=frozen_dtype)
         model.train()
@@ -213,7 +223,7 @@ def save_checkpoint(job: TrainJob, step: int, params: dict, state: dict, metrics
     save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, temp / "trainable.safetensors")
     torch.save({name: part.state_dict() for name, part in state.items()}, temp / "state.pt")
     (temp / "metrics.json").write_text(json.dumps(metrics))
-    (temp / "step.json").write_text(json.dumps({"step": step}))
+    (temp / "step.json").write_text(json.dumps({"step": step, "num_processes": job.train.num_processes}))
     if final.exists():
         shutil.rmtree(final)
     temp.rename(final)
@@ -224,30 +234,43 @@ def save_checkpoint(job: TrainJob, step: int, params: dict, state: dict, metrics
 
 def clear_partial_checkpoints(job: TrainJob) -> None:
     """Folders a killed save left behind; never read, possibly gigabytes."""
-    for partial in [*job.checkpoints_dir.glob(".step-*.tmp-*"), *job.checkpoints_dir.glob("samples/.step-*.tmp-*")]:
-        shutil.rmtree(partial, ignore_errors=True)
+    for leftover in [*job.checkpoints_dir.glob(".step-*.tmp-*"), *job.checkpoints_dir.glob("samples/.step-*.tmp-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*") if (p / COMPLETE).is_file())
 
 
+class CannotResume(Exception):
+    """Checkpoints this run cannot continue exactly; the message says how to go on."""
+
+
 def restore(job: TrainJob, params: dict, state: dict) -> tuple[int, list[dict]]:
-    """Load the newest complete checkpoint; returns (steps done, metrics so far), (0, []) without one."""
+    """Load the newest complete checkpoint; returns (steps done, metrics so far), (0, []) without one.
+
+    The LR schedule advances once per process and step, so a run resumes only with the process count it had."""
     checkpoints = complete_checkpoints(job.checkpoints_dir)
     if not checkpoints:
         return 0, []
     latest = checkpoints[-1]
-    saved = load_file(latest / "trainable.safetensors")
+    made = json.loads((latest / "step.json").read_text())
+    processes = made.get("num_processes", 1)
+    if processes != job.train.num_processes:
+        raise CannotResume(
+            f"the checkpoints in {job.checkpoints_dir} were made with train.num_processes={processes}; resume with"
+            f" --set train.num_processes={processes} (and batch_size to match), or delete that folder to start over"
+        )
+    saved = load_file(latest / "trainable.safetensors")  # copied onto each parameter's own device below
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
-    saved_state = torch.load(latest / "state.pt", weights_only=True)
+    # Onto the host first: load_state_dict puts the optimizer's state on its parameters' devices (every process
+    # its own), where a plain load would put every process's copy on the device that saved it.
+    saved_state = torch.load(latest / "state.pt", weights_only=True, map_location="cpu")
     for name, part in state.items():
         part.load_state_dict(saved_state[name])
-    step = json.loads((latest / "step.json").read_text())["step"]
-    emit("resume", step=step, checkpoint=str(latest))
-    return step, json.loads((latest / "metrics.json").read_text())
+    return made["step"], json.loads((latest / "metrics.json").read_text())
 
 
 def save_sample_weights(job: TrainJob, step: int, unet, encoders) -> None:
@@ -288,7 +311,7 @@ def watch_parent(pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dict]) -> None:
+def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dict], processes: int) -> None:
     out = job.out_dir
     if dump := fault("save_trainable_to"):
         save_file({k: p.detach().contiguous() for k, p in params.items()}, Path(dump))
@@ -300,8 +323,11 @@ def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dic
     samples = sorted((job.checkpoints_dir / "samples").glob("step-*"))
     for folder in samples:
         shutil.copytree(folder, out / "samples" / folder.name, copy_function=link_or_copy)
-    training = {"family": job.family, "method": job.train.method, "steps": job.train.steps,
-                "sample_steps": [int(f.name.removeprefix("step-")) for f in samples]}  # fmt: skip
+    cfg = job.train
+    training = {"family": job.family, "method": cfg.method, "steps": cfg.steps,
+                "sample_steps": [int(f.name.removeprefix("step-")) for f in samples],
+                "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": processes,
+                "global_batch": cfg.batch_size * cfg.grad_accum * processes}  # fmt: skip
     (out / "training.json").write_text(json.dumps(training, indent=1))
     with (out / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
@@ -311,56 +337,173 @@ def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dic
     export.write_model_card(out, {**job.facts, **facts, "steps": job.train.steps, "final_loss": final_loss})
 
 
+class PeakMemory:
+    """Peak memory of this process, for memory.json: the training loop's and the export's, in MiB. On CUDA the
+    allocator's peak (what the memory plan estimates); on a CPU the resident set's high-water mark."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        if torch.cuda.is_available():
+            self.peaks[phase] = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peaks[phase] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+    def write(self, folder: Path) -> None:
+        kind = "cuda_allocated" if torch.cuda.is_available() else "cpu_rss"
+        peaks = {phase: round(mib, 1) for phase, mib in self.peaks.items()}
+        (folder / "memory.json").write_text(json.dumps({"kind": kind, "peak_mib": peaks}, indent=1))
+
+
+class NonFiniteLoss(Exception):
+    """A NaN or infinite loss: training stops at once, naming the step, and keeps the last good checkpoint."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"loss is {loss} at step {step}; stopped")
+        self.step = step
+
+
+@dataclass
+class Training:
+    """Everything one training run steps with, built once from its job (before `accelerator.prepare`)."""
+
+    job: TrainJob
+    accelerator: Accelerator
+    objective: Objective
+    data: LatentData
+    unet: torch.nn.Module
+    encoders: list[torch.nn.Module] | None
+    conditioner: Conditioner
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Everything a resume needs besides weights; fp16's loss scaler too, or a resumed run would start
+        unscaled."""
+        state = {"optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler}
+        return state | ({"scaler": self.accelerator.scaler} if self.accelerator.scaler is not None else {})
+
+    @property
+    def trained_modules(self) -> list[torch.nn.Module]:
+        return [self.unet, *(self.encoders or [])]
+
+    def prepare(self) -> None:
+        """Every trained module goes through accelerate (so DDP averages its gradients across processes)."""
+        *modules, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            *self.trained_modules, self.optimizer, self.lr_scheduler
+        )
+        self.unet, self.encoders = modules[0], modules[1:] or None
+        self.conditioner.encoders = self.encoders
+
+
+def build_training(job: TrainJob) -> Training:
+    cfg = job.train
+    # Unused parameters (e.g. the last layer of an encoder whose penultimate states condition SDXL) get no gradient;
+    # DDP must not wait for them. Without CUDA the processes talk over gloo.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[ddp])  # fmt: skip
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)
+    scheduler = DDPMScheduler.from_pretrained(job.base, subfolder="scheduler")
+    objective = Objective(scheduler, cfg.noise_offset, cfg.snr_gamma, job.prior_weight)
+    unet, encoders = build_models(job, accelerator)
+    params = trainable({"unet": unet, **{f"text_encoder_{i}": e for i, e in enumerate(encoders or [])}})
+    optimizer = make_optimizer(job, list(params.values()))
+    # The prepared scheduler advances once per process each step, so it is sized as diffusers' scripts size it.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * cfg.num_processes,
+                                 num_training_steps=cfg.steps * cfg.num_processes)  # fmt: skip
+    conditioner = Conditioner(job, encoders, accelerator.device)
+    return Training(job, accelerator, objective, LatentData(job.latents_dir), unet, encoders, conditioner, params,
+                    optimizer, lr_scheduler)  # fmt: skip
+
+
+def optimizer_step(t: Training, step: int) -> float:
+    """One optimizer step of `grad_accum` micro-batches, gradients averaged across processes on the last one;
+    returns the step's loss over the global batch (the same on every process)."""
+    cfg, total, rank = t.job.train, 0.0, t.accelerator.process_index
+    for micro in range(cfg.grad_accum):
+        batch = make_batch(t.data, t.objective, t.job, step, micro, rank).to(t.accelerator.device)
+        with contextlib.ExitStack() as stack:
+            if micro < cfg.grad_accum - 1:  # accumulate locally; synchronise once per optimizer step
+                for module in t.trained_modules:
+                    stack.enter_context(t.accelerator.no_sync(module))
+            with t.accelerator.autocast():
+                loss = training_step(t.unet, t.conditioner, t.objective, batch) / cfg.grad_accum
+            if fault("nan_at_step") == step + 1:
+                loss = loss * float("nan")
+            global_loss = t.accelerator.reduce(loss.detach(), reduction="mean")
+            if not torch.isfinite(global_loss):  # every process sees it, so all stop together
+                raise NonFiniteLoss(step + 1, global_loss.item())
+            t.accelerator.backward(loss)
+        total += global_loss.item()
+    t.accelerator.clip_grad_norm_(list(t.params.values()), cfg.max_grad_norm)
+    t.optimizer.step()
+    t.lr_scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def on_main_process(accelerator: Accelerator, write: Callable[[], None]) -> None:
+    """Only the main process writes, between barriers: no process reads or races a half-written folder."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write()
+    accelerator.wait_for_everyone()
+
+
 def main(job_path: Path) -> None:
     job = TrainJob.model_validate_json(job_path.read_text())
     cfg = job.train
     watch_parent(job.parent_pid)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    scheduler = DDPMScheduler.from_pretrained(job.base, subfolder="scheduler")
-    objective = Objective(scheduler, cfg.noise_offset, cfg.snr_gamma, job.prior_weight)
-    data = LatentData(job.latents_dir)
-    unet, encoders = build_models(job, accelerator)
-    conditioner = Conditioner(job, encoders, accelerator.device)
-    params = trainable({"unet": unet, **{f"text_encoder_{i}": e for i, e in enumerate(encoders or [])}})
-    optimizer = make_optimizer(job, list(params.values()))
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.steps)  # fmt: skip
-    # Everything a resume needs besides weights; fp16's loss scaler too, or a resumed run would start unscaled.
-    state = {"optimizer": optimizer, "lr_scheduler": lr_scheduler}
-    if accelerator.scaler is not None:
-        state["scaler"] = accelerator.scaler
-    clear_partial_checkpoints(job)
-    start, metrics = restore(job, params, state)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    peaks = PeakMemory()
+    t = build_training(job)
+    on_main_process(t.accelerator, lambda: clear_partial_checkpoints(job))
+    try:
+        start, metrics = restore(job, t.params, t.state)
+    except CannotResume as err:
+        emit("error", message=str(err))
+        sys.exit(3)
+    if start:
+        emit("resume", step=start, checkpoint=str(complete_checkpoints(job.checkpoints_dir)[-1]))
+    t.prepare()
     started = time.monotonic()
     for step in range(start, cfg.steps):
-        total = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = make_batch(data, objective, job, step, micro).to(accelerator.device)
-            with accelerator.autocast():
-                loss = training_step(unet, conditioner, objective, batch) / cfg.grad_accum
-            if fault("nan_at_step") == step + 1:
-                loss = loss * float("nan")
-            if not torch.isfinite(loss):
-                emit("error", step=step + 1, message=f"loss is {loss.item()} at step {step + 1}; stopped")
-                sys.exit(3)
-            accelerator.backward(loss)
-            total += loss.item()
-        accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": total, "lr": lr_scheduler.get_last_lr()[0],
+        try:
+            loss = optimizer_step(t, step)
+        except NonFiniteLoss as err:
+            emit("error", step=err.step, message=str(err))
+            sys.exit(3)
+        row = {"step": step + 1, "loss": loss, "lr": t.lr_scheduler.get_last_lr()[0],
                "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
         metrics.append(row)
         emit("step", **row)
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
-            save_sample_weights(job, step + 1, accelerator.unwrap_model(unet), encoders)
+            unet = t.accelerator.unwrap_model(t.unet)
+            encoders = [t.accelerator.unwrap_model(e) for e in t.encoders or []]
+            on_main_process(t.accelerator, partial(save_sample_weights, job, step + 1, unet, encoders))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(job, step + 1, params, state, metrics)
+            on_main_process(t.accelerator, partial(save_checkpoint, job, step + 1, t.params, t.state, metrics))
         if fault("kill_train_after_step") == step + 1:
             os.kill(os.getpid(), signal.SIGKILL)
-    write_outputs(job, accelerator.unwrap_model(unet), encoders, params, metrics)
+    peaks.mark("train")
+    accelerator, unet = t.accelerator, t.accelerator.unwrap_model(t.unet)
+    encoders = [accelerator.unwrap_model(e) for e in t.encoders] if t.encoders else None
+    params = t.params
+    accelerator.free_memory()  # accelerate's own references to the prepared modules, optimizer and scheduler
+    del t  # the export needs only the weights: the optimizer's state and the gradients go first
+    release()
+
+    def export_outputs() -> None:
+        write_outputs(job, unet, encoders, params, metrics, accelerator.num_processes)
+        peaks.mark("export")
+        peaks.write(job.out_dir)
+
+    on_main_process(accelerator, export_outputs)
     emit("done", steps=cfg.steps, resumed_from=start)
 
 

@@ -18,6 +18,12 @@ RECIPES = {
         "train.learning_rate": 5e-6, "train.lr_scheduler": "constant", "train.lr_warmup_steps": 0,
         "train.noise_offset": 0.1,
     },
+    "sd15-24gb.toml": {  # the same recipe with the memory savers that fit it in 24 GiB (tests/test_memory.py)
+        "model.id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "preprocess.resolution": 512,
+        "train.method": "full", "train.train_text_encoder": True, "train.steps": 400, "train.batch_size": 1,
+        "train.learning_rate": 5e-6, "train.lr_scheduler": "constant", "train.noise_offset": 0.1,
+        "train.mixed_precision": "fp16", "train.gradient_checkpointing": True, "train.optimizer": "adamw8bit",
+    },
     "sdxl.toml": {
         "model.id": "stabilityai/stable-diffusion-xl-base-1.0", "model.vae": "madebyollin/sdxl-vae-fp16-fix",
         "data.instance_prompt": "A photo of {token}'s face", "preprocess.resolution": 1024, "train.method": "lora",

@@ -225,7 +225,8 @@ def test_cache_ls_and_models_ls_list_what_is_there(boothflow, tmp_path: Path) ->
 
     models = boothflow("models", "ls", "--artifacts", artifacts).stdout
     rows = {line.split("│")[1].strip(): line for line in models.splitlines() if line.count("│") > 2}
-    assert " no " in rows["tiny-sd15"] and " no " in rows["tiny-sdxl"]  # built on first use, not by listing
+    for name in ("tiny-sd15", "tiny-sdxl", "sd15-arch", "sdxl-arch"):
+        assert " no " in rows[name]  # built on first use, not by listing
     assert " yes " in rows["toy-sd"]  # shipped
 
 

@@ -131,7 +131,7 @@ def test_a_separate_vae_replaces_the_bases(models: dict[str, ResolvedModel], tmp
     vae.save_pretrained(tmp_path / "vae-fix")
     model = resolve(str(base.path), str(tmp_path / "vae-fix"), tmp_path)
     assert model.identities["vae"] != base.identities["vae"]
-    pipe = render.load_pipeline_for(model, torch.device("cpu"), torch.float32)
+    pipe = render.load_pipeline_for(model, "float32")
     shift = pipe.vae.decoder.conv_out.bias - AutoencoderKL.from_pretrained(base.vae_path).decoder.conv_out.bias
     assert torch.allclose(shift, torch.full_like(shift, 0.5))
     assert pipe.unet.device.type == "cpu" and pipe.unet.dtype == torch.float32

@@ -252,3 +252,17 @@ def test_sdxl_lora_with_prior_preservation_loads_and_fuses_to_the_trained_weight
         key = f"{module}.base_layer.weight" if f"{module}.base_layer.weight" in fused else f"{module}.weight"
         expected = base[f"{module}.weight"] + b @ a
         assert torch.allclose(fused[key], expected, atol=1e-6), module
+
+
+@pytest.mark.parametrize(("model_id", "method"), [("tiny-sd15", "full"), ("tiny-sdxl", "lora")])
+def test_bf16_mixed_precision_trains_on_a_cpu(workspace: Path, tmp_path: Path, monkeypatch, model_id, method) -> None:
+    """bf16 autocast runs on CPUs (fp16 does not, and the memory plan refuses it there): both methods train,
+    and the child records its peak memory beside the outputs."""
+    model, _, lat = _encoded(workspace, model_id, workspace / "images")
+    cfg = TrainSection(method=method, train_text_encoder=method == "full", steps=2, learning_rate=1e-3,
+                       checkpoint_every=0, mixed_precision="bf16")  # fmt: skip
+    result = _train(tmp_path, model, lat, cfg, monkeypatch)
+    losses = [float(row.split(",")[1]) for row in (result.path / "metrics.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    peaks = json.loads((result.path / "memory.json").read_text())
+    assert peaks["kind"] == "cpu_rss" and 100 < peaks["peak_mib"]["train"] <= peaks["peak_mib"]["export"]

@@ -55,3 +55,10 @@ def test_the_training_child_exits_when_its_parent_is_killed(tmp_path: Path) -> N
     while children & set(_trainers()):
         assert time.monotonic() < deadline, "the training child outlived its parent"
         time.sleep(0.5)
+
+
+def test_the_training_child_imports_no_prefect() -> None:
+    """It runs under accelerate on GPU nodes; Prefect (and its start-up and logging) stays in the stage process."""
+    check = "import sys, tasks.trainer; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    proc = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -1,0 +1,229 @@
+"""Full-size SD 1.5 and SDXL on this machine, through the real stages: two optimizer steps each, the exports
+reloaded in separate processes, and every measured peak beside the memory plan's estimate.
+
+Run by hand with nothing else running (SD 1.5 peaks near 17 GiB, SDXL near 14 GiB); never in the suite:
+    .venv/bin/python benchmarks/real_size.py [--artifacts DIR] [--only sd15-arch|sdxl-arch] [--out RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from results import RESULTS, write_section
+
+from tasks import generate, latents, preprocess, train
+from tasks.config import GIB, RunConfig, fill_prompt, load_config
+from tasks.faults import ENV as FAULTS_ENV
+from tasks.memory import architecture, estimate_render, estimate_train
+from tasks.models import resolve
+from tasks.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = [
+    f"data.instance_dir='{REPO / 'data' / 'demo'}'",
+    "preprocess.resolution=512",
+    "train.steps=2",
+    "train.batch_size=1",
+    "train.grad_accum=1",
+    "train.gradient_checkpointing=true",
+    "train.checkpoint_every=0",
+    "train.cpu_threads=2",
+    "generate.prompts=['a photo of {token} {class}']",
+    "generate.seeds=[0]",
+    "generate.steps=2",
+    "generate.batch_size=1",
+]
+CASES = {
+    "sd15-arch": ["model.id='sd15-arch'", "train.method='full'", "train.train_text_encoder=true",
+                  "train.mixed_precision='no'"],
+    "sd15-arch, no checkpointing": ["model.id='sd15-arch'", "train.method='full'", "train.train_text_encoder=true",
+                                    "train.mixed_precision='no'", "train.gradient_checkpointing=false"],
+    "sdxl-arch": ["model.id='sdxl-arch'", "train.method='lora'", "train.train_text_encoder=false",
+                  "train.mixed_precision='bf16'", "train.learning_rate=1e-4"],
+}  # fmt: skip
+
+
+def config(case: str, root: Path) -> RunConfig:
+    return load_config(None, [*COMMON, *CASES[case]], root)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def stages(cfg: RunConfig, store: Store) -> tuple:
+    """Preprocess, latents and train through the stages' own functions (cached after the first call)."""
+    data = cfg.data
+    model = resolve(cfg.model.id, cfg.model.vae, cfg.run.artifacts_root)
+    files = preprocess.scan(data.instance_dir)
+    images = preprocess.run(cfg.preprocess, preprocess.PreprocessInputs(data.instance_dir, files, 3), store)
+    encoded = latents.run(cfg.latents, latents.LatentsInputs(model, images, None), store)
+    prompt = fill_prompt(data.instance_prompt, data.token, data.class_name)
+    inputs = train.TrainInputs(model, encoded, prompt, None, 0.0, False)
+    return model, train.run(cfg.train, inputs, store)
+
+
+def child(args: list[str]) -> dict:
+    """Run this script's `args` in a fresh process; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def generate_child(case: str, root: Path) -> None:
+    """Render one image from the trained model in this (fresh) process and report its peak memory."""
+    cfg = config(case, root)
+    store = Store(root)
+    model, trained = stages(cfg, store)
+    started = time.monotonic()
+    inputs = generate.GenerateInputs(model, trained, cfg.data.token, cfg.data.class_name, 512)
+    generate.run(cfg.generate, inputs, store)
+    print(json.dumps({"peak_mib": peak_rss_mib(), "seconds": time.monotonic() - started}))
+
+
+def reload_sd15(out: Path) -> None:
+    """The single-file checkpoint loads through from_single_file with the diffusers folder's exact weights."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = StableDiffusionPipeline.from_pretrained(out / "diffusers")
+    single = StableDiffusionPipeline.from_single_file(
+        str(out / "model.safetensors"), config=str(out / "diffusers"), local_files_only=True
+    )
+    equal = {}
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        equal[name] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    print(json.dumps({"equal": equal, "peak_mib": peak_rss_mib()}))
+
+
+def fuse_sdxl(out: Path, base: Path, trained: Path) -> None:
+    """The kohya file loads with load_lora_weights and fuses to base + B @ A of the trained adapters."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file
+
+    from tasks.export import KOHYA_FILE
+
+    adapters = load_file(trained)
+    pipe = StableDiffusionXLPipeline.from_pretrained(base)
+    pipe.load_lora_weights(out, weight_name=KOHYA_FILE)
+    layers = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)}
+    expected = {
+        name: layer.base_layer.weight.detach()
+        + adapters[f"unet.{name}.lora_B.default.weight"] @ adapters[f"unet.{name}.lora_A.default.weight"]
+        for name, layer in layers.items()
+    }
+    update = max((w - layers[n].base_layer.weight.detach()).abs().max().item() for n, w in expected.items())
+    pipe.fuse_lora(components=["unet"])
+    error = max((layers[n].base_layer.weight.detach() - w).abs().max().item() for n, w in expected.items())
+    print(json.dumps({"layers": len(layers), "max_update": update, "max_abs_error": error, "peak_mib": peak_rss_mib()}))
+
+
+def measure(case: str, root: Path) -> dict:
+    cfg = config(case, root)
+    store = Store(root)
+    started = time.monotonic()
+    resolve(cfg.model.id, "", root)
+    built = time.monotonic() - started
+    dump = root / f"{case}-trainable.safetensors"  # the trained LoRA adapters, for the fuse check
+    if cfg.train.method == "lora":
+        faults = root / f"{case}-faults.json"
+        faults.write_text(json.dumps({"save_trainable_to": str(dump)}))
+        os.environ[FAULTS_ENV] = str(faults)
+    started = time.monotonic()
+    _, trained = stages(cfg, store)
+    os.environ.pop(FAULTS_ENV, None)
+    train_seconds = time.monotonic() - started
+    memory = json.loads((trained.path / "memory.json").read_text())["peak_mib"]
+    metrics = (trained.path / "metrics.csv").read_text().splitlines()[1:]
+    arch = architecture(cfg.model.id, root)
+    plan_train = estimate_train(arch, cfg.train, 512, prior=False).total / 2**20
+    gen = cfg.generate
+    plan_generate = (
+        estimate_render(arch, "generate", gen.dtype, 1, 512, gen.guidance, True, gen.vae_tiling).total / 2**20
+    )
+    generated = child(["--generate-child", case, str(root)])
+    if cfg.train.method == "full":
+        check = child(["--reload-sd15", str(trained.path)])
+        verdict = f"from_single_file == diffusers folder: {check['equal']}"
+    else:
+        check = child(["--fuse-sdxl", str(trained.path), str(arch and resolve(cfg.model.id, "", root).path), str(dump)])
+        verdict = (f"kohya file fused on {check['layers']} layers: largest trained change {check['max_update']:.2e},"
+                   f" largest difference from base + B @ A {check['max_abs_error']:.2e}")  # fmt: skip
+    return {
+        "case": case, "built_s": built, "train_s": train_seconds, "steps": metrics,
+        "train_peak": memory["train"], "export_peak": memory["export"], "plan_train": plan_train,
+        "generate_peak": generated["peak_mib"], "generate_s": generated["seconds"], "plan_generate": plan_generate,
+        "check_peak": check["peak_mib"], "verdict": verdict,
+    }  # fmt: skip
+
+
+def report(rows: list[dict]) -> list[str]:
+    def error(measured: float, planned: float) -> str:
+        return f"{100 * (planned - measured) / measured:+.0f}%"
+
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    lines = [
+        "# Real size (full-size architectures, random weights, CPU)",
+        "",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {memory / GIB:.0f} GiB, torch {torch.__version__}.",
+        "Command: `python benchmarks/real_size.py` (each row says when and how it was run last).",
+        "Each case: data/demo at 512 px, 2 optimizer steps of batch 1 through the train stage (its `accelerate launch`",
+        "child), gradient checkpointing; sd15-arch: full UNet + text encoder, fp32, AdamW; sdxl-arch: UNet LoRA",
+        "rank 4, bf16 autocast, frozen UNet in bf16. Peaks are each process's resident-set high-water mark (MiB);",
+        "the plan estimates accelerator memory, with 1 GiB for the runtime (here: Python, torch and libraries).",
+        "",
+        "| case | build s | train stage s | step losses | train peak | plan | error | after export | generate 1 image peak | plan | error | export check |",  # noqa: E501
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        losses = ", ".join(f"{float(line.split(',')[1]):.4f}" for line in r["steps"])
+        lines.append(
+            f"| {r['case']} | {r['built_s']:.0f} | {r['train_s']:.0f} | {losses} | {r['train_peak']:.0f} |"
+            f" {r['plan_train']:.0f} | {error(r['train_peak'], r['plan_train'])} | {r['export_peak']:.0f} |"
+            f" {r['generate_peak']:.0f} | {r['plan_generate']:.0f} | {error(r['generate_peak'], r['plan_generate'])} |"
+            f" {r['verdict']} (process peak {r['check_peak']:.0f}); `{r['command']}`, {r['date']} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, default=None, help="artifact root (default: a temporary folder)")
+    parser.add_argument("--only", choices=sorted(CASES), action="append", help="run only this case (repeatable)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--generate-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--reload-sd15", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--fuse-sdxl", nargs=3, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.generate_child:
+        return generate_child(args.generate_child[0], Path(args.generate_child[1]))
+    if args.reload_sd15:
+        return reload_sd15(args.reload_sd15)
+    if args.fuse_sdxl:
+        return fuse_sdxl(*args.fuse_sdxl)
+    root = (args.artifacts or Path(tempfile.mkdtemp(prefix="real-size-"))).resolve()
+    measured = args.out.with_name("real_size.json")  # every case's latest figures; --only replaces some
+    rows = json.loads(measured.read_text()) if measured.is_file() else {}
+    for case in args.only or CASES:
+        print(f"{case}: building, training 2 steps, reloading (minutes)...", flush=True)
+        rows[case] = measure(case, root) | {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%F")}
+        print(json.dumps(rows[case]), flush=True)
+        measured.write_text(json.dumps(rows, indent=1))
+    write_section("real_size", report([rows[case] for case in CASES if case in rows]), args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""What the train stage hands its training child: one JSON file, read by `tasks.trainer` under accelerate.
+
+It lives apart from the Prefect task module so the child imports no Prefect.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from tasks.config import TrainSection
+
+
+class TrainJob(BaseModel):
+    """Everything the child needs, written by the train stage; paths here never reach a cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    family: str
+    base: Path
+    vae_path: Path
+    latents_dir: Path
+    out_dir: Path
+    checkpoints_dir: Path
+    train: TrainSection
+    optimizer: str
+    instance_prompt: str
+    class_prompt: str | None
+    prior_weight: float
+    text_embeds: dict[str, Path] | None
+    safety_checker: bool
+    parent_pid: int
+    facts: dict[str, Any]
+
+
+def resolved_optimizer(cfg: TrainSection) -> str:
+    """8-bit Adam only where it can run (CUDA + bitsandbytes); otherwise AdamW, and the key says AdamW."""
+    if cfg.optimizer == "adamw8bit" and torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
+        return "adamw8bit"
+    return "adamw"

@@ -1,0 +1,51 @@
+"""The GPU check never rots: its smoke mode runs here on CPU (tiny presets) through the real training step and
+renderer, without Prefect, and it names what a bare CUDA machine still has to install."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+
+
+def test_smoke_mode_measures_every_case_beside_the_plan(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", out], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    rows = {row["case"]: row for row in result["rows"]}
+    assert list(rows) == [
+        "sd15 fp32",
+        "sdxl fp32",
+        "tiny-sd15 generate batch 1",
+        "tiny-sd15 generate batch 2",
+        "tiny-sdxl generate batch 1",
+        "tiny-sdxl generate batch 2",
+    ]
+    for row in rows.values():
+        assert row["rate"] > 0 and row["peak_mib"] > 100 and row["plan_mib"] > 0, row
+        assert row["prefect_imported"] is False
+    assert rows["sd15 fp32"]["finite"] and rows["sdxl fp32"]["finite"]
+    assert (rows["sd15 fp32"]["unit"], rows["tiny-sd15 generate batch 2"]["unit"]) == ("steps/s", "images/s")
+    assert "| sdxl fp32 |" in (out / "results.md").read_text()
+
+
+def test_a_bare_machine_is_told_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look their module up there
+    spec.loader.exec_module(gpu_check)
+    present = importlib.util.find_spec
+    monkeypatch.setattr(
+        gpu_check.importlib.util, "find_spec", lambda name: None if name in ("diffusers", "yaml") else present(name)
+    )
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split() if "==" in line)
+    assert gpu_check.missing_packages() == [f"diffusers=={pins['diffusers']}", f"pyyaml=={pins['PyYAML']}"]
