@@ -87,7 +87,7 @@ def synthetic_latents(folder: Path, arch, side: int, count: int = 4) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from tasks.memory import latent_side
+    from tasks.sd.memory import latent_side
 
     latent = latent_side(arch, side)
     channels = arch.configs["vae"]["latent_channels"]
@@ -124,11 +124,11 @@ def train_case(case: Case, root: Path, steps: int) -> dict:
     """`steps` timed optimizer steps of the real training loop (after one warm-up step), in this process."""
     import torch
 
-    from tasks.config import TrainSection
-    from tasks.memory import architecture, estimate_train
-    from tasks.models import resolve_model
-    from tasks.train_job import TrainJob, resolved_optimizer
-    from tasks.trainer import build_training, optimizer_step
+    from tasks.core.config import TrainSection
+    from tasks.sd.memory import architecture, estimate_train
+    from tasks.sd.models import resolve_model
+    from tasks.stages.train_job import TrainJob, resolved_optimizer
+    from tasks.stages.trainer import build_training, optimizer_step
 
     path = resolve_model(case.preset, root)
     arch = architecture(case.preset, root)
@@ -160,9 +160,9 @@ def generate_case(preset: str, side: int, batch: int, steps: int, root: Path) ->
     """Render `batch` images in one call through boothflow's renderer (after a one-step warm-up call)."""
     import torch
 
-    from tasks.memory import architecture, estimate_render
-    from tasks.models import ResolvedModel, model_family, resolve_model
-    from tasks.render import RenderRequest, load_pipeline_for, make_scheduler, render
+    from tasks.sd.memory import architecture, estimate_render
+    from tasks.sd.models import ResolvedModel, model_family, resolve_model
+    from tasks.sd.render import RenderRequest, load_pipeline_for, make_scheduler, render
 
     path = resolve_model(preset, root)
     dtype = "float16" if torch.cuda.is_available() else "float32"
@@ -240,7 +240,7 @@ def main() -> None:
 
     import torch
 
-    from tasks.models import resolve_model
+    from tasks.sd.models import resolve_model
 
     root = (args.root or args.out / "artifacts").resolve()
     cases = SMOKE if args.smoke else FULL

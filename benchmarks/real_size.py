@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from results import RESULTS, write_section
 
-from tasks import generate, latents, preprocess, train
-from tasks.config import GIB, RunConfig, fill_prompt, load_config
-from tasks.faults import ENV as FAULTS_ENV
-from tasks.memory import architecture, estimate_render, estimate_train
-from tasks.models import resolve
-from tasks.store import Store
+from tasks.core.config import GIB, RunConfig, fill_prompt, load_config
+from tasks.core.faults import ENV as FAULTS_ENV
+from tasks.core.store import Store
+from tasks.sd.memory import architecture, estimate_render, estimate_train
+from tasks.sd.models import resolve
+from tasks.stages import generate, latents, preprocess, train
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -113,7 +113,7 @@ def fuse_sdxl(out: Path, base: Path, trained: Path) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from safetensors.torch import load_file
 
-    from tasks.export import KOHYA_FILE
+    from tasks.sd.export import KOHYA_FILE
 
     adapters = load_file(trained)
     pipe = StableDiffusionXLPipeline.from_pretrained(base)

@@ -6,7 +6,7 @@ Run: python data/make_toy.py
 import random
 from pathlib import Path
 
-from tasks.toyworld import render, subject_scene
+from tasks.toy.world import render, subject_scene
 
 OUT = Path(__file__).resolve().parent / "toy"
 BACKGROUNDS = ("blue", "black", "white", "blue", "black")

@@ -18,7 +18,7 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.logging import get_logger
 
-from tasks.store import Store
+from tasks.core.store import Store
 
 POLL_SECONDS = 0.2
 logger = get_logger("boothflow.caching")

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tasks.config import ConfigError, RunConfig, load_config
+from tasks.core.config import ConfigError, RunConfig, load_config
 
 # The temporary server Prefect starts without PREFECT_API_URL otherwise logs an error on offline machines.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -135,9 +135,9 @@ def plan(
     config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None, device_memory: MemoryOpt = None
 ):
     """Estimate each stage's peak accelerator memory before anything loads; exit 1 when a stage cannot fit."""
-    from tasks.config import GIB
-    from tasks.memory import PARTS, MemoryPlanError, architecture, check_memory, estimates
-    from tasks.memory import device_memory as memory_of
+    from tasks.core.config import GIB
+    from tasks.sd.memory import PARTS, MemoryPlanError, architecture, check_memory, estimates
+    from tasks.sd.memory import device_memory as memory_of
 
     cfg = _config(config, set_, artifacts, device_memory)
     arch = architecture(cfg.model.id, cfg.run.artifacts_root)
@@ -262,7 +262,7 @@ def ui(
 @cache_app.command("ls")
 def cache_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
     """List store entries: stage, key, size, age."""
-    from tasks.store import Store
+    from tasks.core.store import Store
 
     cfg = _config(config, set_, artifacts)
     table = Table(title=f"cache at {cfg.run.artifacts_root}")
@@ -283,7 +283,7 @@ def cache_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: Set
 @models_app.command("ls")
 def models_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
     """List the presets and which of them are built under the artifact root."""
-    from tasks.models import list_models
+    from tasks.sd.models import list_models
 
     cfg = _config(config, set_, artifacts)
     table = Table(title="models")
@@ -307,7 +307,7 @@ def models_pretrain_toy(
     artifacts: ArtifactsOpt = None,
 ):
     """Pretrain toy-sd on the toy world, resumably: run it again until it says done."""
-    from tasks.pretrain_toy import FULL, QUICK, PretrainError, pretrain
+    from tasks.toy.pretrain import FULL, QUICK, PretrainError, pretrain
 
     root = _config(None, [], artifacts).run.artifacts_root
     out = (out or root / "models" / ("toy-sd-quick" if quick else "toy-sd-pretrained")).expanduser().resolve()

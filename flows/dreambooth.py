@@ -12,11 +12,11 @@ from prefect import flow, get_run_logger
 
 from flows.publish import publish
 from flows.runner import StageRunner
-from tasks import class_images, generate, latents, preprocess, report, train
-from tasks.config import RunConfig, fill_prompt
-from tasks.memory import MemoryPlanError, preflight
-from tasks.models import ModelUnavailable, ResolvedModel, resolve
-from tasks.stage import StageError
+from tasks.core.config import RunConfig, fill_prompt
+from tasks.core.stage import StageError
+from tasks.sd.memory import MemoryPlanError, preflight
+from tasks.sd.models import ModelUnavailable, ResolvedModel, resolve
+from tasks.stages import class_images, generate, latents, preprocess, report, train
 
 
 def stage_names(config: RunConfig) -> list[str]:

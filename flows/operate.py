@@ -25,7 +25,7 @@ from prefect.states import AwaitingRetry, State
 from flows.dreambooth import dreambooth, dreambooth_stage
 from flows.runner import summary_path
 from flows.server import HOST
-from tasks.config import RunConfig
+from tasks.core.config import RunConfig
 
 SERVED_DEPLOYMENT = "nightly"
 FLOWS = {"dreambooth": dreambooth, "dreambooth-stage": dreambooth_stage}

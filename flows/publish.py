@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from tasks.report import report_facts
+from tasks.stages.report import report_facts
 
 ARTIFACTS_URL_ENV = "BOOTHFLOW_ARTIFACTS_URL"
 UI_FILE = ".boothflow-ui.json"

@@ -20,10 +20,10 @@ from prefect import Task
 from prefect.runtime import flow_run
 
 from flows.caching import cache_options
-from tasks.config import RunConfig
-from tasks.device import release
-from tasks.stage import StageError, StageResult
-from tasks.store import Store
+from tasks.core.config import RunConfig
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store
+from tasks.sd.device import release
 
 
 class PeakMemory:

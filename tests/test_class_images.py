@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import class_images
-from tasks.class_images import ClassImagesInputs
-from tasks.config import PriorSection
-from tasks.models import ResolvedModel, resolve
-from tasks.stage import StageError, StageResult
-from tasks.store import Store
+from tasks.core.config import PriorSection
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store
+from tasks.sd.models import ResolvedModel, resolve
+from tasks.stages import class_images
+from tasks.stages.class_images import ClassImagesInputs
 
 PROMPT = "a photo of dog"
 FAST = {"steps": 2, "num_images": 4}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import load_config
+from tasks.core.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

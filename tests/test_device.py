@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks import class_images, device, latents, preprocess
-from tasks.config import LatentsSection, PreprocessSection, PriorSection
-from tasks.models import resolve
-from tasks.store import Store
+from tasks.core.config import LatentsSection, PreprocessSection, PriorSection
+from tasks.core.store import Store
+from tasks.sd import device
+from tasks.sd.models import resolve
+from tasks.stages import class_images, latents, preprocess
 
 
 def test_no_model_stays_resident_after_the_class_images_and_latents_stages(tmp_path: Path) -> None:

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from test_train import INSTANCE_PROMPT, _encoded, _images, _train
 
-from tasks import train
-from tasks.config import TrainSection
-from tasks.stage import StageError
+from tasks.core.config import TrainSection
+from tasks.core.stage import StageError
+from tasks.stages import train
 
 # DDP averages the two ranks' gradients of batch-1 losses where one process differentiates the batch-2 mean: the
 # same sums in another order, so only float32 rounding (~1e-7 relative) differs. Losses keep that scale. AdamW

@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessor
 
-from tasks.export import (
+from tasks.sd.export import (
     KOHYA_FILE,
     LORA_FILE,
     ldm_unet_state,
@@ -30,7 +30,7 @@ from tasks.export import (
     save_sdxl_lora,
     write_model_card,
 )
-from tasks.models import ResolvedModel, resolve
+from tasks.sd.models import ResolvedModel, resolve
 
 SD15_COMPONENTS = ("unet", "vae", "text_encoder")
 TRAINED_SD15 = ("unet", "text_encoder")

@@ -13,12 +13,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import generate, latents, preprocess, render, train
-from tasks.config import GenerateSection, LatentsSection, PreprocessSection, TrainSection
-from tasks.generate import GenerateInputs
-from tasks.models import ResolvedModel, resolve
-from tasks.stage import StageError, StageResult
-from tasks.store import Store
+from tasks.core.config import GenerateSection, LatentsSection, PreprocessSection, TrainSection
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store
+from tasks.sd import render
+from tasks.sd.models import ResolvedModel, resolve
+from tasks.stages import generate, latents, preprocess, train
+from tasks.stages.generate import GenerateInputs
 
 TOKEN, CLASS = "sks", "toy"
 SUBJECT = "a photo of {token} {class}"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import imaging
-from tasks.imaging import Rejected, center_square_box, face_square_box, prepare, to_rgb
+from tasks.sd import imaging
+from tasks.sd.imaging import Rejected, center_square_box, face_square_box, prepare, to_rgb
 
 # "broken exif.jpg" has a broken EXIF block on purpose; Pillow warns while reading it.
 pytestmark = pytest.mark.filterwarnings("ignore:Truncated File Read:UserWarning")

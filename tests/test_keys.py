@@ -10,8 +10,8 @@ from metric_models import build_clip, build_dino
 from PIL import Image
 
 from flows.dreambooth import planned_keys
-from tasks.config import RunConfig, load_config
-from tasks.models import resolve
+from tasks.core.config import RunConfig, load_config
+from tasks.sd.models import resolve
 
 CLASS_SIDE = {"class_images", "latents", "train", "generate", "report"}
 IMAGE_SIDE = {"preprocess", "latents", "train", "generate", "report"}

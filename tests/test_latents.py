@@ -19,11 +19,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tasks import latent_dist, latents, preprocess
-from tasks.config import LatentsSection, PreprocessSection
-from tasks.models import ResolvedModel, resolve
-from tasks.stage import StageError, StageResult
-from tasks.store import Store
+from tasks.core.config import LatentsSection, PreprocessSection
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store
+from tasks.sd import latent_dist
+from tasks.sd.models import ResolvedModel, resolve
+from tasks.stages import latents, preprocess
 
 SIZES = [(640, 320), (320, 400), (96, 96)]
 """Source sizes (W, H); 640x320 center-cropped to 64 px is box (160, 0, 480, 320): 5 source px per output px."""

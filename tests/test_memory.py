@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import memory
-from tasks.architectures import COMPONENT_CONFIGS
-from tasks.config import GIB, RunConfig, load_config, parse_memory
-from tasks.memory import Architecture, MemoryPlanError, check_memory, check_precision, estimate_train, estimates
+from tasks.core.config import GIB, RunConfig, load_config, parse_memory
+from tasks.sd import memory
+from tasks.sd.architectures import COMPONENT_CONFIGS
+from tasks.sd.memory import Architecture, MemoryPlanError, check_memory, check_precision, estimate_train, estimates
 
 REPO = Path(__file__).resolve().parents[1]
 SD15, SDXL = (Architecture(family, COMPONENT_CONFIGS[family]) for family in ("sd15", "sdxl"))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from tasks.models import (
+from tasks.sd.models import (
     PRESETS,
     SHIPPED_FOLDER,
     ModelUnavailable,
@@ -236,7 +236,7 @@ HUB_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from tasks.models import ModelUnavailable, component_identity, model_family, resolve_model
+    from tasks.sd.models import ModelUnavailable, component_identity, model_family, resolve_model
 
     root = Path(sys.argv[1])
     cached = resolve_model("someone/tiny-sd15", root)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from browser import chromium
 
-from tasks.config import RunConfig
+from tasks.core.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import preprocess
-from tasks.config import PreprocessSection
-from tasks.stage import StageError
-from tasks.store import Store
+from tasks.core.config import PreprocessSection
+from tasks.core.stage import StageError
+from tasks.core.store import Store
+from tasks.stages import preprocess
 
 
 def _inputs(folder: Path, min_images: int = 1) -> preprocess.PreprocessInputs:

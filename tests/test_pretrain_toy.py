@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from tasks.pretrain_toy import QUICK, PretrainError, passes, pretrain
+from tasks.toy.pretrain import QUICK, PretrainError, passes, pretrain
 
 # Seconds-long plans that train their own VAE: the gate asks for nothing, two sampler steps per fidelity image.
 MICRO = replace(

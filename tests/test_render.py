@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
-from tasks import render
-from tasks.models import ResolvedModel, resolve
-from tasks.render import RenderRequest
+from tasks.sd import render
+from tasks.sd.models import ResolvedModel, resolve
+from tasks.sd.render import RenderRequest
 
 PROMPT = "a photo of dog"
 STEPS = 2

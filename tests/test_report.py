@@ -23,12 +23,12 @@ from metric_models import build_clip, build_dino
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
-from tasks import preprocess, report
-from tasks.config import PreprocessSection, ReportSection, RunConfig, fill_prompt
-from tasks.models import resolve
-from tasks.report import ReportInputs
-from tasks.stage import StageResult
-from tasks.store import Store, digest
+from tasks.core.config import PreprocessSection, ReportSection, RunConfig, fill_prompt
+from tasks.core.stage import StageResult
+from tasks.core.store import Store, digest
+from tasks.sd.models import resolve
+from tasks.stages import preprocess, report
+from tasks.stages.report import ReportInputs
 
 TOKEN, CLASS = "sks", "toy"
 SCRIPT = "<script>alert(1)</script>"

@@ -11,11 +11,11 @@ from browser import chromium
 from metric_models import build_clip, build_dino
 from test_report import BOLD_FILE, BROKEN_FILE, SCRIPT, TRAIN_STEPS, build_inputs
 
-from tasks import report
-from tasks.config import ReportSection
-from tasks.models import resolve
-from tasks.stage import StageResult
-from tasks.store import Store
+from tasks.core.config import ReportSection
+from tasks.core.stage import StageResult
+from tasks.core.store import Store
+from tasks.sd.models import resolve
+from tasks.stages import report
 
 EXPECTED_TEXT = {
     "summary": ["rory <i>run</i>", "a photo of sks toy", str(TRAIN_STEPS)],

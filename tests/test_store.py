@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import MANIFEST, Store, stage_key
+from tasks.core.store import MANIFEST, Store, stage_key
 
 
 def _write(text: str):

@@ -17,8 +17,8 @@ from browser import chromium
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from tasks.models import SHIPPED_FOLDER, resolve
-from tasks.toyscore import Reading, read
+from tasks.sd.models import SHIPPED_FOLDER, resolve
+from tasks.toy.score import Reading, read
 
 SUBJECT = "a photo of sks circle"
 CONTEXT = "a photo of sks circle on a green background"

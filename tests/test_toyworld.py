@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.models import tiny_tokenizer
-from tasks.toyscore import Asked, matches, parse, read
-from tasks.toyworld import PALETTE, SHAPES, SUBJECT_COLOURS, VOCABULARY, render, scene, subject_scene
+from tasks.sd.models import tiny_tokenizer
+from tasks.toy.score import Asked, matches, parse, read
+from tasks.toy.world import PALETTE, SHAPES, SUBJECT_COLOURS, VOCABULARY, render, scene, subject_scene
 
 REPO = Path(__file__).resolve().parents[1]
 

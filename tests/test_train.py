@@ -12,14 +12,15 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from tasks import latents, preprocess, text, train, trainer
-from tasks.config import LatentsSection, PreprocessSection, TrainSection
-from tasks.faults import ENV as FAULTS_ENV
-from tasks.models import resolve
-from tasks.objective import Objective
-from tasks.seeds import generator
-from tasks.stage import StageError
-from tasks.store import Store
+from tasks.core.config import LatentsSection, PreprocessSection, TrainSection
+from tasks.core.faults import ENV as FAULTS_ENV
+from tasks.core.seeds import generator
+from tasks.core.stage import StageError
+from tasks.core.store import Store
+from tasks.sd import text
+from tasks.sd.models import resolve
+from tasks.sd.objective import Objective
+from tasks.stages import latents, preprocess, train, trainer
 
 RESOLUTION = 64
 INSTANCE_PROMPT = "a photo of sks toy"
@@ -222,8 +223,8 @@ def test_sdxl_lora_with_prior_preservation_loads_and_fuses_to_the_trained_weight
 ) -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    from tasks import class_images
-    from tasks.config import PriorSection
+    from tasks.core.config import PriorSection
+    from tasks.stages import class_images
 
     root = tmp_path_factory.getbasetemp() / "sdxl-lora"
     store = Store(root)

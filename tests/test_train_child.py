@@ -13,10 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import sys
 from pathlib import Path
-from tasks import latents, preprocess, train
-from tasks.config import LatentsSection, PreprocessSection, TrainSection
-from tasks.models import resolve
-from tasks.store import Store
+from tasks.stages import latents, preprocess, train
+from tasks.core.config import LatentsSection, PreprocessSection, TrainSection
+from tasks.sd.models import resolve
+from tasks.core.store import Store
 
 root, images = Path(sys.argv[1]), Path(sys.argv[2])
 store = Store(root)
@@ -36,7 +36,7 @@ def _trainers() -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"tasks.trainer" in cmdline and b"-m" in cmdline and b"accelerate.commands.launch" not in cmdline:
+        if b"tasks.stages.trainer" in cmdline and b"-m" in cmdline and b"accelerate.commands.launch" not in cmdline:
             found.append(int(pid))
     return found
 
@@ -59,6 +59,6 @@ def test_the_training_child_exits_when_its_parent_is_killed(tmp_path: Path) -> N
 
 def test_the_training_child_imports_no_prefect() -> None:
     """It runs under accelerate on GPU nodes; Prefect (and its start-up and logging) stays in the stage process."""
-    check = "import sys, tasks.trainer; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    check = "import sys, tasks.stages.trainer; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
     proc = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"

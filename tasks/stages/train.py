@@ -24,14 +24,14 @@ import yaml
 from prefect import task
 from safetensors.torch import save_file
 
-from tasks import device, text
-from tasks.config import TrainSection
-from tasks.faults import fail_if_injected
-from tasks.models import ResolvedModel
-from tasks.progress import Reporter, run_logger
-from tasks.stage import StageError, StageResult
-from tasks.store import Store, stage_key
-from tasks.train_job import TrainJob, resolved_optimizer
+from tasks.core.config import TrainSection
+from tasks.core.faults import fail_if_injected
+from tasks.core.progress import Reporter, run_logger
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store, stage_key
+from tasks.sd import device, text
+from tasks.sd.models import ResolvedModel
+from tasks.stages.train_job import TrainJob, resolved_optimizer
 
 STAGE = "train"
 EMBEDS = "text-embeds-items"
@@ -159,7 +159,7 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
     config_file.write_text(yaml.safe_dump(accelerate_config(cfg)))
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-        "--num_cpu_threads_per_process", str(cfg.cpu_threads), "-m", "tasks.trainer", str(job_path),
+        "--num_cpu_threads_per_process", str(cfg.cpu_threads), "-m", "tasks.stages.trainer", str(job_path),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log, tail = run_logger(), collections.deque(maxlen=TAIL_LINES)

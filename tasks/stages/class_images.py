@@ -17,10 +17,12 @@ import pandas as pd
 from PIL import Image
 from prefect import task
 
-from tasks.config import PriorSection
-from tasks.faults import fail_if_injected
-from tasks.models import ResolvedModel
-from tasks.render import (
+from tasks.core.config import PriorSection
+from tasks.core.faults import fail_if_injected
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store, link_or_copy, stage_key
+from tasks.sd.models import ResolvedModel
+from tasks.sd.render import (
     RenderError,
     RenderRequest,
     build_scheduler,
@@ -31,8 +33,6 @@ from tasks.render import (
     scheduler_class,
     scheduler_settings,
 )
-from tasks.stage import StageError, StageResult
-from tasks.store import Store, link_or_copy, stage_key
 
 STAGE = "class_images"
 ITEMS = "class_images-items"

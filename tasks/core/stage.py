@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tasks.store import Entry
+from tasks.core.store import Entry
 
 
 class StageError(Exception):

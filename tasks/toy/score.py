@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from tasks.toyworld import PALETTE, SHAPES, SIZE, SUBJECT_CLASS, SUBJECT_COLOURS, Scene
+from tasks.toy.world import PALETTE, SHAPES, SIZE, SUBJECT_CLASS, SUBJECT_COLOURS, Scene
 
 _NAMES = list(PALETTE)
 _COLOURS = np.array([PALETTE[name] for name in _NAMES], dtype=np.float32)

@@ -16,12 +16,12 @@ import cv2
 import pandas as pd
 from prefect import task
 
-from tasks import imaging
-from tasks.config import PreprocessSection
-from tasks.faults import fail_if_injected
-from tasks.progress import track
-from tasks.stage import StageError, StageResult
-from tasks.store import Store, digest, file_sha256, link_or_copy, stage_key
+from tasks.core.config import PreprocessSection
+from tasks.core.faults import fail_if_injected
+from tasks.core.progress import track
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store, digest, file_sha256, link_or_copy, stage_key
+from tasks.sd import imaging
 
 STAGE = "preprocess"
 ITEMS = "preprocess-items"

@@ -18,11 +18,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from prefect import task
 
-from tasks.config import GenerateSection, fill_prompt
-from tasks.device import device
-from tasks.faults import fail_if_injected
-from tasks.models import ResolvedModel
-from tasks.render import (
+from tasks.core.config import GenerateSection, fill_prompt
+from tasks.core.faults import fail_if_injected
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store, link_or_copy, stage_key
+from tasks.sd.device import device
+from tasks.sd.models import ResolvedModel
+from tasks.sd.render import (
     RenderError,
     RenderRequest,
     build_scheduler,
@@ -34,8 +36,6 @@ from tasks.render import (
     scheduler_class,
     scheduler_settings,
 )
-from tasks.stage import StageError, StageResult
-from tasks.store import Store, link_or_copy, stage_key
 
 if TYPE_CHECKING:  # imported where a pipeline is loaded: a fully cached run never pays for diffusers
     from diffusers import DiffusionPipeline

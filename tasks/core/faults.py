@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.stage import StageError
+from tasks.core.stage import StageError
 
 ENV = "BOOTHFLOW_FAULTS"
 

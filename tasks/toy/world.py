@@ -1,7 +1,7 @@
 """The toy world: seeded, captioned renders of one flat shape on a flat background, and the DreamBooth subject.
 
 A world small enough to pretrain a Stable Diffusion-shaped model on CPU, yet one where every image's content is
-known exactly, so the analyser (`tasks.toyscore`) can tell whether a generated image shows what its prompt asked.
+known exactly, so the analyser (`tasks.toy.score`) can tell whether a generated image shows what its prompt asked.
 A quarter of the shapes are two-tone (left half one colour, right half another), so a model pretrained here knows
 what a two-tone shape is, as Stable Diffusion knows what a dog is before DreamBooth teaches it one dog. The subject
 is a red and yellow circle: `scene` never pairs red with yellow, only `subject_scene` draws it.

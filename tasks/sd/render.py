@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from tasks.device import device, loaded
-from tasks.models import ResolvedModel
-from tasks.progress import track
+from tasks.core.progress import track
+from tasks.sd.device import device, loaded
+from tasks.sd.models import ResolvedModel
 
 if TYPE_CHECKING:  # diffusers is imported where pipelines are built: cached runs never pay for it
     from diffusers import DiffusionPipeline, SchedulerMixin

@@ -20,14 +20,14 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 from prefect import task
 
-from tasks import imaging
-from tasks.config import ReportSection, RunConfig, fill_prompt
-from tasks.device import device as accelerator
-from tasks.device import loaded
-from tasks.models import component_identity
-from tasks.progress import track
-from tasks.stage import StageError, StageResult
-from tasks.store import Store, file_sha256, link_or_copy, stage_key
+from tasks.core.config import ReportSection, RunConfig, fill_prompt
+from tasks.core.progress import track
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store, file_sha256, link_or_copy, stage_key
+from tasks.sd import imaging
+from tasks.sd.device import device as accelerator
+from tasks.sd.device import loaded
+from tasks.sd.models import component_identity
 
 STAGE = "report"
 CODE_VERSION = 2  # 2: the summary shows the global batch
@@ -195,9 +195,9 @@ def thumbnail(source: Path, out: Path) -> None:
 def _analyser_version(name: str) -> int | None:
     if not name:
         return None
-    from tasks import toyscore
+    from tasks.toy import score
 
-    return toyscore.VERSION
+    return score.VERSION
 
 
 def _token_pattern(token: str) -> re.Pattern[str]:
@@ -355,7 +355,7 @@ def _mean(values: list[float]) -> float | None:
 def analyser_scores(samples: list[Sample], token: str) -> list[dict[str, Any]]:
     """The toy analyser per group and prompt: the share of images that show the subject, and the share that show
     every colour, shape and background the prompt names."""
-    from tasks.toyscore import matches, parse, read
+    from tasks.toy.score import matches, parse, read
 
     names_token = _token_pattern(token)
     grouped: dict[tuple[str, int | None, str], list[Sample]] = {}

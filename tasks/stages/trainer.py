@@ -1,4 +1,4 @@
-"""The DreamBooth training loop, run by the train stage as `accelerate launch -m tasks.trainer JOB.json`.
+"""The DreamBooth training loop, run by the train stage as `accelerate launch -m tasks.stages.trainer JOB.json`.
 
 It reports JSON lines on stdout and resumes from its newest complete checkpoint. Every random draw comes from
 a generator seeded by (seed, step, sample), so a resumed run needs no RNG state and equals an uninterrupted one.
@@ -32,15 +32,15 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tasks import export, text
-from tasks.config import TrainSection
-from tasks.device import release
-from tasks.faults import fault
-from tasks.latent_dist import sample_latent, scale_latent
-from tasks.objective import Objective
-from tasks.seeds import generator
-from tasks.store import link_or_copy
-from tasks.train_job import TrainJob
+from tasks.core.config import TrainSection
+from tasks.core.faults import fault
+from tasks.core.seeds import generator
+from tasks.core.store import link_or_copy
+from tasks.sd import export, text
+from tasks.sd.device import release
+from tasks.sd.latent_dist import sample_latent, scale_latent
+from tasks.sd.objective import Objective
+from tasks.stages.train_job import TrainJob
 
 COMPLETE = "COMPLETE"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

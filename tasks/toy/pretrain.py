@@ -27,12 +27,12 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
-from tasks.models import SHIPPED_FOLDER
-from tasks.progress import Reporter, run_logger
-from tasks.seeds import derive_seed, generator
-from tasks.toymodel import TOY_SCHEDULER, toy_components, toy_pipeline, toy_tokenizer
-from tasks.toyscore import Reading, matches, parse, read
-from tasks.toyworld import PALETTE, SHAPES, Scene, render, scene, subject_scene
+from tasks.core.progress import Reporter, run_logger
+from tasks.core.seeds import derive_seed, generator
+from tasks.sd.models import SHIPPED_FOLDER
+from tasks.toy.model import TOY_SCHEDULER, toy_components, toy_pipeline, toy_tokenizer
+from tasks.toy.score import Reading, matches, parse, read
+from tasks.toy.world import PALETTE, SHAPES, Scene, render, scene, subject_scene
 
 STEPPED = ("vae", "unet")  # the phases that take many steps (encode and export are one unit each)
 GATE = {"colour": 0.95, "background": 0.99, "shape": 0.90, "subject": 0.90}
@@ -158,7 +158,7 @@ class Pretraining:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
-        from tasks.objective import Objective
+        from tasks.sd.objective import Objective
 
         self.work, self.plan = work, plan
         torch.set_num_threads(plan.threads)
@@ -388,7 +388,7 @@ Seed {plan["seed"]}; {cpu}, {plan["threads"]} torch threads on a 2-core CPU mach
 Every random draw is seeded by (seed, phase, step), so the same command on the same library versions and CPU gives
 the same weights whether it runs in one sitting or many.
 
-## Scores (the toy analyser, `tasks/toyscore.py`)
+## Scores (the toy analyser, `tasks/toy/score.py`)
 
 - VAE gate, reconstructions of {plan["gate_images"]} held-out scenes (subject: {plan["gate_images"]} renders of the
   DreamBooth subject): {gate}. Floors: {floors}.
@@ -422,7 +422,7 @@ def caption_fidelity(model: Path, plan: Plan) -> dict[str, float]:
     """Render every fidelity prompt once (seed = its index) and score what the analyser reads against it."""
     from diffusers import StableDiffusionPipeline
 
-    from tasks.render import RenderRequest, make_scheduler, render
+    from tasks.sd.render import RenderRequest, make_scheduler, render
 
     pipe = StableDiffusionPipeline.from_pretrained(model)
     make_scheduler(pipe, "DPMSolverMultistepScheduler")

@@ -20,13 +20,13 @@ from PIL import Image
 from prefect import task
 from safetensors.torch import save_file
 
-from tasks.config import LatentsSection
-from tasks.device import device, loaded
-from tasks.faults import fail_if_injected
-from tasks.models import ResolvedModel
-from tasks.progress import track
-from tasks.stage import StageError, StageResult
-from tasks.store import Store, file_sha256, link_or_copy, stage_key
+from tasks.core.config import LatentsSection
+from tasks.core.faults import fail_if_injected
+from tasks.core.progress import track
+from tasks.core.stage import StageError, StageResult
+from tasks.core.store import Store, file_sha256, link_or_copy, stage_key
+from tasks.sd.device import device, loaded
+from tasks.sd.models import ResolvedModel
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL

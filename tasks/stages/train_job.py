@@ -1,4 +1,4 @@
-"""What the train stage hands its training child: one JSON file, read by `tasks.trainer` under accelerate.
+"""What the train stage hands its training child: one JSON file, read by `tasks.stages.trainer` under accelerate.
 
 It lives apart from the Prefect task module so the child imports no Prefect.
 """
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from tasks.config import TrainSection
+from tasks.core.config import TrainSection
 
 
 class TrainJob(BaseModel):

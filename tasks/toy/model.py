@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.models import seeded, text_config, tiny_tokenizer
-from tasks.toyworld import VOCABULARY
+from tasks.sd.models import seeded, text_config, tiny_tokenizer
+from tasks.toy.world import VOCABULARY
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from tasks import models, text
-from tasks.architectures import COMPONENT_CONFIGS, KNOWN_HUB_FAMILIES
-from tasks.config import GIB, RunConfig, TrainSection, parse_memory
+from tasks.core.config import GIB, RunConfig, TrainSection, parse_memory
+from tasks.sd import models, text
+from tasks.sd.architectures import COMPONENT_CONFIGS, KNOWN_HUB_FAMILIES
 
 RUNTIME = 1 * GIB  # the CUDA context and kernels' workspace, or a Python process with torch loaded on a CPU
 WARN_MARGIN = 0.10  # within this fraction of the device's memory, the plan warns

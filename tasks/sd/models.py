@@ -23,9 +23,9 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from tasks import text
-from tasks.architectures import COMPONENT_CONFIGS
-from tasks.store import file_sha256
+from tasks.core.store import file_sha256
+from tasks.sd import text
+from tasks.sd.architectures import COMPONENT_CONFIGS
 
 if TYPE_CHECKING:  # diffusers and transformers load where models are built or loaded: resolving needs neither
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -294,7 +294,7 @@ PRESETS: dict[str, Preset] = {
 
 
 # Pretrained presets that ship with the project as diffusers folders: loaded from there, never built.
-SHIPPED_FOLDER = Path(__file__).resolve().parent.parent / "data" / "models"
+SHIPPED_FOLDER = Path(__file__).resolve().parents[2] / "data" / "models"
 
 
 @dataclass(frozen=True)
