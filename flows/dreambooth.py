@@ -5,14 +5,13 @@ Every stage is a cached task, so a rerun skips what is done; `dreambooth_stage` 
 
 # No `from __future__ import annotations` here: Prefect builds the flow's parameter model from real annotations,
 # and a string `RunConfig` fails to resolve when a deployment loads this file by path.
-import copy
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows.publish import publish
 from flows.runner import StageRunner
-from tasks.core.config import RunConfig, fill_prompt
+from tasks.core.config import RunConfig
 from tasks.core.stage import StageError
 from tasks.sd.memory import MemoryPlanError, preflight
 from tasks.sd.models import ModelUnavailable, ResolvedModel, resolve
@@ -41,74 +40,20 @@ def check_plan(config: RunConfig) -> None:
 
 
 def pipeline(config: RunConfig, stages: StageRunner) -> None:
-    data = config.data
+    """The stages in order, each a cached Prefect task: what runs is what the inputs and settings changed."""
     with stages:
         if not stages.plan:
             check_plan(config)
-        files = preprocess.scan(data.instance_dir)
-        instance = stages.run(
-            preprocess.preprocess_task,
-            config.preprocess,
-            preprocess.PreprocessInputs(data.instance_dir, files, data.min_images),
-            preprocess.stage_key_for,
-            outputs={"preprocess_dir": "images"},
-        )
+        instance = stages.run(preprocess.stage, preprocess.PreprocessInputs.of(config))
         model = base_model(config, needed_by=stage_names(config)[1])
-        class_prompt = fill_prompt(config.prior.class_prompt, data.token, data.class_name)
         classes = None
         if config.prior.enabled:
-            classes = stages.run(
-                class_images.class_images_task,
-                config.prior,
-                class_images.ClassImagesInputs(model, class_prompt, config.preprocess.resolution),
-                class_images.stage_key_for,
-                outputs={"class_images_dir": "images"},
-            )
-        encoded = stages.run(
-            latents.latents_task,
-            config.latents,
-            latents.LatentsInputs(model, instance, classes),
-            latents.stage_key_for,
-        )
-        trained = stages.run(
-            train.train_task,
-            config.train,
-            train.TrainInputs(
-                model,
-                encoded,
-                fill_prompt(data.instance_prompt, data.token, data.class_name),
-                class_prompt if config.prior.enabled else None,
-                config.prior.loss_weight if config.prior.enabled else 0.0,
-                config.model.safety_checker,
-            ),
-            train.stage_key_for,
-            outputs={"model_dir": "."},
-        )
-        generated = stages.run(
-            generate.generate_task,
-            config.generate,
-            generate.GenerateInputs(model, trained, data.token, data.class_name, config.preprocess.resolution),
-            generate.stage_key_for,
-            outputs={"samples_dir": "images"},
-        )
-        stages.run(
-            report.report_task,
-            config.report,
-            report.ReportInputs(
-                config.run.name,
-                config.model_dump(mode="json"),
-                copy.deepcopy(stages.summary["stages"]),
-                data.instance_dir,
-                instance,
-                classes,
-                trained,
-                generated,
-                data.token,
-                data.class_name,
-            ),
-            report.stage_key_for,
-            outputs={"report_html": "report.html"},
-        )
+            classes = stages.run(class_images.stage, class_images.ClassImagesInputs.of(config, model))
+        encoded = stages.run(latents.stage, latents.LatentsInputs(model, instance, classes))
+        trained = stages.run(train.stage, train.TrainInputs.of(config, model, encoded))
+        generated = stages.run(generate.stage, generate.GenerateInputs.of(config, model, trained))
+        results = (instance, classes, trained, generated)
+        stages.run(report.stage, report.ReportInputs.of(config, stages.summary["stages"], *results))
 
 
 def planned_keys(config: RunConfig) -> dict[str, dict]:

@@ -10,18 +10,18 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psutil
-from prefect import Task
+from prefect import task
 from prefect.runtime import flow_run
 
 from flows.caching import cache_options
 from tasks.core.config import RunConfig
-from tasks.core.stage import StageError, StageResult
+from tasks.core.faults import fail_if_injected
+from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store
 from tasks.sd.device import release
 
@@ -60,6 +60,13 @@ class PeakMemory:
 
 class StopAfterStage(Exception):
     """Raised after the one stage `boothflow stage NAME` asked for."""
+
+
+@task
+def stage_task(stage: Stage, cfg: Any, inputs: Any, root: Path) -> StageResult:
+    """Every stage runs as this task, named after it, with the store's cache policy for its key."""
+    fail_if_injected(stage.name)
+    return stage.run(cfg, inputs, Store(root))
 
 
 def summary_path(root: Path, flow_run_id: str) -> Path:
@@ -111,32 +118,22 @@ class StageRunner:
         path.write_text(json.dumps(self.summary, indent=1, default=str))
         return path
 
-    def run(
-        self,
-        stage_task: Task,
-        cfg: Any,
-        inputs: Any,
-        key_fn: Callable[[Any, Any], str],
-        outputs: dict[str, str] | None = None,
-    ) -> StageResult:
-        """Run one stage task (a cache hit shows as `Cached` in Prefect) and record its outcome.
-
-        `outputs` names folders inside the stage's entry that the summary lists as absolute paths.
-        """
-        name = stage_task.name
+    def run(self, stage: Stage, inputs: Any) -> StageResult:
+        """Run one stage as its Prefect task (a cache hit shows as `Cached` in Prefect) and record its outcome,
+        with the folders of its entry that it publishes listed as absolute paths."""
+        name, cfg = stage.name, stage.config(self.config)
         self.current = name
         started, peak_memory = time.monotonic(), None
         if self.plan:
-            key = key_fn(cfg, inputs)
+            key = stage.key(cfg, inputs)
             status = "cached" if Store(self.root).is_complete(name, key) else "to run"
             result = StageResult(name, key, Store(self.root).path(name, key), status=status)
         elif self.only is not None and name != self.only:
-            result = self._from_cache(name, key_fn(cfg, inputs))
+            result = self._from_cache(name, stage.key(cfg, inputs))
         else:
             with PeakMemory() as memory:
-                state = stage_task.with_options(**cache_options(name, self.root, key_fn))(
-                    cfg, inputs, self.root, return_state=True
-                )
+                task = stage_task.with_options(name=name, **cache_options(name, self.root, stage.key))
+                state = task(stage, cfg, inputs, self.root, return_state=True)
             release()  # the stage's models are gone: give their accelerator memory back before the next stage
             if state.is_failed():
                 raise state.result(raise_on_failure=False)
@@ -153,7 +150,7 @@ class StageRunner:
             "items_rejected": result.items_rejected,
             "peak_memory_mb": peak_memory,
         }
-        for output, relative in (outputs or {}).items():
+        for output, relative in stage.outputs.items():
             self.summary["outputs"][output] = str((result.path / relative).resolve())
         self.current = None
         if self.only == name:

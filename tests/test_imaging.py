@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tasks.core.config import image_side
 from tasks.sd import imaging
 from tasks.sd.imaging import Rejected, center_square_box, face_square_box, prepare, to_rgb
 
@@ -182,10 +183,9 @@ def test_sources_are_never_modified(user: Path, broken: Path) -> None:
 
 @pytest.mark.parametrize("resolution", [0, 56, 100, 513])
 def test_resolution_must_be_a_multiple_of_8_from_64(resolution: int) -> None:
-    with pytest.raises(ValueError, match=f"resolution {resolution} must be a multiple of 8 and at least 64"):
-        imaging.validate_resolution(resolution)
-    imaging.validate_resolution(64)
-    imaging.validate_resolution(1024)
+    with pytest.raises(ValueError, match="must be a multiple of 8 and at least 64"):
+        image_side(resolution)
+    assert (image_side(64), image_side(1024)) == (64, 1024)
 
 
 def test_unknown_crop_mode_is_a_config_error(user: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,15 +40,23 @@ def parse_memory(value: str) -> int:
 VAE_SLICING = "Decode one image at a time: a batch's decode memory over its size; pixels may move by 1 level"
 
 
+def image_side(value: int, or_else: str = "") -> int:
+    """The one rule for image sides (the VAE downsamples by 8; the tiniest presets need 64)."""
+    if value < 64 or value % 8:
+        raise ValueError(f"must be {or_else}a multiple of 8 and at least 64, e.g. 512 or 1024")
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def keyed(self) -> dict[str, Any]:
-        """The fields that can change outputs, as plain JSON values: what a cache key hashes."""
+    def keyed(self, without: Collection[str] = ()) -> dict[str, Any]:
+        """The fields that can change outputs, as plain JSON values: what a cache key hashes (less `without`,
+        fields a stage keys in another form or not at all)."""
         data = self.model_dump(mode="json")
         for name, field in type(self).model_fields.items():
             extra = field.json_schema_extra
-            if isinstance(extra, dict) and extra.get("affects_output") is False:
+            if name in without or (isinstance(extra, dict) and extra.get("affects_output") is False):
                 data.pop(name)
         return data
 
@@ -99,10 +108,8 @@ class PreprocessSection(Section):
 
     @field_validator("resolution")
     @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value < 64 or value % 8:
-            raise ValueError("must be a multiple of 8 and at least 64, e.g. 512 or 1024")
-        return value
+    def _image_side(cls, value: int) -> int:
+        return image_side(value)
 
 
 class LatentsSection(Section):
@@ -165,10 +172,10 @@ class TrainSection(Section):
         "Training processes (one per GPU) on this machine under accelerate; batch_size is per process", default=1, ge=1
     )
 
-    def keyed(self) -> dict[str, Any]:
+    def keyed(self, without: Collection[str] = ()) -> dict[str, Any]:
         """The batch is keyed as the global micro-batch (batch_size x num_processes), which is what is drawn: two
         processes of batch 1 are the same training as one of batch 2, and share its key."""
-        return {**super().keyed(), "batch_size": self.batch_size * self.num_processes}
+        return {**super().keyed(without), "batch_size": self.batch_size * self.num_processes}
 
 
 class GenerateSection(Section):
@@ -197,10 +204,8 @@ class GenerateSection(Section):
 
     @field_validator("size")
     @classmethod
-    def _size_multiple_of_8(cls, value: int) -> int:
-        if value and (value < 64 or value % 8):
-            raise ValueError("must be 0 (the training resolution) or a multiple of 8 and at least 64")
-        return value
+    def _image_side(cls, value: int) -> int:
+        return value and image_side(value, "0 (the training resolution) or ")
 
 
 class ReportSection(Section):
@@ -223,6 +228,12 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection, description="DreamBooth training")
     generate: GenerateSection = Field(default_factory=GenerateSection, description="Sample generation")
     report: ReportSection = Field(default_factory=ReportSection, description="HTML report and metrics")
+
+    def instance_prompt(self) -> str:
+        return fill_prompt(self.data.instance_prompt, self.data.token, self.data.class_name)
+
+    def class_prompt(self) -> str:
+        return fill_prompt(self.prior.class_prompt, self.data.token, self.data.class_name)
 
 
 def fill_prompt(template: str, token: str, class_name: str) -> str:

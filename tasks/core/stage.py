@@ -1,14 +1,18 @@
-"""What every stage returns and raises: a small result (key, path, counts) and an error naming the item.
-
-Only these small objects pass between stages and through Prefect; tensors and images stay on disk.
+"""What a stage is, returns and raises: its one declaration, a small result (key, path, counts) and an error
+naming the item. Only these small objects pass between stages and through Prefect; tensors and images stay on disk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
-from tasks.core.store import Entry
+from tasks.core.store import Entry, Store
+
+Cfg = TypeVar("Cfg")
+Inputs = TypeVar("Inputs")
 
 
 class StageError(Exception):
@@ -37,10 +41,33 @@ class StageResult:
     @classmethod
     def cached(cls, entry: Entry) -> StageResult:
         """A stage entry found complete in the store: every item it counts was served from the cache."""
-        counts = {"items_cached": entry.info["items"], "items_rejected": entry.info.get("rejected", 0)}
+        counts = {"items_cached": entry.info.get("items", 0), "items_rejected": entry.info.get("rejected", 0)}
         return cls(entry.stage, entry.key, entry.path, status="cached", **counts)
 
     def as_cached(self) -> StageResult:
         """The same output seen from a run that found it already in the cache: no work, no model loaded."""
         total = self.items_processed + self.items_cached
         return replace(self, items_processed=0, items_cached=total, status="cached", models_loaded=())
+
+
+@dataclass(frozen=True)
+class Stage(Generic[Cfg, Inputs]):
+    """A stage, declared once: its name, the config section it reads, its key function, the function that builds
+    its entry on a miss, and the folders inside the entry the run summary publishes. `run` is the plain function
+    tests call; the flow makes the Prefect task, its cache policy and the summary from the same declaration."""
+
+    name: str
+    section: str
+    key: Callable[[Cfg, Inputs], str]
+    build: Callable[[Cfg, Inputs, Store, str], StageResult]
+    outputs: Mapping[str, str] = field(default_factory=dict)
+
+    def run(self, cfg: Cfg, inputs: Inputs, store: Store) -> StageResult:
+        """The committed entry for this config and these inputs: found in the store, or built."""
+        key = self.key(cfg, inputs)
+        done = store.get(self.name, key)
+        return StageResult.cached(done) if done is not None else self.build(cfg, inputs, store, key)
+
+    def config(self, config: Any) -> Any:
+        """This stage's section of a RunConfig."""
+        return getattr(config, self.section)

@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from tasks.core.atomic import atomic_folder, clear_partials
 
 MANIFEST = "manifest.json"
 KEY_LENGTH = 24
@@ -132,10 +133,8 @@ class Store:
             if existing is not None:
                 return existing
             final = self.path(stage, key)
-            self._clear_leftovers(final)
-            partial = final.with_name(f"{key}.partial-{uuid.uuid4().hex[:8]}")
-            partial.mkdir(parents=True)
-            try:
+            clear_partials(final)  # a killed writer's; we hold the key's lock
+            with atomic_folder(final, replace=True) as partial:  # replaces an entry whose manifest check failed
                 started = time.monotonic()
                 info = build(partial)
                 manifest = {
@@ -153,18 +152,7 @@ class Store:
                     },
                 }
                 (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-                partial.rename(final)
-            except BaseException:
-                shutil.rmtree(partial, ignore_errors=True)
-                raise
         return Entry(stage, key, final, manifest, created=True)
-
-    def _clear_leftovers(self, final: Path) -> None:
-        """Drop an incomplete entry and partial folders of this key; the caller holds its lock."""
-        if final.exists():
-            shutil.rmtree(final)
-        for partial in final.parent.glob(f"{final.name}.partial-*"):
-            shutil.rmtree(partial, ignore_errors=True)
 
     def entries(self) -> Iterator[dict[str, Any]]:
         """Every entry folder under the root, complete or not, for `boothflow cache ls`."""

@@ -20,10 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-SINGLE_FILE = "model.safetensors"
-DIFFUSERS_DIR = "diffusers"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+from tasks.sd.layout import DIFFUSERS_DIR, KOHYA_FILE, LORA_FILE, SINGLE_FILE
 
 # Prefixes of the original LDM checkpoint, as A1111 and ComfyUI (and diffusers' from_single_file) read it.
 LDM_UNET = "model.diffusion_model."

@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from tasks.core.config import image_side
+
 Box = tuple[int, int, int, int]
 """(left, top, right, bottom) in pixels, right and bottom exclusive, as Pillow's crop and resize take."""
 
@@ -43,12 +45,6 @@ class Prepared:
     note: str
 
 
-def validate_resolution(resolution: int) -> None:
-    """Fail early: the VAE downsamples by 8 and the UNet needs a few levels of that."""
-    if resolution < 64 or resolution % 8:
-        raise ValueError(f"resolution {resolution} must be a multiple of 8 and at least 64")
-
-
 def prepare(path: Path, resolution: int, crop: str, min_side: int, max_pixels: int, face_margin: float) -> Prepared:
     """Open, check, orient, convert, crop and resize one file; raise Rejected when it is unusable.
 
@@ -56,7 +52,7 @@ def prepare(path: Path, resolution: int, crop: str, min_side: int, max_pixels: i
     applies, so `max_pixels` above Pillow's hard limit cannot let larger images through.
     The source file is only read.
     """
-    validate_resolution(resolution)
+    image_side(resolution)  # fail early, by the one rule the config validates too
     if crop not in CROP_MODES:
         raise ValueError(f"crop {crop!r} must be one of {CROP_MODES}")
     image = to_rgb(load_upright(path, min_side, max_pixels))

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from tasks.core.atomic import atomic_folder, clear_partials
 from tasks.core.store import file_sha256
 from tasks.sd import text
 from tasks.sd.architectures import COMPONENT_CONFIGS
@@ -173,7 +172,7 @@ def tiny_tokenizer(folder: Path, words: tuple[str, ...] = TOKENIZER_WORDS, max_l
     from transformers import CLIPTokenizer
 
     vocab, merges = _clip_vocab(words)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", encoding="utf-8")
     # transformers 5 leaves model_max_length unbounded without it, and prompts overflow the text positions.
@@ -323,15 +322,9 @@ def _build_preset(name: str, root: Path) -> Path:
     with FileLock(lock):
         if target.is_dir():  # another process built it while we waited
             return target
-        for stale in target.parent.glob(f"{name}.partial-*"):  # left by a killed build; we hold the lock
-            shutil.rmtree(stale)
-        partial = target.parent / f"{name}.partial-{os.getpid()}"
-        try:
+        clear_partials(target)  # left by a killed build; we hold the lock
+        with atomic_folder(target) as partial:
             PRESETS[name].build(partial)
-            partial.rename(target)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
     return target
 
 
@@ -388,12 +381,18 @@ def resolve_model(model_id: str, root: Path) -> Path:
                 f"preset {model_id!r} should ship in {folder}, which is missing; restore it with git"
             )
         return folder
+    return _folder_or_hub(model_id, "model_index.json", "a diffusers pipeline", _download_pipeline, "a preset, ")
+
+
+def cached_folder(model_id: str) -> Path | None:
+    """An existing folder, or a hub repo already in the local Hugging Face cache (whole); never downloads."""
     local = Path(model_id).expanduser()
     if local.is_dir():
-        if not (local / "model_index.json").is_file():
-            raise ModelUnavailable(f"model folder {str(local)!r} has no model_index.json: not a diffusers folder")
         return local
-    return _hub_snapshot(model_id, _download_pipeline, "a preset, an existing folder")
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # invalid id, not cached, offline: all mean "not here"
+        return None
 
 
 def local_model_folder(model_id: str, root: Path) -> Path | None:
@@ -439,12 +438,18 @@ def resolve(model_id: str, vae_id: str, root: Path) -> ResolvedModel:
 
 def _resolve_vae(vae_id: str) -> Path:
     """A standalone AutoencoderKL: a local folder with config.json, or a hub repo such as sdxl-vae-fp16-fix."""
-    local = Path(vae_id).expanduser()
+    return _folder_or_hub(vae_id, "config.json", "a diffusers AutoencoderKL", _download_vae, "")
+
+
+def _folder_or_hub(model_id: str, marker: str, kind: str, download: Callable[[str, bool], str], preset: str) -> Path:
+    """A local folder holding `marker`, or the hub repo's snapshot (from the local cache first); `preset` says
+    whether a preset name would also have been accepted, for the error."""
+    local = Path(model_id).expanduser()
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ModelUnavailable(f"VAE folder {str(local)!r} has no config.json: not a diffusers AutoencoderKL")
+        if not (local / marker).is_file():
+            raise ModelUnavailable(f"folder {str(local)!r} has no {marker}: not {kind}")
         return local
-    return _hub_snapshot(vae_id, _download_vae, "an existing folder")
+    return _hub_snapshot(model_id, download, f"{preset}an existing folder")
 
 
 def model_family(path: Path) -> str:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
+from tasks.core.batching import batched
 from tasks.core.progress import track
 from tasks.sd.device import device, loaded
 from tasks.sd.models import ResolvedModel
@@ -47,10 +49,18 @@ class RenderError(Exception):
 RENDERED_BEFORE = {"dtype": "float32", "vae_slicing": False, "vae_tiling": False}
 
 
-def rendering_options(**options: Any) -> dict[str, Any]:
-    """The rendering options that enter an image's key: those that change its pixels from how images were rendered
-    before the options existed, so caches made earlier stay valid (and class images keep their ids and order)."""
-    return {name: value for name, value in options.items() if value != RENDERED_BEFORE[name]}
+def image_settings(section: Any) -> dict[str, Any]:
+    """The settings of a rendering section (prior or generate) that shape each image's pixels. The rendering options
+    enter only where they differ from how images were rendered before they existed, so caches made earlier stay
+    valid (and class images keep their ids and order)."""
+    options = {name: getattr(section, name, before) for name, before in RENDERED_BEFORE.items()}
+    return {
+        "negative_prompt": section.negative_prompt,
+        "scheduler": section.scheduler,
+        "steps": section.steps,
+        "guidance": section.guidance,
+        **{name: value for name, value in options.items() if value != RENDERED_BEFORE[name]},
+    }
 
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:
@@ -81,6 +91,12 @@ def make_scheduler(pipe: DiffusionPipeline, name: str) -> SchedulerMixin:
     """Swap the pipeline's scheduler for `name`, configured from the scheduler it had."""
     pipe.scheduler = build_scheduler(name, pipe.scheduler.config)
     return pipe.scheduler
+
+
+def planned_scheduler(name: str, scheduler_dir: Path) -> dict[str, Any]:
+    """The settings of the scheduler `make_scheduler` will give a pipeline whose scheduler config is in
+    `scheduler_dir`, read without loading the pipeline (ValueError for an unknown scheduler)."""
+    return scheduler_settings(build_scheduler(name, scheduler_class(name).load_config(scheduler_dir)))
 
 
 def load_pipeline_for(
@@ -124,8 +140,7 @@ def _batches(requests: Sequence[RenderRequest], batch_size: int) -> Iterator[tup
     for request in requests:
         groups.setdefault(_group_key(request), []).append(request)
     for group in groups.values():
-        for start in range(0, len(group), batch_size):
-            yield tuple(group[start : start + batch_size])
+        yield from (tuple(batch) for batch in batched(group, batch_size))
 
 
 def _render_batch(pipe: DiffusionPipeline, batch: tuple[RenderRequest, ...]) -> list[Image.Image]:

@@ -15,23 +15,19 @@ from typing import Any
 
 import pandas as pd
 from PIL import Image
-from prefect import task
 
-from tasks.core.config import PriorSection
-from tasks.core.faults import fail_if_injected
-from tasks.core.stage import StageError, StageResult
+from tasks.core.config import PriorSection, RunConfig
+from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, link_or_copy, stage_key
 from tasks.sd.models import ResolvedModel
 from tasks.sd.render import (
     RenderError,
     RenderRequest,
-    build_scheduler,
+    image_settings,
     load_pipeline_for,
     make_scheduler,
+    planned_scheduler,
     render,
-    rendering_options,
-    scheduler_class,
-    scheduler_settings,
 )
 
 STAGE = "class_images"
@@ -48,6 +44,10 @@ class ClassImagesInputs:
     class_prompt: str
     resolution: int
 
+    @classmethod
+    def of(cls, config: RunConfig, model: ResolvedModel) -> ClassImagesInputs:
+        return cls(model, config.class_prompt(), config.preprocess.resolution)
+
 
 def class_seed(seed: int, index: int) -> int:
     """Image `index`'s own 63-bit seed from (seed, index): stable across runs, unrelated between neighbours."""
@@ -55,34 +55,21 @@ def class_seed(seed: int, index: int) -> int:
 
 
 def stage_key_for(cfg: PriorSection, inputs: ClassImagesInputs) -> str:
-    settings = {name: value for name, value in cfg.keyed().items() if name not in TRAINING_ONLY}
+    model, settings = inputs.model.identities, cfg.keyed(without=TRAINING_ONLY)
     return stage_key(
-        STAGE,
-        CODE_VERSION,
-        settings,
-        prompt=inputs.class_prompt,
-        resolution=inputs.resolution,
-        model=inputs.model.identities,
+        STAGE, CODE_VERSION, settings, prompt=inputs.class_prompt, resolution=inputs.resolution, model=model
     )
 
 
 def item_settings(cfg: PriorSection) -> dict[str, Any]:
     """The prior settings one image depends on: not the count, the batch size, or the prompt template."""
-    return {
-        "negative_prompt": cfg.negative_prompt,
-        "scheduler": cfg.scheduler,
-        "steps": cfg.steps,
-        "guidance": cfg.guidance,
-        "seed": cfg.seed,
-        **rendering_options(dtype=cfg.dtype, vae_slicing=cfg.vae_slicing),
-    }
+    return {**image_settings(cfg), "seed": cfg.seed}
 
 
 def rendering_scheduler(cfg: PriorSection, model: ResolvedModel) -> dict[str, Any]:
     """The settings of the scheduler that `make_scheduler` gives the loaded pipeline, read without loading it."""
     try:
-        base = scheduler_class(cfg.scheduler).load_config(model.path / "scheduler")
-        return scheduler_settings(build_scheduler(cfg.scheduler, base))
+        return planned_scheduler(cfg.scheduler, model.path / "scheduler")
     except ValueError as err:
         raise StageError(STAGE, f"{err}; set prior.scheduler", item="prior.scheduler") from err
 
@@ -142,13 +129,8 @@ def _render_missing(
     return created
 
 
-def run(cfg: PriorSection, inputs: ClassImagesInputs, store: Store) -> StageResult:
+def build(cfg: PriorSection, inputs: ClassImagesInputs, store: Store, key: str) -> StageResult:
     """Make `cfg.num_images` class images, rendering only those no earlier run (of any dataset) has made."""
-    key = stage_key_for(cfg, inputs)
-    done = store.get(STAGE, key)
-    if done is not None:
-        return StageResult.cached(done)
-
     scheduler = rendering_scheduler(cfg, inputs.model)
     keys = [item_key(cfg, inputs, scheduler, index) for index in range(cfg.num_images)]
     missing = [index for index, ikey in enumerate(keys) if store.get(ITEMS, ikey) is None]
@@ -166,7 +148,7 @@ def run(cfg: PriorSection, inputs: ClassImagesInputs, store: Store) -> StageResu
     )
     settings = {**item_settings(cfg), "prompt": inputs.class_prompt, "resolution": inputs.resolution}
 
-    def build(folder: Path) -> dict[str, Any]:
+    def write(folder: Path) -> dict[str, Any]:
         (folder / "images").mkdir()
         for ikey, image in zip(keys, table["image"], strict=True):
             link_or_copy(store.path(ITEMS, ikey) / "image.png", folder / image)
@@ -176,12 +158,10 @@ def run(cfg: PriorSection, inputs: ClassImagesInputs, store: Store) -> StageResu
         )
         return {"items": len(keys)}
 
-    entry = store.get_or_create(STAGE, key, build, settings)
+    entry = store.get_or_create(STAGE, key, write, settings)
     loaded = (f"pipeline ({inputs.model.id})",) if missing else ()
     return StageResult(STAGE, key, entry.path, created, len(keys) - created, models_loaded=loaded)
 
 
-@task(name=STAGE)
-def class_images_task(cfg: PriorSection, inputs: ClassImagesInputs, root: Path) -> StageResult:
-    fail_if_injected(STAGE)
-    return run(cfg, inputs, Store(root))
+stage = Stage(STAGE, "prior", stage_key_for, build, outputs={"class_images_dir": "images"})
+run = stage.run  # the plain function: cached entry or build

@@ -16,25 +16,22 @@ import pandas as pd
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from prefect import task
 
-from tasks.core.config import GenerateSection, fill_prompt
-from tasks.core.faults import fail_if_injected
-from tasks.core.stage import StageError, StageResult
+from tasks.core.config import GenerateSection, RunConfig, fill_prompt
+from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, link_or_copy, stage_key
 from tasks.sd.device import device
+from tasks.sd.layout import DIFFUSERS_DIR, LORA_FILE
 from tasks.sd.models import ResolvedModel
 from tasks.sd.render import (
     RenderError,
     RenderRequest,
-    build_scheduler,
+    image_settings,
     load_pipeline_for,
     make_scheduler,
+    planned_scheduler,
     prepare,
     render,
-    rendering_options,
-    scheduler_class,
-    scheduler_settings,
 )
 
 if TYPE_CHECKING:  # imported where a pipeline is loaded: a fully cached run never pays for diffusers
@@ -43,7 +40,6 @@ if TYPE_CHECKING:  # imported where a pipeline is loaded: a fully cached run nev
 STAGE = "generate"
 ITEMS = "generate-items"
 CODE_VERSION = 2  # 2: base pipelines load without the SD 1.5 safety checker
-LORA_FILE = "pytorch_lora_weights.safetensors"
 COLUMNS = ["id", "kind", "step", "template", "prompt", "seed", "model", "image"]
 
 
@@ -56,6 +52,11 @@ class GenerateInputs:
     token: str
     class_name: str
     resolution: int
+
+    @classmethod
+    def of(cls, config: RunConfig, model: ResolvedModel, train: StageResult) -> GenerateInputs:
+        data = config.data
+        return cls(model, train, data.token, data.class_name, config.preprocess.resolution)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def weights_sources(cfg: GenerateSection, inputs: GenerateInputs, training: dict
     """Every set of weights this config renders from, in render order: final, each sample step, then the base."""
     train, base = inputs.train, inputs.model.path
     full = training["method"] == "full"
-    final = train.path / "diffusers" if full else train.path  # full: the pipeline folder users load
+    final = train.path / DIFFUSERS_DIR if full else train.path  # full: the pipeline folder users load
     scheduler = final / "scheduler" if full else base / "scheduler"
     sources = [Weights("finetuned", "finetuned", training["steps"], f"train:{train.key}", train.key, final, scheduler)]
     if cfg.validation_prompts and cfg.seeds:
@@ -140,21 +141,14 @@ def weights_sources(cfg: GenerateSection, inputs: GenerateInputs, training: dict
 def rendering_scheduler(cfg: GenerateSection, weights: Weights) -> dict[str, Any]:
     """The settings of the scheduler `make_scheduler` gives this pipeline, read without loading it."""
     try:
-        base = scheduler_class(cfg.scheduler).load_config(weights.scheduler_dir)
-        return scheduler_settings(build_scheduler(cfg.scheduler, base))
+        return planned_scheduler(cfg.scheduler, weights.scheduler_dir)
     except ValueError as err:
         raise StageError(STAGE, f"{err}; set generate.scheduler", item="generate.scheduler") from err
 
 
 def item_settings(cfg: GenerateSection) -> dict[str, Any]:
     """The generate settings one image depends on: not the prompt list, the seed list or the batch size."""
-    return {
-        "negative_prompt": cfg.negative_prompt,
-        "scheduler": cfg.scheduler,
-        "steps": cfg.steps,
-        "guidance": cfg.guidance,
-        **rendering_options(dtype=cfg.dtype, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling),
-    }
+    return image_settings(cfg)
 
 
 def item_key(cfg: GenerateSection, weights: Weights, scheduler: dict[str, Any], request: RenderRequest) -> str:
@@ -276,13 +270,8 @@ def _render_from(cfg: GenerateSection, inputs: GenerateInputs, method: str, todo
     return created
 
 
-def run(cfg: GenerateSection, inputs: GenerateInputs, store: Store) -> StageResult:
+def build(cfg: GenerateSection, inputs: GenerateInputs, store: Store, key: str) -> StageResult:
     """Render every prompt x seed (and checkpoint and base images), loading only weights with a missing image."""
-    key = stage_key_for(cfg, inputs)
-    done = store.get(STAGE, key)
-    if done is not None:
-        return StageResult.cached(done)
-
     training = training_facts(inputs.train)
     items = plan(cfg, inputs, training)
     missing = [item for item in items if store.get(ITEMS, item.key) is None]
@@ -308,18 +297,16 @@ def run(cfg: GenerateSection, inputs: GenerateInputs, store: Store) -> StageResu
         columns=COLUMNS,
     )
 
-    def build(folder: Path) -> dict[str, Any]:
+    def write(folder: Path) -> dict[str, Any]:
         (folder / "images").mkdir()
         for item in items:
             link_or_copy(store.path(ITEMS, item.key) / "image.png", folder / "images" / f"{item.id}.png")
         table.to_csv(folder / "samples.csv", index=False)
         return {"items": len(items)}
 
-    entry = store.get_or_create(STAGE, key, build, {**cfg.keyed(), "train": inputs.train.key})
+    entry = store.get_or_create(STAGE, key, write, {**cfg.keyed(), "train": inputs.train.key})
     return StageResult(STAGE, key, entry.path, created, len(items) - created, models_loaded=tuple(by_weights))
 
 
-@task(name=STAGE)
-def generate_task(cfg: GenerateSection, inputs: GenerateInputs, root: Path) -> StageResult:
-    fail_if_injected(STAGE)
-    return run(cfg, inputs, Store(root))
+stage = Stage(STAGE, "generate", stage_key_for, build, outputs={"samples_dir": "images"})
+run = stage.run  # the plain function: cached entry or build

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,13 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from prefect import task
 from safetensors.torch import save_file
 
+from tasks.core.batching import batched
 from tasks.core.config import LatentsSection
-from tasks.core.faults import fail_if_injected
 from tasks.core.progress import track
-from tasks.core.stage import StageError, StageResult
+from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, file_sha256, link_or_copy, stage_key
 from tasks.sd.device import device, loaded
 from tasks.sd.models import ResolvedModel
@@ -220,17 +219,12 @@ def _write_item(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> C
     return build
 
 
-def _batches(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _encode_missing(cfg: LatentsSection, inputs: LatentsInputs, missing: list[Sample], store: Store) -> int:
     """Encode `missing` (one sample per item key) in batches; the number of entries this call created."""
     vae_identity = inputs.model.identity("vae")
     vae = _load_vae(inputs.model.vae_path, cfg.dtype)
     created = 0
-    batches = _batches(missing, cfg.batch_size)
+    batches = batched(missing, cfg.batch_size)
     for batch in track(batches, -(-len(missing) // cfg.batch_size), "encode latents"):
         try:
             encoded = _encode_batch(vae, batch, cfg.flip, cfg.dtype)
@@ -245,20 +239,15 @@ def _encode_missing(cfg: LatentsSection, inputs: LatentsInputs, missing: list[Sa
     return created
 
 
-def run(cfg: LatentsSection, inputs: LatentsInputs, store: Store) -> StageResult:
+def build(cfg: LatentsSection, inputs: LatentsInputs, store: Store, key: str) -> StageResult:
     """Encode every usable upstream image, reusing cached items; the VAE is loaded only when one is missing."""
-    key = stage_key_for(cfg, inputs)
-    done = store.get(STAGE, key)
-    if done is not None:
-        return StageResult.cached(done)
-
     found = samples(inputs)
     vae_identity = inputs.model.identity("vae")
     keys = {s.id: item_key(cfg, vae_identity, s) for s in found}
     missing = {keys[s.id]: s for s in found if store.get(ITEMS, keys[s.id]) is None}
     processed = _encode_missing(cfg, inputs, list(missing.values()), store) if missing else 0
 
-    def build(folder: Path) -> dict[str, Any]:
+    def write(folder: Path) -> dict[str, Any]:
         items = folder / "items"
         items.mkdir()
         rows = []
@@ -272,12 +261,10 @@ def run(cfg: LatentsSection, inputs: LatentsInputs, store: Store) -> StageResult
         kinds = [s.kind for s in found]
         return {"items": len(found), "instance": kinds.count("instance"), "class": kinds.count("class")}
 
-    entry = store.get_or_create(STAGE, key, build, cfg.keyed())
+    entry = store.get_or_create(STAGE, key, write, cfg.keyed())
     loaded = (f"vae ({inputs.model.id})",) if missing else ()
     return StageResult(STAGE, key, entry.path, processed, len(found) - processed, models_loaded=loaded)
 
 
-@task(name="latents")
-def latents_task(cfg: LatentsSection, inputs: LatentsInputs, root: Path) -> StageResult:
-    fail_if_injected(STAGE)
-    return run(cfg, inputs, Store(root))
+stage = Stage(STAGE, "latents", stage_key_for, build, outputs={})
+run = stage.run  # the plain function: cached entry or build

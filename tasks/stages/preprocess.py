@@ -14,12 +14,10 @@ from typing import Any
 
 import cv2
 import pandas as pd
-from prefect import task
 
-from tasks.core.config import PreprocessSection
-from tasks.core.faults import fail_if_injected
+from tasks.core.config import PreprocessSection, RunConfig
 from tasks.core.progress import track
-from tasks.core.stage import StageError, StageResult
+from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, digest, file_sha256, link_or_copy, stage_key
 from tasks.sd import imaging
 
@@ -47,6 +45,12 @@ class PreprocessInputs:
     instance_dir: Path
     files: tuple[SourceFile, ...]
     min_images: int
+
+    @classmethod
+    def of(cls, config: RunConfig) -> PreprocessInputs:
+        """The instance folder as it is now: every file scanned (and hashed) by `scan`."""
+        data = config.data
+        return cls(data.instance_dir, scan(data.instance_dir), data.min_images)
 
     @property
     def fingerprint(self) -> str:
@@ -132,13 +136,8 @@ def _build_item(cfg: PreprocessSection, source: Path, sha256: str):
     return build
 
 
-def run(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store) -> StageResult:
+def build(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store, key: str) -> StageResult:
     """Preprocess every file of `inputs`, reusing cached items; fail only when too few images are usable."""
-    key = stage_key_for(cfg, inputs)
-    done = store.get(STAGE, key)
-    if done is not None:
-        return StageResult.cached(done)
-
     rows: list[dict[str, Any]] = []
     processed = cached = 0
     for source in track(inputs.files, len(inputs.files), "preprocess images"):
@@ -170,7 +169,7 @@ def run(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store) -> Stage
             str(inputs.instance_dir),
         )
 
-    def build(folder: Path) -> dict[str, Any]:
+    def write(folder: Path) -> dict[str, Any]:
         images = folder / "images"
         images.mkdir()
         names = []
@@ -182,11 +181,9 @@ def run(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store) -> Stage
         (folder / "settings.json").write_text(json.dumps(cfg.keyed(), indent=1, sort_keys=True))
         return {"items": processed + cached, "usable": len(usable), "rejected": len(rejected)}
 
-    entry = store.get_or_create(STAGE, key, build, cfg.keyed())
+    entry = store.get_or_create(STAGE, key, write, cfg.keyed())
     return StageResult(STAGE, key, entry.path, processed, cached, len(rejected))
 
 
-@task(name="preprocess")
-def preprocess_task(cfg: PreprocessSection, inputs: PreprocessInputs, root: Path) -> StageResult:
-    fail_if_injected(STAGE)
-    return run(cfg, inputs, Store(root))
+stage = Stage(STAGE, "preprocess", stage_key_for, build, outputs={"preprocess_dir": "images"})
+run = stage.run  # the plain function: cached entry or build

@@ -5,6 +5,7 @@ A person opens `report.html` from its folder with no server and no network; Pref
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 import re
@@ -16,18 +17,17 @@ from urllib.parse import quote
 
 import pandas as pd
 import torch
-from huggingface_hub import snapshot_download
 from PIL import Image
-from prefect import task
 
+from tasks.core.batching import batched
 from tasks.core.config import ReportSection, RunConfig, fill_prompt
 from tasks.core.progress import track
-from tasks.core.stage import StageError, StageResult
+from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, file_sha256, link_or_copy, stage_key
 from tasks.sd import imaging
 from tasks.sd.device import device as accelerator
 from tasks.sd.device import loaded
-from tasks.sd.models import component_identity
+from tasks.sd.models import cached_folder, component_identity
 
 STAGE = "report"
 CODE_VERSION = 2  # 2: the summary shows the global batch
@@ -55,6 +55,13 @@ class ReportInputs:
     generate: StageResult
     token: str
     class_name: str
+
+    @classmethod
+    def of(cls, config: RunConfig, stages: dict[str, Any], *results: StageResult | None) -> ReportInputs:
+        """`results`: preprocess, class images (None without prior preservation), train and generate."""
+        data = config.data
+        return cls(config.run.name, config.model_dump(mode="json"), copy.deepcopy(stages), data.instance_dir,
+                   *results, data.token, data.class_name)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -96,31 +103,17 @@ def esc(value: Any) -> str:
     return value if isinstance(value, Html) else html.escape(str(value), quote=True)
 
 
-def locate_model(model_id: str) -> Path | None:
-    """A metric model's folder: an existing folder or a hub repo already in the local Hugging Face cache.
-
-    The report never downloads: its key must be known before it runs, and a download would change it.
-    """
-    local = Path(model_id).expanduser()
-    if local.is_dir():
-        return local
-    try:
-        return Path(snapshot_download(model_id, local_files_only=True))
-    except Exception:  # invalid id, not cached, offline: all mean "not available here"
-        return None
-
-
 def model_identity(model_id: str) -> str | None:
     """A location-free identity of a metric model for the key; getting the model later changes it."""
     if not model_id:
         return None
-    path = locate_model(model_id)
+    path = cached_folder(model_id)
     return f"unavailable:{model_id}" if path is None else component_identity(path, "")
 
 
 def stage_key_for(cfg: ReportSection, inputs: ReportInputs) -> str:
     """Upstream keys, the metric models' identities and the run name; never timings, settings or paths."""
-    settings = {name: value for name, value in cfg.keyed().items() if name not in MODEL_SETTINGS}
+    settings = cfg.keyed(without=MODEL_SETTINGS)
     return stage_key(
         STAGE,
         CODE_VERSION,
@@ -217,10 +210,6 @@ def _features(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
-
-
 def _open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
@@ -235,7 +224,7 @@ def load_metric_model(model: MetricModel, model_id: str, device: torch.device) -
     how = f"set {model.setting} to a hub id or folder, e.g. --set {model.setting}={model.example}"
     if not model_id:
         raise MetricsUnavailable(f"{model.scores}: no model; {how}")
-    path = locate_model(model_id)
+    path = cached_folder(model_id)
     if path is None:
         raise MetricsUnavailable(
             f"{model.scores}: {model.setting} = {model_id!r} is neither a folder nor in the local Hugging Face "
@@ -260,7 +249,7 @@ def image_embeddings(
 ) -> dict[Path, torch.Tensor]:
     """Unit-length embedding of each image: CLIP's projected image embedding, or a DINO ViT's CLS token."""
     found: dict[Path, torch.Tensor] = {}
-    batches = _batches(list(dict.fromkeys(paths)), EMBED_BATCH)
+    batches = batched(list(dict.fromkeys(paths)), EMBED_BATCH)
     for batch in track(batches, len(batches), f"report: {model.name} image embeddings"):
         pixels = processor(images=[_open_rgb(p) for p in batch], return_tensors="pt")["pixel_values"].to(device)
         if model is CLIP:
@@ -277,7 +266,7 @@ def text_embeddings(
 ) -> dict[str, torch.Tensor]:
     """Unit-length CLIP text embedding of each text (truncated to CLIP's 77 tokens)."""
     found: dict[str, torch.Tensor] = {}
-    for batch in _batches(list(dict.fromkeys(texts)), EMBED_BATCH):
+    for batch in batched(list(dict.fromkeys(texts)), EMBED_BATCH):
         tokens = processor(text=list(batch), padding=True, truncation=True, return_tensors="pt").to(device)
         vectors = _features(network.get_text_features(**tokens))
         found.update(zip(batch, torch.nn.functional.normalize(vectors.float(), dim=-1).cpu(), strict=True))
@@ -754,7 +743,7 @@ def _global_batch(training: dict[str, Any]) -> str:
     return f"{training['global_batch']} ({parts})"
 
 
-def _build(cfg: ReportSection, inputs: ReportInputs, key: str) -> Callable[[Path], dict[str, Any]]:
+def _writer(cfg: ReportSection, inputs: ReportInputs, key: str) -> Callable[[Path], dict[str, Any]]:
     """The entry's writer: assets (linked images, thumbnails, loss plot), metrics, then report.html and report.json."""
 
     def build(folder: Path) -> dict[str, Any]:
@@ -809,13 +798,9 @@ def _build(cfg: ReportSection, inputs: ReportInputs, key: str) -> Callable[[Path
     return build
 
 
-def run(cfg: ReportSection, inputs: ReportInputs, store: Store) -> StageResult:
-    """Write the report folder, or return the cached one; metric models load only when it is written."""
-    key = stage_key_for(cfg, inputs)
-    done = store.get(STAGE, key)
-    if done is not None:
-        return StageResult.cached(done)
-    entry = store.get_or_create(STAGE, key, _build(cfg, inputs, key), cfg.keyed())
+def build(cfg: ReportSection, inputs: ReportInputs, store: Store, key: str) -> StageResult:
+    """Write the report folder; metric models load only here."""
+    entry = store.get_or_create(STAGE, key, _writer(cfg, inputs, key), cfg.keyed())
     if not entry.created:  # another run wrote it while this one waited for the lock
         return StageResult.cached(entry)
     loaded = tuple(entry.info["models_loaded"])
@@ -834,6 +819,5 @@ def report_facts(entry: Path) -> dict[str, Any]:
     }
 
 
-@task(name=STAGE)
-def report_task(cfg: ReportSection, inputs: ReportInputs, root: Path) -> StageResult:
-    return run(cfg, inputs, Store(root))
+stage = Stage(STAGE, "report", stage_key_for, build, outputs={"report_html": "report.html"})
+run = stage.run  # the plain function: cached entry or build

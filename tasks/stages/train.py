@@ -21,13 +21,11 @@ from typing import Any
 import pandas as pd
 import torch
 import yaml
-from prefect import task
 from safetensors.torch import save_file
 
-from tasks.core.config import TrainSection
-from tasks.core.faults import fail_if_injected
+from tasks.core.config import RunConfig, TrainSection
 from tasks.core.progress import Reporter, run_logger
-from tasks.core.stage import StageError, StageResult
+from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
 from tasks.sd import device, text
 from tasks.sd.models import ResolvedModel
@@ -48,6 +46,13 @@ class TrainInputs:
     class_prompt: str | None
     prior_weight: float
     safety_checker: bool
+
+    @classmethod
+    def of(cls, config: RunConfig, model: ResolvedModel, latents: StageResult) -> TrainInputs:
+        """The prompts filled in; the class prompt and its loss weight only with prior preservation."""
+        prior = config.prior.enabled
+        return cls(model, latents, config.instance_prompt(), config.class_prompt() if prior else None,
+                   config.prior.loss_weight if prior else 0.0, config.model.safety_checker)  # fmt: skip
 
 
 def _model_components(inputs: TrainInputs) -> list[str]:
@@ -186,19 +191,15 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
     return restored, final_loss
 
 
-def run(cfg: TrainSection, inputs: TrainInputs, store: Store) -> StageResult:
-    """Train, or reuse a finished run of the same key; a rerun resumes from the newest checkpoint."""
+def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> StageResult:
+    """Train in the accelerate child; a rerun of a killed training resumes from its newest checkpoint."""
     _check_supported(cfg, inputs)
-    key = stage_key_for(cfg, inputs)
-    done = store.get(STAGE, key)
-    if done is not None:
-        return StageResult(STAGE, key, done.path, items_cached=cfg.steps, status="cached")
     kinds = set(pd.read_csv(inputs.latents.path / "index.csv")["kind"])
     if inputs.class_prompt and "class" not in kinds:
         raise StageError(STAGE, "prior preservation is on but the latents hold no class images", item="latents")
     counts: dict[str, Any] = {}
 
-    def build(folder: Path) -> dict[str, Any]:
+    def write(folder: Path) -> dict[str, Any]:
         ckpt = checkpoints_dir(store, key)
         ckpt.mkdir(parents=True, exist_ok=True)
         prompts = {"instance": inputs.instance_prompt} | ({"class": inputs.class_prompt} if inputs.class_prompt else {})
@@ -234,9 +235,9 @@ def run(cfg: TrainSection, inputs: TrainInputs, store: Store) -> StageResult:
         job_path.write_text(job.model_dump_json(indent=1))
         restored, final_loss = launch(job_path, cfg)
         counts.update(restored=restored)
-        return {"steps": cfg.steps, "restored_steps": restored, "final_loss": final_loss}
+        return {"items": cfg.steps, "steps": cfg.steps, "restored_steps": restored, "final_loss": final_loss}
 
-    entry = store.get_or_create(STAGE, key, build, {**cfg.keyed(), "optimizer": resolved_optimizer(cfg)})
+    entry = store.get_or_create(STAGE, key, write, {**cfg.keyed(), "optimizer": resolved_optimizer(cfg)})
     if entry.created:  # the entry holds the result (and its sample weights); resume state is gigabytes of dead weight
         shutil.rmtree(checkpoints_dir(store, key), ignore_errors=True)
     restored = counts.get("restored", 0)
@@ -245,7 +246,5 @@ def run(cfg: TrainSection, inputs: TrainInputs, store: Store) -> StageResult:
     return StageResult(STAGE, key, entry.path, trained, cfg.steps - trained, models_loaded=loaded)
 
 
-@task(name="train")
-def train_task(cfg: TrainSection, inputs: TrainInputs, root: Path) -> StageResult:
-    fail_if_injected(STAGE)
-    return run(cfg, inputs, Store(root))
+stage = Stage(STAGE, "train", stage_key_for, build, outputs={"model_dir": "."})
+run = stage.run  # the plain function: cached entry or build

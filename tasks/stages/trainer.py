@@ -32,6 +32,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tasks.core.atomic import atomic_folder
 from tasks.core.config import TrainSection
 from tasks.core.faults import fault
 from tasks.core.seeds import generator
@@ -216,17 +217,13 @@ def trainable(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Paramete
 
 
 def save_checkpoint(job: TrainJob, step: int, params: dict, state: dict, metrics: list[dict]) -> None:
-    """Write to a temporary folder, rename, then mark complete; keep only the newest K complete ones."""
+    """Written whole (an atomic folder), then marked complete; keep only the newest K complete ones."""
     final = job.checkpoints_dir / f"step-{step:06d}"
-    temp = job.checkpoints_dir / f".step-{step:06d}.tmp-{os.getpid()}"
-    temp.mkdir(parents=True)
-    save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, temp / "trainable.safetensors")
-    torch.save({name: part.state_dict() for name, part in state.items()}, temp / "state.pt")
-    (temp / "metrics.json").write_text(json.dumps(metrics))
-    (temp / "step.json").write_text(json.dumps({"step": step, "num_processes": job.train.num_processes}))
-    if final.exists():
-        shutil.rmtree(final)
-    temp.rename(final)
+    with atomic_folder(final, replace=True) as folder:
+        save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, folder / "trainable.safetensors")
+        torch.save({name: part.state_dict() for name, part in state.items()}, folder / "state.pt")
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "step.json").write_text(json.dumps({"step": step, "num_processes": job.train.num_processes}))
     (final / COMPLETE).write_text("ok")
     for old in complete_checkpoints(job.checkpoints_dir)[: -job.train.keep_checkpoints]:
         shutil.rmtree(old)
@@ -234,12 +231,18 @@ def save_checkpoint(job: TrainJob, step: int, params: dict, state: dict, metrics
 
 def clear_partial_checkpoints(job: TrainJob) -> None:
     """Folders a killed save left behind; never read, possibly gigabytes."""
-    for leftover in [*job.checkpoints_dir.glob(".step-*.tmp-*"), *job.checkpoints_dir.glob("samples/.step-*.tmp-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+    for folder in (job.checkpoints_dir, job.checkpoints_dir / "samples"):
+        for leftover in folder.glob("step-*.partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def step_folders(folder: Path) -> list[Path]:
+    """The `step-NNNNNN` folders written whole, in step order."""
+    return sorted(p for p in folder.glob("step-*") if ".partial-" not in p.name)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("step-*") if (p / COMPLETE).is_file())
+    return [p for p in step_folders(folder) if (p / COMPLETE).is_file()]
 
 
 class CannotResume(Exception):
@@ -279,15 +282,13 @@ def save_sample_weights(job: TrainJob, step: int, unet, encoders) -> None:
     final = job.checkpoints_dir / "samples" / f"step-{step:06d}"
     if final.is_dir():
         return
-    temp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    temp.mkdir(parents=True)
-    if job.train.method == "full":
-        unet.save_pretrained(temp / "unet", safe_serialization=True)
-        if encoders:
-            encoders[0].save_pretrained(temp / "text_encoder", safe_serialization=True)
-    else:
-        export.save_sdxl_lora(*lora_states(unet, encoders), temp)
-    temp.rename(final)
+    with atomic_folder(final) as folder:
+        if job.train.method == "full":
+            unet.save_pretrained(folder / "unet", safe_serialization=True)
+            if encoders:
+                encoders[0].save_pretrained(folder / "text_encoder", safe_serialization=True)
+        else:
+            export.save_sdxl_lora(*lora_states(unet, encoders), folder)
 
 
 def lora_states(unet, encoders) -> tuple[dict, dict | None, dict | None]:
@@ -320,7 +321,7 @@ def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dic
         facts = export.save_sd15_outputs(job.base, unet, text_encoder, out, job.safety_checker, job.vae_path)
     else:
         facts = export.save_sdxl_lora(*lora_states(unet, encoders), out)
-    samples = sorted((job.checkpoints_dir / "samples").glob("step-*"))
+    samples = step_folders(job.checkpoints_dir / "samples")
     for folder in samples:
         shutil.copytree(folder, out / "samples" / folder.name, copy_function=link_or_copy)
     cfg = job.train

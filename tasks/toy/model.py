@@ -9,11 +9,10 @@ so a model trained on it ignores colour words). About 2.5 M parameters (UNet 1.7
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.core.atomic import atomic_folder
 from tasks.sd.models import seeded, text_config, tiny_tokenizer
 from tasks.toy.world import VOCABULARY
 
@@ -67,10 +66,8 @@ def toy_tokenizer(folder: Path) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     if not folder.is_dir():
-        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        tiny_tokenizer(partial, VOCABULARY, MAX_TOKENS).save_pretrained(partial)  # with its max length
-        partial.rename(folder)
+        with atomic_folder(folder) as partial:
+            tiny_tokenizer(partial, VOCABULARY, MAX_TOKENS).save_pretrained(partial)  # with its max length
     return CLIPTokenizer.from_pretrained(folder)
 
 

@@ -27,6 +27,7 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
+from tasks.core.atomic import atomic_folder
 from tasks.core.progress import Reporter, run_logger
 from tasks.core.seeds import derive_seed, generator
 from tasks.sd.models import SHIPPED_FOLDER
@@ -329,15 +330,13 @@ class Pretraining:
         """Save the EMA weights as a diffusers folder, score its caption fidelity, write the model card."""
         self.ema.copy_to(self.params)
         self.vae.register_to_config(scaling_factor=self.state.scaling_factor)
-        partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
-        toy_pipeline(self.vae, self.unet, self.text_encoder, self.tokenizer).save_pretrained(partial)
-        self.state.fidelity = caption_fidelity(partial, self.plan)
-        self.account()
-        scores = self.scores()
-        (partial / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-        (partial / "README.md").write_text(model_card(scores), encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        partial.rename(out)
+        with atomic_folder(out, replace=True) as partial:
+            toy_pipeline(self.vae, self.unet, self.text_encoder, self.tokenizer).save_pretrained(partial)
+            self.state.fidelity = caption_fidelity(partial, self.plan)
+            self.account()
+            scores = self.scores()
+            (partial / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+            (partial / "README.md").write_text(model_card(scores), encoding="utf-8")
         self.state.phase = "done"
 
     def scores(self) -> dict[str, Any]:
