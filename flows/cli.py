@@ -136,7 +136,7 @@ def plan(
 ):
     """Estimate each stage's peak accelerator memory before anything loads; exit 1 when a stage cannot fit."""
     from tasks.core.config import GIB
-    from tasks.sd.memory import PARTS, MemoryPlanError, architecture, check_memory, estimates
+    from tasks.sd.memory import PARTS, MemoryPlanError, architecture, estimates, verdict
     from tasks.sd.memory import device_memory as memory_of
 
     cfg = _config(config, set_, artifacts, device_memory)
@@ -159,7 +159,7 @@ def plan(
         console.print("no CUDA device here: pass --device-memory (e.g. 24GiB) to check a device", highlight=False)
         return
     try:
-        warnings = check_memory(cfg, memory)
+        warnings = verdict(cfg, arch, found, memory)  # the estimates above, judged: nothing traced twice
     except MemoryPlanError as err:
         console.print(f"[red]does not fit[/red]: {err}", highlight=False)
         raise typer.Exit(1) from None

@@ -271,10 +271,10 @@ def estimate_render(
     size = BYTES[dtype]
     vae = meta_component(arch, "vae")
     vae_bytes = 4 if arch.configs["vae"].get("force_upcast") and size == 2 else size  # SDXL's VAE decodes in fp32
-    names = ["unet", *(name for name in text.ENCODER_CLASSES if name in arch.configs)]
-    weights = sum(count_parameters(meta_component(arch, name)) for name in names) * size
-    weights += count_parameters(vae) * vae_bytes
     unet = meta_component(arch, "unet")
+    encoders = [meta_component(arch, name) for name in text.ENCODER_CLASSES if name in arch.configs]
+    weights = (count_parameters(unet) + sum(count_parameters(e) for e in encoders)) * size
+    weights += count_parameters(vae) * vae_bytes
     args, kwargs = _unet_inputs(arch, batch * (2 if guidance > 1 else 1), latent_side(arch, side))
     largest, skips = _largest_outputs(unet, *args, **kwargs)
     tile = min(side, arch.configs["vae"].get("sample_size", side)) if tiling else side
@@ -285,20 +285,22 @@ def estimate_render(
     return Estimate(stage, {"weights": weights, "working set": working, "runtime": RUNTIME})
 
 
-def estimates(config: RunConfig, arch: Architecture) -> list[Estimate]:
-    """The plan of every stage that loads a large model on the accelerator."""
+def estimate(config: RunConfig, arch: Architecture, stage: str) -> Estimate:
+    """The plan of one stage that loads a large model on the accelerator: train, generate or class_images."""
     resolution, gen, prior = config.preprocess.resolution, config.generate, config.prior
-    side = gen.size or resolution
-    found = [
-        estimate_train(arch, config.train, resolution, prior.enabled),
-        estimate_render(
-            arch, "generate", gen.dtype, gen.batch_size, side, gen.guidance, gen.vae_slicing, gen.vae_tiling
-        ),
-    ]
-    if prior.enabled:
-        found.append(estimate_render(arch, "class_images", prior.dtype, prior.batch_size, resolution, prior.guidance,
-                                     prior.vae_slicing, tiling=False))  # fmt: skip
-    return found
+    if stage == "train":
+        return estimate_train(arch, config.train, resolution, prior.enabled)
+    if stage == "generate":
+        return estimate_render(arch, stage, gen.dtype, gen.batch_size, gen.size or resolution, gen.guidance,
+                               gen.vae_slicing, gen.vae_tiling)  # fmt: skip
+    return estimate_render(arch, stage, prior.dtype, prior.batch_size, resolution, prior.guidance, prior.vae_slicing,
+                           tiling=False)  # fmt: skip
+
+
+def estimates(config: RunConfig, arch: Architecture) -> list[Estimate]:
+    """The plan of every stage of this config that loads a large model on the accelerator."""
+    stages = ["train", "generate", *(["class_images"] if config.prior.enabled else [])]
+    return [estimate(config, arch, stage) for stage in stages]
 
 
 # Settings tried, one more at a time, when a stage does not fit: the cheapest change first.
@@ -333,7 +335,7 @@ def _remedy(config: RunConfig, arch: Architecture, stage: str, memory: int) -> s
             continue
         config = _with(config, section, name, value)
         changes.append(f"--set {section}.{name}={json.dumps(value)}")
-        best = next(e for e in estimates(config, arch) if e.stage == stage)
+        best = estimate(config, arch, stage)
         if best.total <= memory:
             return f"settings that would fit: {' '.join(changes)} (~{gib(best.total)})"
     if best is None:
@@ -379,13 +381,19 @@ def check_memory(config: RunConfig, memory: int) -> list[str]:
     arch = architecture(config.model.id, config.run.artifacts_root)
     if arch is None:
         return [f"memory plan: the architecture of {config.model.id!r} is unknown until it is downloaded; not checked"]
+    return verdict(config, arch, estimates(config, arch), memory)
+
+
+def verdict(config: RunConfig, arch: Architecture, found: list[Estimate], memory: int) -> list[str]:
+    """Judge estimates already made against `memory`: MemoryPlanError for the first stage that does not fit,
+    else the warnings for stages within WARN_MARGIN of it."""
     warnings = []
-    for estimate in estimates(config, arch):
-        if estimate.total > memory:
+    for planned in found:
+        if planned.total > memory:
             raise MemoryPlanError(
-                f"memory plan: {estimate.describe()} but the device has {gib(memory)}; "
-                f"{_remedy(config, arch, estimate.stage, memory)}"
+                f"memory plan: {planned.describe()} but the device has {gib(memory)}; "
+                f"{_remedy(config, arch, planned.stage, memory)}"
             )
-        if estimate.total > (1 - WARN_MARGIN) * memory:
-            warnings.append(f"memory plan: {estimate.describe()}, within 10% of the device's {gib(memory)}")
+        if planned.total > (1 - WARN_MARGIN) * memory:
+            warnings.append(f"memory plan: {planned.describe()}, within 10% of the device's {gib(memory)}")
     return warnings
