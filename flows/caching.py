@@ -1,7 +1,7 @@
 """Prefect cache policy and lock manager backed by the stage store.
 
-Prefect trusts its own record, so the policy drops the record whenever the store entry it stands for is
-missing or damaged; the lock manager uses flock, so a killed holder never blocks the next run.
+Prefect trusts its own record, so a record is dropped whenever the store entry it stands for is missing or
+damaged; the lock manager uses flock, so a killed holder never blocks the next run.
 """
 
 from __future__ import annotations
@@ -10,43 +10,27 @@ import asyncio
 import fcntl
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
-from prefect.logging import get_logger
-
-from tasks.core.store import Store
 
 POLL_SECONDS = 0.2
-logger = get_logger("boothflow.caching")
 
 
 @dataclass
 class StoreKey(CachePolicy):
-    """Cache key `<stage>/<store key>`, valid only while the store holds a complete entry for it.
+    """Cache key `<stage>/<store key>`, from the `key` argument of the stage task.
 
-    `key_fn(cfg, inputs)` gets the stage task's arguments and returns the stage's store key. It must never
-    raise (Prefect would silently stop caching), so a failure yields no key: the task then runs and
-    reports the real error itself.
+    The runner looks the store entry up before the task starts and drops Prefect's record when the entry is
+    missing or damaged (`forget_record`), so the policy itself never touches the store.
     """
 
     stage: str = ""
-    root: Path = field(default_factory=Path)
-    key_fn: Callable[..., str] | None = None
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kw: Any):
-        try:
-            key = self.key_fn(inputs["cfg"], inputs["inputs"])
-            store = Store(self.root)
-            if not store.is_complete(self.stage, key):
-                (prefect_records(self.root) / self.stage / key).unlink(missing_ok=True)
-            return f"{self.stage}/{key}"
-        except Exception as err:  # never raise: see the docstring
-            logger.warning("no cache key for %s (%s); the stage will run", self.stage, err)
-            return None
+        return f"{self.stage}/{inputs['key']}"
 
 
 def prefect_records(root: Path) -> Path:
@@ -123,9 +107,14 @@ class FlockLockManager:
         return await asyncio.to_thread(self.wait_for_lock, key, timeout)
 
 
-def cache_options(stage: str, root: Path, key_fn: Callable[..., str]) -> dict[str, Any]:
+def forget_record(root: Path, stage: str, key: str) -> None:
+    """Drop Prefect's record of a stage entry the store does not hold (any more), so the task runs again."""
+    (prefect_records(root) / stage / key).unlink(missing_ok=True)
+
+
+def cache_options(stage: str, root: Path) -> dict[str, Any]:
     """`with_options` arguments that make a stage task cache across runs through the store."""
-    policy = StoreKey(stage=stage, root=Path(root), key_fn=key_fn).configure(
+    policy = StoreKey(stage=stage).configure(
         isolation_level="SERIALIZABLE", lock_manager=FlockLockManager(Path(root) / ".locks" / "prefect")
     )
     return {"cache_policy": policy, "result_storage": prefect_records(root), "persist_result": True}

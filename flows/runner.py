@@ -18,11 +18,11 @@ import psutil
 from prefect import task
 from prefect.runtime import flow_run
 
-from flows.caching import cache_options
+from flows.caching import cache_options, forget_record
 from tasks.core.config import RunConfig
 from tasks.core.faults import fail_if_injected
 from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Store
+from tasks.core.store import Entry, Store
 from tasks.sd.device import release
 
 
@@ -63,10 +63,11 @@ class StopAfterStage(Exception):
 
 
 @task
-def stage_task(stage: Stage, cfg: Any, inputs: Any, root: Path) -> StageResult:
-    """Every stage runs as this task, named after it, with the store's cache policy for its key."""
+def stage_task(stage: Stage, cfg: Any, inputs: Any, root: Path, key: str, found: Entry | None) -> StageResult:
+    """Every stage runs as this task, named after it, with the store's cache policy for `key`; `found` is the
+    entry the runner already looked up, so the stage does not look again."""
     fail_if_injected(stage.name)
-    return stage.run(cfg, inputs, Store(root))
+    return stage.serve(cfg, inputs, Store(root), key, found)
 
 
 def summary_path(root: Path, flow_run_id: str) -> Path:
@@ -120,26 +121,35 @@ class StageRunner:
 
     def run(self, stage: Stage, inputs: Any) -> StageResult:
         """Run one stage as its Prefect task (a cache hit shows as `Cached` in Prefect) and record its outcome,
-        with the folders of its entry that it publishes listed as absolute paths."""
-        name, cfg = stage.name, stage.config(self.config)
+        with the folders of its entry that it publishes listed as absolute paths. The store entry is looked up
+        (and its files checked) once, here."""
+        name, cfg, store = stage.name, stage.config(self.config), Store(self.root)
         self.current = name
         started, peak_memory = time.monotonic(), None
+        key = stage.key(cfg, inputs)
+        found = store.get(name, key)
         if self.plan:
-            key = stage.key(cfg, inputs)
-            status = "cached" if Store(self.root).is_complete(name, key) else "to run"
-            result = StageResult(name, key, Store(self.root).path(name, key), status=status)
+            result = StageResult(name, key, store.path(name, key), status="cached" if found else "to run")
         elif self.only is not None and name != self.only:
-            result = self._from_cache(name, stage.key(cfg, inputs))
+            if found is None:
+                raise StageError(
+                    self.only,
+                    f"upstream stage {name!r} has no cached output for this config; "
+                    f"run `boothflow run` (or `boothflow stage {name}`) first",
+                )
+            result = StageResult(name, key, found.path, status="cached")
         else:
+            if found is None:
+                forget_record(self.root, name, key)
             with PeakMemory() as memory:
-                task = stage_task.with_options(name=name, **cache_options(name, self.root, stage.key))
-                state = task(stage, cfg, inputs, self.root, return_state=True)
+                task = stage_task.with_options(name=name, **cache_options(name, self.root))
+                state = task(stage, cfg, inputs, self.root, key, found, return_state=True)
             release()  # the stage's models are gone: give their accelerator memory back before the next stage
             if state.is_failed():
                 raise state.result(raise_on_failure=False)
             result, peak_memory = state.result(), memory.mib
             if state.name == "Cached":  # the record may come from a run whose artifact root lived elsewhere
-                result = replace(result.as_cached(), path=Store(self.root).path(name, result.key))
+                result = replace(result.as_cached(), path=store.path(name, result.key))
             self.summary["models_loaded"] += [f"{name}: {model}" for model in result.models_loaded]
         self.summary["stages"][name] = {
             "status": result.status,
@@ -156,13 +166,3 @@ class StageRunner:
         if self.only == name:
             raise StopAfterStage
         return result
-
-    def _from_cache(self, name: str, key: str) -> StageResult:
-        entry = Store(self.root).get(name, key)
-        if entry is None:
-            raise StageError(
-                self.only or name,
-                f"upstream stage {name!r} has no cached output for this config; "
-                f"run `boothflow run` (or `boothflow stage {name}`) first",
-            )
-        return StageResult(name, key, entry.path, status="cached")

@@ -240,3 +240,39 @@ def test_a_moved_artifact_root_serves_cache_hits_from_where_it_is_now(boothflow,
     assert summary["stages"]["preprocess"]["status"] == "cached"
     outputs = Path(summary["outputs"]["preprocess_dir"])
     assert outputs.is_relative_to(tmp_path / "new") and len(list(outputs.glob("*.png"))) == 6
+
+
+def test_a_stage_entry_is_looked_up_once_per_run(prefect_server: str, tmp_path: Path, monkeypatch) -> None:
+    """Each lookup reads the manifest and checks every file it lists, so a cached run does it once per entry:
+    with Prefect's record (a `Cached` task) and without it (the task serves the entry the runner found)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    from flows.dreambooth import dreambooth_stage
+    from tasks.core.config import load_config
+    from tasks.core.store import Store
+
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    root = tmp_path / "artifacts"
+    config = load_config(None, [f"data.instance_dir='{images}'", "preprocess.resolution=64"], root)
+    lookups: list[str] = []
+    check = Store.manifest
+    monkeypatch.setattr(Store, "manifest", lambda store, stage, key: lookups.append(stage) or check(store, stage, key))
+
+    def preprocess_once() -> tuple[dict, int]:
+        lookups.clear()
+        with temporary_settings({PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
+            summary = dreambooth_stage(config, "preprocess")
+        return summary, lookups.count("preprocess")
+
+    built, built_lookups = preprocess_once()
+    key = built["stages"]["preprocess"]["key"]
+    assert built["stages"]["preprocess"]["status"] == "ran"
+    assert built_lookups == 2  # the run's lookup, and the check under the key's lock before building
+    cached, cached_lookups = preprocess_once()
+    assert (cached["stages"]["preprocess"]["status"], cached_lookups) == ("cached", 1)
+    assert task_states(prefect_server, cached["run"]["flow_run_id"]) == {"preprocess": "Cached"}
+
+    (root / ".prefect" / "preprocess" / key).unlink()
+    served, served_lookups = preprocess_once()
+    assert (served["stages"]["preprocess"]["status"], served_lookups) == ("cached", 1)
+    assert task_states(prefect_server, served["run"]["flow_run_id"]) == {"preprocess": "Completed"}

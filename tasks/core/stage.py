@@ -65,8 +65,11 @@ class Stage(Generic[Cfg, Inputs]):
     def run(self, cfg: Cfg, inputs: Inputs, store: Store) -> StageResult:
         """The committed entry for this config and these inputs: found in the store, or built."""
         key = self.key(cfg, inputs)
-        done = store.get(self.name, key)
-        return StageResult.cached(done) if done is not None else self.build(cfg, inputs, store, key)
+        return self.serve(cfg, inputs, store, key, store.get(self.name, key))
+
+    def serve(self, cfg: Cfg, inputs: Inputs, store: Store, key: str, found: Entry | None) -> StageResult:
+        """The result for an entry the caller has already looked up: the one found, or the one built now."""
+        return StageResult.cached(found) if found is not None else self.build(cfg, inputs, store, key)
 
     def config(self, config: Any) -> Any:
         """This stage's section of a RunConfig."""

@@ -6,7 +6,6 @@ or the dataset, so runs with the same class share them and asking for more rende
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from tasks.core.config import PriorSection, RunConfig
+from tasks.core.seeds import seed_from
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, link_or_copy, stage_key
 from tasks.sd.models import ResolvedModel
@@ -50,8 +50,9 @@ class ClassImagesInputs:
 
 
 def class_seed(seed: int, index: int) -> int:
-    """Image `index`'s own 63-bit seed from (seed, index): stable across runs, unrelated between neighbours."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "big") >> 1
+    """Image `index`'s own seed, named `seed:index`: stable across runs, unrelated between neighbours. The name's
+    form is part of every class image ever rendered (their keys do not hold it), so it stays as it is."""
+    return seed_from(f"{seed}:{index}")
 
 
 def stage_key_for(cfg: PriorSection, inputs: ClassImagesInputs) -> str:
