@@ -24,6 +24,7 @@ from results import RESULTS, write_section
 from tasks.core.config import GIB, RunConfig, fill_prompt, load_config
 from tasks.core.faults import ENV as FAULTS_ENV
 from tasks.core.store import Store
+from tasks.sd.layout import KOHYA_FILE, MODEL_DIR, SINGLE_FILE
 from tasks.sd.memory import architecture, estimate_render, estimate_train
 from tasks.sd.models import resolve
 from tasks.stages import generate, latents, preprocess, train
@@ -92,13 +93,13 @@ def generate_child(case: str, root: Path) -> None:
     print(json.dumps({"peak_mib": peak_rss_mib(), "seconds": time.monotonic() - started}))
 
 
-def reload_sd15(out: Path) -> None:
-    """The single-file checkpoint loads through from_single_file with the diffusers folder's exact weights."""
+def reload_sd15(model: Path) -> None:
+    """The single-file checkpoint loads through from_single_file with the pipeline folder's exact weights."""
     from diffusers import StableDiffusionPipeline
 
-    folder = StableDiffusionPipeline.from_pretrained(out / "diffusers")
+    folder = StableDiffusionPipeline.from_pretrained(model)
     single = StableDiffusionPipeline.from_single_file(
-        str(out / "model.safetensors"), config=str(out / "diffusers"), local_files_only=True
+        str(model / SINGLE_FILE), config=str(model), local_files_only=True
     )
     equal = {}
     for name in ("unet", "vae", "text_encoder"):
@@ -107,17 +108,15 @@ def reload_sd15(out: Path) -> None:
     print(json.dumps({"equal": equal, "peak_mib": peak_rss_mib()}))
 
 
-def fuse_sdxl(out: Path, base: Path, trained: Path) -> None:
+def fuse_sdxl(model: Path, base: Path, trained: Path) -> None:
     """The kohya file loads with load_lora_weights and fuses to base + B @ A of the trained adapters."""
     from diffusers import StableDiffusionXLPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
     from safetensors.torch import load_file
 
-    from tasks.sd.export import KOHYA_FILE
-
     adapters = load_file(trained)
     pipe = StableDiffusionXLPipeline.from_pretrained(base)
-    pipe.load_lora_weights(out, weight_name=KOHYA_FILE)
+    pipe.load_lora_weights(model, weight_name=KOHYA_FILE)
     layers = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)}
     expected = {
         name: layer.base_layer.weight.detach()
@@ -155,10 +154,11 @@ def measure(case: str, root: Path) -> dict:
     )
     generated = child(["--generate-child", case, str(root)])
     if cfg.train.method == "full":
-        check = child(["--reload-sd15", str(trained.path)])
+        check = child(["--reload-sd15", str(trained.path / MODEL_DIR)])
         verdict = f"from_single_file == diffusers folder: {check['equal']}"
     else:
-        check = child(["--fuse-sdxl", str(trained.path), str(arch and resolve(cfg.model.id, "", root).path), str(dump)])
+        base = arch and resolve(cfg.model.id, "", root).path
+        check = child(["--fuse-sdxl", str(trained.path / MODEL_DIR), str(base), str(dump)])
         verdict = (f"kohya file fused on {check['layers']} layers: largest trained change {check['max_update']:.2e},"
                    f" largest difference from base + B @ A {check['max_abs_error']:.2e}")  # fmt: skip
     return {

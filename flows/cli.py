@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.core.config import ConfigError, RunConfig, load_config
+from tasks.core.shipped import shipped_configs
 
 # The temporary server Prefect starts without PREFECT_API_URL otherwise logs an error on offline machines.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -29,7 +30,10 @@ app.add_typer(cache_app, name="cache")
 app.add_typer(models_app, name="models")
 console = Console(stderr=True, soft_wrap=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config, e.g. configs/demo.toml")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help=f"TOML config file, or a shipped one by name: {', '.join(shipped_configs())}"),
+]
 ArtifactsOpt = Annotated[Path | None, typer.Option("--artifacts", help="Artifact root (overrides run.artifacts_root)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: section.key=value (repeatable)")]
 SummaryOpt = Annotated[Path | None, typer.Option("--summary", help="Write the run summary JSON here")]

@@ -15,12 +15,13 @@ from tasks.core.config import RunConfig
 from tasks.core.stage import StageError
 from tasks.sd.memory import MemoryPlanError, preflight
 from tasks.sd.models import ModelUnavailable, ResolvedModel, resolve
-from tasks.stages import class_images, generate, latents, preprocess, report, train
+from tasks.stages import class_images, evaluate, generate, latents, preprocess, report, train
 
 
 def stage_names(config: RunConfig) -> list[str]:
     """The stages this config runs, in order; class images only with prior preservation."""
-    return ["preprocess", *(["class_images"] if config.prior.enabled else []), "latents", "train", "generate", "report"]
+    classes = ["class_images"] if config.prior.enabled else []
+    return ["preprocess", *classes, "latents", "train", "generate", "evaluate", "report"]
 
 
 def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
@@ -52,7 +53,8 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
         encoded = stages.run(latents.stage, latents.LatentsInputs(model, instance, classes))
         trained = stages.run(train.stage, train.TrainInputs.of(config, model, encoded))
         generated = stages.run(generate.stage, generate.GenerateInputs.of(config, model, trained))
-        results = (instance, classes, trained, generated)
+        scored = stages.run(evaluate.stage, evaluate.EvaluateInputs.of(config, instance, generated))
+        results = (instance, classes, trained, generated, scored)
         stages.run(report.stage, report.ReportInputs.of(config, stages.summary["stages"], *results))
 
 

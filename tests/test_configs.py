@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import load_config
+from tasks.core.config import ConfigError, load_config
+from tasks.core.shipped import shipped_configs, shipped_root
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -52,3 +53,35 @@ def test_folders_are_absolute_with_the_home_folder_expanded(monkeypatch: pytest.
     config = load_config(None, ["data.instance_dir=~/photos/rex", "run.artifacts_root=~/runs"])
     assert config.data.instance_dir == tmp_path / "photos" / "rex"
     assert config.run.artifacts_root == tmp_path / "runs"
+
+
+def test_the_editable_install_ships_the_repo_configs() -> None:
+    assert shipped_configs() == {path.stem: path for path in CONFIGS.glob("*.toml")}
+
+
+@pytest.mark.parametrize("name", ["toy", "toy.toml"])
+def test_a_shipped_config_by_name_takes_its_images_from_the_shipped_data(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path(name))
+    assert config.data.instance_dir == shipped_root() / "data" / "toy" and config.data.instance_dir.is_dir()
+    assert config.run.artifacts_root == tmp_path / "artifacts"  # outputs stay where the user is
+    assert load_config(Path(name), ["data.instance_dir=mine"]).data.instance_dir == tmp_path / "mine"
+
+
+def test_a_file_keeps_its_paths_relative_to_the_working_directory_even_under_a_shipped_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy").write_text('[data]\ninstance_dir = "data/toy"\n')
+    assert load_config(Path("toy")).data.instance_dir == tmp_path / "data" / "toy"
+
+
+@pytest.mark.parametrize("path", ["nope", "configs/toy.toml.bak", "elsewhere/toy"])
+def test_an_unknown_config_names_the_file_and_the_shipped_ones(
+    path: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"^config file '{path}' not found; shipped configs: demo, sd15, .*toy$"):
+        load_config(Path(path))

@@ -124,7 +124,7 @@ def test_the_demo_runs_with_two_processes_and_its_report_shows_the_global_batch(
               "--artifacts", tmp_path / "artifacts", "--summary", summary)  # fmt: skip
     result = json.loads(summary.read_text())
     assert result["error"] is None and result["stages"]["train"]["items_processed"] == 30
-    training = json.loads((Path(result["outputs"]["model_dir"]) / "training.json").read_text())
+    training = json.loads((Path(result["outputs"]["model_dir"]).parent / "training.json").read_text())
     assert (training["num_processes"], training["global_batch"], training["sample_steps"]) == (2, 2, [10, 20])
     page = Path(result["outputs"]["report_html"]).read_text()
     assert "2 (1 per process x 1 accumulation x 2 processes)" in page

@@ -1,7 +1,7 @@
 """Training outputs reload to exactly the trained weights through the loaders their users run.
 
-sd15: diffusers folder and the A1111/LDM single file (from_single_file); sdxl: LoRA in diffusers and kohya layouts
-(load_lora_weights + fuse_lora); the model card's front matter parses and its body keeps user text verbatim.
+sd15: the pipeline folder and the A1111/LDM single file beside it (from_single_file); sdxl: LoRA in diffusers and
+kohya layouts (load_lora_weights + fuse_lora); the model card loads with huggingface_hub and keeps user text verbatim.
 """
 
 import json
@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from huggingface_hub import ModelCard
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
@@ -30,7 +30,7 @@ from tasks.sd.export import (
     save_sdxl_lora,
     write_model_card,
 )
-from tasks.sd.models import ResolvedModel, resolve
+from tasks.sd.models import ResolvedModel, hub_repo, resolve
 
 SD15_COMPONENTS = ("unet", "vae", "text_encoder")
 TRAINED_SD15 = ("unet", "text_encoder")
@@ -102,13 +102,13 @@ def trained_sd15(sd15: ResolvedModel, root: Path) -> tuple[dict[str, dict], dict
 
 def test_sd15_diffusers_folder_holds_the_trained_weights(trained_sd15: tuple) -> None:
     base, trained, out, facts = trained_sd15
-    reloaded = StableDiffusionPipeline.from_pretrained(out / "diffusers")
+    reloaded = StableDiffusionPipeline.from_pretrained(out)
     for name in SD15_COMPONENTS:
         assert_same(getattr(reloaded, name), trained[name])
     for name in TRAINED_SD15:  # every trained tensor moved away from the base; the VAE did not
         assert [k for k, v in base[name].items() if torch.equal(v, trained[name][k])] == []
     assert_same(reloaded.vae, base["vae"])
-    index = json.loads((out / "diffusers" / "model_index.json").read_text())
+    index = json.loads((out / "model_index.json").read_text())
     assert index["safety_checker"] == [None, None]
     assert facts["safety_checker"] == "none in base model"
 
@@ -131,7 +131,7 @@ def test_sd15_single_file_is_ldm_layout_and_reloads_exactly(trained_sd15: tuple)
     assert tensors["first_stage_model.decoder.mid.attn_1.k.weight"].shape == (32, 32, 1, 1)
 
     reloaded = StableDiffusionPipeline.from_single_file(
-        str(out / "model.safetensors"), config=str(out / "diffusers"), local_files_only=True
+        str(out / "model.safetensors"), config=str(out), local_files_only=True
     )
     for name in SD15_COMPONENTS:
         assert_same(getattr(reloaded, name), trained[name])
@@ -189,13 +189,13 @@ def test_safety_checker_is_an_explicit_choice(
     pipe = StableDiffusionPipeline.from_pretrained(with_safety_checker)
     out = root / f"checked-{keep}"
     facts = save_sd15_outputs(with_safety_checker, pipe.unet, pipe.text_encoder, out, safety_checker=keep)
-    index = json.loads((out / "diffusers" / "model_index.json").read_text())
+    index = json.loads((out / "model_index.json").read_text())
     assert (index["safety_checker"][0], index["requires_safety_checker"], facts["safety_checker"]) == (
         entry,
         required,
         fact,
     )
-    assert (out / "diffusers" / "safety_checker").is_dir() == keep
+    assert (out / "safety_checker").is_dir() == keep
 
 
 def lora_layers(module: torch.nn.Module) -> dict[str, BaseTunerLayer]:
@@ -235,9 +235,9 @@ def trained_sdxl(sdxl: ResolvedModel, root: Path) -> tuple[dict[str, dict], Path
     return expected, out, facts
 
 
-@pytest.mark.parametrize("weight_name", [LORA_FILE, KOHYA_FILE])
+@pytest.mark.parametrize("weight_name", [None, KOHYA_FILE], ids=["default", "kohya"])
 def test_sdxl_lora_loads_and_fuses_to_the_trained_weights(
-    trained_sdxl: tuple, sdxl: ResolvedModel, weight_name: str
+    trained_sdxl: tuple, sdxl: ResolvedModel, weight_name: str | None
 ) -> None:
     expected, out, facts = trained_sdxl
     assert {name: len(layers) for name, layers in expected.items()} == facts["lora_modules"]
@@ -270,55 +270,96 @@ def test_sdxl_lora_files_use_the_diffusers_and_kohya_names(trained_sdxl: tuple) 
 
 
 TRICKY_PROMPT = 'A photo of rory\'s "face" | <b>x</b> & `tick` ```\n---\n# not a heading: {a: 1}'
+HOSTILE_PROMPTS = [
+    TRICKY_PROMPT,
+    "<script>alert('sks')</script> | a `sks` dog",
+    "photo de sks chien, été 🐕 — «zwx»",
+    "line one\r\n---\r\nline two",
+    "- sks: [dog]  ",
+    "````",
+]
 
 
-def front_matter(text: str) -> tuple[dict[str, Any], str]:
-    """The YAML between the first line and the next line that is exactly `---` (how the hub reads it)."""
-    lines = text.split("\n")
-    assert lines[0] == "---"
-    end = lines.index("---", 1)
-    return yaml.safe_load("\n".join(lines[1:end])), "\n".join(lines[end + 1 :])
+def table_rows(body: str, header: str) -> list[list[str]]:
+    """The cells of each row of the table under `header`, split where Markdown splits them (at unescaped `|`)."""
+    lines = body.split("\n")
+    start = lines.index(header) + 2
+    rows = lines[start : lines.index("", start)]
+    return [re.split(r"(?<!\\)\|", row)[1:-1] for row in rows]
+
+
+def code_span(cell: str) -> str:
+    """What a reader sees in a table cell holding one code span (CommonMark: one space stripped from each side when
+    both have one; GFM: `\\|` is a `|`)."""
+    cell = cell.strip(" ")
+    fence = re.match(r"`+", cell).group()
+    assert cell.endswith(fence) and len(cell) > 2 * len(fence)
+    text = cell[len(fence) : -len(fence)]
+    if text.startswith(" ") and text.endswith(" ") and text.strip(" "):
+        text = text[1:-1]
+    return text.replace("\\|", "|")
 
 
 @pytest.mark.parametrize(
     ("family", "lora", "tags"),
     [
-        ("sd15", False, ["boothflow", "dreambooth", "stable-diffusion"]),
-        ("sdxl", True, ["boothflow", "dreambooth", "stable-diffusion-xl", "lora"]),
+        ("sd15", False, ["boothflow", "dreambooth", "stable-diffusion", "text-to-image"]),
+        ("sdxl", True, ["boothflow", "dreambooth", "stable-diffusion-xl", "lora", "text-to-image"]),
     ],
 )
-def test_model_card_front_matter_parses_and_keeps_user_text(
+def test_model_card_loads_with_huggingface_hub_and_keeps_user_text(
     tmp_path: Path, family: str, lora: bool, tags: list[str]
 ) -> None:
+    prompts = {f"prompt {i}": prompt for i, prompt in enumerate(HOSTILE_PROMPTS)}
+    settings = {"learning_rate": 5e-6, "class_prompt": "a | dog", "train_text_encoder": True, **prompts}
     facts = {
         "family": family,
         "lora": lora,
         "base_model": "tiny-" + family,
+        "base_model_repo": "org/base-" + family,
         "instance_prompt": TRICKY_PROMPT,
+        "widget_prompts": HOSTILE_PROMPTS,
         "steps": 437,
         "final_loss": 0.0123456789,
-        "settings": {"learning_rate": 5e-6, "class_prompt": "a | dog", "train_text_encoder": True},
+        "settings": settings,
         "files": {"model.safetensors": {"bytes": 123, "tensors": 428}},
     }
     write_model_card(tmp_path, facts)
-    front, body = front_matter((tmp_path / "README.md").read_text(encoding="utf-8"))
-    assert front == {
-        "base_model": "tiny-" + family,
-        "license": "other",
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.to_dict() == {
+        "base_model": "org/base-" + family,
         "library_name": "diffusers",
+        "license": "other",
+        "pipeline_tag": "text-to-image",
         "tags": tags,
         "instance_prompt": TRICKY_PROMPT,
+        "widget": [{"text": prompt} for prompt in HOSTILE_PROMPTS],
     }
+    body = card.text
+    assert f"of `tiny-{family}`" in body.splitlines()[1]  # the heading names the model as the run named it
     assert f"````text\n{TRICKY_PROMPT}\n````" in body  # verbatim in a fence longer than its own backticks
-    rows = dict(re.findall(r"^\| `(.+?)` \| (.+) \|$", body, flags=re.MULTILINE))
-    assert rows["steps"] == "`437`"
-    assert rows["final loss"] == "`0.0123457`"
-    assert rows["learning_rate"] == "`5e-06`"
-    assert rows["class_prompt"] == r"`a \| dog`"
+    rows = table_rows(body, "| setting | value |")
+    assert all(len(cells) == 2 for cells in rows) and len(rows) == 4 + len(settings)  # no prompt broke a row
+    values = {name.strip(" `"): value.strip() for name, value in rows}
+    assert values["steps"] == "`437`"
+    assert values["final loss"] == "`0.0123457`"
+    assert values["learning_rate"] == "`5e-06`"
+    assert values["class_prompt"] == r"`a \| dog`"
+    for name, prompt in prompts.items():  # as written; as JSON where a line break would end the row
+        shown = code_span(values[name])
+        assert (json.loads(shown) if re.search(r"[\r\n]", prompt) else shown) == prompt, name
     assert "&lt;" not in body and "&amp;" not in body
     assert "428 tensors" in body
+    assert ("load_lora_weights(THIS_FOLDER)" in body) == lora
 
 
 def test_model_card_names_missing_facts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\['steps', 'final_loss'\]"):
         write_model_card(tmp_path, {"family": "sd15", "base_model": "m", "instance_prompt": "p", "settings": {}})
+
+
+def test_only_a_hub_repository_is_named_as_the_base_model(tmp_path: Path) -> None:
+    assert hub_repo("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    (tmp_path / "org").mkdir()
+    for not_a_repo in ("tiny-sd15", "toy-sd", str(tmp_path / "org"), "a/b/c", "bad name/x"):
+        assert hub_repo(not_a_repo) is None, not_a_repo

@@ -142,6 +142,8 @@ def test_broken_and_unusual_files_are_recorded_never_fatal(boothflow, tmp_path: 
         (["--set", "train.lr_scheduler=cosinus"], "train.lr_scheduler = 'cosinus'"),
         (["--set", "generate.seeds=[]"], "generate.seeds = []"),
         (["--set", "data.instance_prompt=''"], "data.instance_prompt = ''"),
+        (["--set", "generate.seeds=0"], "a seed count must be 1 to 10000"),
+        (["--set", "report.analyser='toy'"], "report.analyser is now evaluate.analyser"),
     ],
     ids=[
         "bad-resolution",
@@ -154,6 +156,8 @@ def test_broken_and_unusual_files_are_recorded_never_fatal(boothflow, tmp_path: 
         "bad-lr-scheduler",
         "no-seeds",
         "empty-prompt",
+        "no-seed-count",
+        "moved-setting",
     ],
 )
 def test_config_errors_are_one_line_without_traceback(boothflow, args: list[str], message: str) -> None:

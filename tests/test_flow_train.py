@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from diffusers import StableDiffusionPipeline
+from huggingface_hub import ModelCard
 from PIL import Image
 from prefect_api import task_states
 
@@ -31,8 +33,10 @@ def test_rerun_is_all_cached_and_one_changed_image_costs_one_image(boothflow, pr
     assert [(s["status"], s["items_processed"]) for s in summary["stages"].values()] == [("cached", 0)] * len(first)
     assert summary["models_loaded"] == []
     assert task_states(prefect_server, summary["run"]["flow_run_id"]) == dict.fromkeys(summary["stages"], "Cached")
-    model_dir = Path(summary["outputs"]["model_dir"])
-    assert (model_dir / "diffusers" / "model_index.json").is_file() and (model_dir / "model.safetensors").is_file()
+    model_dir = Path(summary["outputs"]["model_dir"])  # loads as it is, as a hub repository would
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    assert type(pipe) is StableDiffusionPipeline and (model_dir / "model.safetensors").is_file()
+    assert ModelCard.load(model_dir / "README.md").data.instance_prompt == "a photo of sks toy"
 
     edited = images / "toy_03_beach.webp"
     Image.open(edited).rotate(90).save(edited)

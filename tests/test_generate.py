@@ -17,6 +17,7 @@ from tasks.core.config import GenerateSection, LatentsSection, PreprocessSection
 from tasks.core.stage import StageError, StageResult
 from tasks.core.store import Store
 from tasks.sd import render
+from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel, resolve
 from tasks.stages import generate, latents, preprocess, train
 from tasks.stages.generate import GenerateInputs
@@ -104,7 +105,7 @@ def _broken(trained: tuple[ResolvedModel, StageResult], folder: Path) -> tuple[R
     """The same train key over a copy whose UNet weights cannot be loaded: any load of them fails loudly."""
     model, result = trained
     copy = shutil.copytree(result.path, folder)
-    weights = copy / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = copy / MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     return model, replace(result, path=copy)
 

@@ -12,12 +12,14 @@ from PIL import Image
 from flows.dreambooth import planned_keys
 from tasks.core.config import RunConfig, load_config
 from tasks.sd.models import resolve
+from tasks.stages import report_page
 
-CLASS_SIDE = {"class_images", "latents", "train", "generate", "report"}
-IMAGE_SIDE = {"preprocess", "latents", "train", "generate", "report"}
-ALL = {"preprocess", "class_images", "latents", "train", "generate", "report"}
-TRAIN = {"train", "generate", "report"}
-GENERATE = {"generate", "report"}
+CLASS_SIDE = {"class_images", "latents", "train", "generate", "evaluate", "report"}
+IMAGE_SIDE = {"preprocess", "latents", "train", "generate", "evaluate", "report"}
+ALL = {"preprocess", "class_images", "latents", "train", "generate", "evaluate", "report"}
+TRAIN = {"train", "generate", "evaluate", "report"}
+GENERATE = {"generate", "evaluate", "report"}
+SCORES = {"evaluate", "report"}
 
 CHANGES = [
     ("model.id", "tiny-sdxl", CLASS_SIDE),
@@ -78,6 +80,7 @@ CHANGES = [
     ("train.num_processes", 2, TRAIN),  # the global batch doubles (batch_size is per process)
     ("generate.prompts", ["a {token}"], GENERATE),
     ("generate.seeds", [5], GENERATE),
+    ("generate.seeds", 3, GENERATE),  # a count: seeds 0, 1, 2
     ("generate.negative_prompt", "blurry", GENERATE),
     ("generate.scheduler", "EulerDiscreteScheduler", GENERATE),
     ("generate.steps", 3, GENERATE),
@@ -89,9 +92,10 @@ CHANGES = [
     ("generate.vae_slicing", False, GENERATE),
     ("generate.vae_tiling", True, GENERATE),
     ("generate.batch_size", 1, set()),
-    ("report.clip_model", "CLIP_FOLDER", {"report"}),
-    ("report.dino_model", "DINO_FOLDER", {"report"}),
-    ("report.analyser", "toy", {"report"}),
+    ("evaluate.clip_model", "CLIP_FOLDER", SCORES),
+    ("evaluate.dino_model", "DINO_FOLDER", SCORES),
+    ("evaluate.analyser", "toy", SCORES),
+    ("report.seeds_shown", 4, {"report"}),
 ]
 
 
@@ -145,3 +149,22 @@ def test_dataset_content_changes_the_image_side_keys(setup, tmp_path: Path) -> N
     Image.new("RGB", (300, 300), "white").save(copy / "new.png")
     after = _keys(copy, artifacts)
     assert {stage for stage in before if before[stage] != after[stage]} == IMAGE_SIDE
+
+
+def test_a_seed_count_keys_as_its_list(setup) -> None:
+    folder, artifacts, _ = setup
+    assert _keys(folder, artifacts, "generate.seeds=3") == _keys(folder, artifacts, "generate.seeds=[0, 1, 2]")
+
+
+@pytest.mark.parametrize("edited", ["report.html.j2", "report.css"])
+def test_editing_the_report_template_or_css_changes_only_the_report_key(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edited: str
+) -> None:
+    folder, artifacts, _ = setup
+    before = _keys(folder, artifacts)
+    templates = shutil.copytree(report_page._templates(), tmp_path / "templates")
+    with (templates / edited).open("a") as file:
+        file.write("\n")
+    monkeypatch.setattr(report_page, "_templates", lambda: templates)
+    after = _keys(folder, artifacts)
+    assert {stage for stage in before if before[stage] != after[stage]} == {"report"}

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from tasks.toy.pretrain import QUICK, PretrainError, passes, pretrain
+from tasks.sd.models import SHIPPED_FOLDER
+from tasks.toy.pretrain import NOTES, QUICK, PretrainError, passes, pretrain, write_model_card
 
 # Seconds-long plans that train their own VAE: the gate asks for nothing, two sampler steps per fidelity image.
 MICRO = replace(
@@ -82,3 +84,20 @@ def test_quick_pretraining_through_the_cli_pauses_resumes_and_loads(boothflow, t
     assert pipe.vae.config.scaling_factor == pytest.approx(scores["scaling_factor"])
     latent = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert latent.shape == (1, 4, 16, 16)
+
+
+def test_the_shipped_card_is_its_template_rendered_from_its_scores(tmp_path: Path) -> None:
+    """Rewriting the card from scores.json (no retraining) gives the shipped card back, notes written by hand
+    included, and the hub reads its metadata."""
+    shipped = SHIPPED_FOLDER / "toy-sd"
+    for name in ("scores.json", "README.md"):
+        (tmp_path / name).write_bytes((shipped / name).read_bytes())
+    write_model_card(tmp_path)
+    assert (tmp_path / "README.md").read_bytes() == (shipped / "README.md").read_bytes()
+    card = ModelCard.load(shipped / "README.md")
+    assert (card.data.library_name, card.data.pipeline_tag) == ("diffusers", "text-to-image")
+    assert "toy-sd" in card.data.tags and len(card.data.widget) == 2
+    assert card.text.count(NOTES) == 1
+    (tmp_path / "README.md").unlink()  # a new model: no notes yet
+    write_model_card(tmp_path)
+    assert NOTES not in (tmp_path / "README.md").read_text()

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,11 +24,11 @@ from metric_models import build_clip, build_dino
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
-from tasks.core.config import PreprocessSection, ReportSection, RunConfig, fill_prompt
+from tasks.core.config import EvaluateSection, PreprocessSection, ReportSection, RunConfig, fill_prompt
 from tasks.core.stage import StageResult
 from tasks.core.store import Store, digest
 from tasks.sd.models import resolve
-from tasks.stages import preprocess, report
+from tasks.stages import evaluate, preprocess, report, report_page
 from tasks.stages.report import ReportInputs
 
 TOKEN, CLASS = "sks", "toy"
@@ -84,16 +85,16 @@ def fake_train(store: Store) -> StageResult:
     return StageResult("train", key, store.get_or_create("train", key, build).path)
 
 
-def sample_rows(train_key: str) -> list[dict[str, Any]]:
+def sample_rows(train_key: str, seeds: Sequence[int]) -> list[dict[str, Any]]:
     """Every prompt x seed fine-tuned and base, and the first template x first seed per sample step."""
     rows = []
     for template in TEMPLATES:
-        for seed in SEEDS:
+        for seed in seeds:
             rows.append({"kind": "finetuned", "step": None, "template": template, "seed": seed,
                          "model": f"train:{train_key}"})  # fmt: skip
             rows.append({"kind": "base", "step": None, "template": template, "seed": seed, "model": "base:tiny-sd15"})
     for step in SAMPLE_STEPS:
-        rows.append({"kind": "checkpoint", "step": step, "template": TEMPLATES[0], "seed": SEEDS[0],
+        rows.append({"kind": "checkpoint", "step": step, "template": TEMPLATES[0], "seed": seeds[0],
                      "model": f"train:{train_key}@step-{step}"})  # fmt: skip
     for row in rows:
         row["id"] = digest([row["kind"], row["step"], row["template"], row["seed"]])[:16]
@@ -102,9 +103,9 @@ def sample_rows(train_key: str) -> list[dict[str, Any]]:
     return rows
 
 
-def fake_generate(store: Store, train: StageResult) -> StageResult:
+def fake_generate(store: Store, train: StageResult, seeds: Sequence[int]) -> StageResult:
     """A generate entry: images/<id>.png (64 px noise) and samples.csv, written by hand."""
-    rows = sample_rows(train.key)
+    rows = sample_rows(train.key, seeds)
 
     def build(folder: Path) -> dict[str, Any]:
         (folder / "images").mkdir()
@@ -114,12 +115,13 @@ def fake_generate(store: Store, train: StageResult) -> StageResult:
         pd.DataFrame(rows)[columns].to_csv(folder / "samples.csv", index=False)
         return {"items": len(rows)}
 
-    key = digest(["fake generate", train.key])[:24]
+    key = digest(["fake generate", train.key, list(seeds)])[:24]
     return StageResult("generate", key, store.get_or_create("generate", key, build).path)
 
 
-def build_inputs(root: Path) -> ReportInputs:
-    """Real preprocess output, fake train and generate entries, and the run's settings and stage table."""
+def build_inputs(root: Path, scores: EvaluateSection, seeds: Sequence[int] = SEEDS) -> ReportInputs:
+    """Real preprocess output, fake train and generate entries scored by the real evaluate stage, and the run's
+    settings and stage table."""
     store = Store(root / "artifacts")
     instance_dir = make_instance_dir(root / "instance")
     cfg = PreprocessSection(resolution=64, min_side=64)
@@ -130,8 +132,10 @@ def build_inputs(root: Path) -> ReportInputs:
             "run": {"name": "rory <i>run</i>"},
             "data": {"token": TOKEN, "class_name": CLASS},
             "preprocess": {"resolution": 64},
+            "generate": {"seeds": list(seeds)},
         }
     )
+    generated = fake_generate(store, train, seeds)
     return ReportInputs(
         run_name=config.run.name,
         settings=config.model_dump(mode="json"),
@@ -140,7 +144,8 @@ def build_inputs(root: Path) -> ReportInputs:
         preprocess=prepared,
         class_images=None,
         train=train,
-        generate=fake_generate(store, train),
+        generate=generated,
+        evaluate=evaluate.run(scores, evaluate.EvaluateInputs(prepared, generated, TOKEN), store),
         token=TOKEN,
         class_name=CLASS,
     )
@@ -152,20 +157,20 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def metric_models(root: Path) -> ReportSection:
+def metric_models(root: Path) -> EvaluateSection:
     model = resolve("tiny-sd15", "", root / "models-root")
     clip = build_clip(root / "metric-models" / "clip", model.path / "tokenizer")
-    return ReportSection(clip_model=str(clip), dino_model=str(build_dino(root / "metric-models" / "dino")))
+    return EvaluateSection(clip_model=str(clip), dino_model=str(build_dino(root / "metric-models" / "dino")))
 
 
 @pytest.fixture(scope="module")
-def inputs(root: Path) -> ReportInputs:
-    return build_inputs(root / "run")
+def inputs(root: Path, metric_models: EvaluateSection) -> ReportInputs:
+    return build_inputs(root / "run", metric_models)
 
 
 @pytest.fixture(scope="module")
-def made(metric_models: ReportSection, inputs: ReportInputs, root: Path) -> StageResult:
-    return report.run(metric_models, inputs, Store(root / "run" / "artifacts"))
+def made(inputs: ReportInputs, root: Path) -> StageResult:
+    return report.run(ReportSection(seeds_shown=1), inputs, Store(root / "run" / "artifacts"))
 
 
 class Page(HTMLParser):
@@ -204,10 +209,11 @@ def _page(result: StageResult) -> tuple[str, Page]:
     return source, Page(source)
 
 
-def test_page_has_every_section_and_only_local_images(made: StageResult) -> None:
-    assert (made.status, made.models_loaded) == ("ran", ("clip", "dino"))
+def test_page_has_every_section_and_only_local_images(made: StageResult, inputs: ReportInputs) -> None:
+    assert (made.status, made.models_loaded) == ("ran", ())  # the scores come from the evaluate stage
+    assert (inputs.evaluate.status, inputs.evaluate.models_loaded) == ("ran", ("clip", "dino"))
     source, page = _page(made)
-    assert [i for i in page.ids if i in report.SECTIONS] == list(report.SECTIONS)
+    assert [i for i in page.ids if i in report_page.SECTIONS] == list(report_page.SECTIONS)
     # 3 inputs before + after, 4 fine-tuned + 4 base samples, 2 checkpoint steps + the final row, the loss plot
     assert len(page.images) == 6 + 8 + 3 + 1
     entry = made.path.resolve()
@@ -253,9 +259,13 @@ def test_inputs_show_upright_sources_crops_and_rejections(made: StageResult, inp
     assert "&lt;b&gt;broken.jpg" in source and "<b>" not in source
 
 
-def test_metrics_are_cosines_of_the_tiny_models(made: StageResult, metric_models: ReportSection) -> None:
+def test_metrics_are_cosines_of_the_tiny_models(
+    made: StageResult, metric_models: EvaluateSection, inputs: ReportInputs
+) -> None:
     metrics = report.report_facts(made.path)["metrics"]
     assert metrics["missing"] == []
+    table = pd.read_csv(inputs.evaluate.path / "metrics.csv")
+    assert list(table["group"]) == [row["group"] for row in metrics["rows"]]
     groups = [(row["group"], row["images"]) for row in metrics["rows"]]
     assert groups == [("fine-tuned", 4), ("base model", 4), ("checkpoint step 10", 1), ("checkpoint step 20", 1),
                       ("instance images (reference)", 3)]  # fmt: skip
@@ -306,12 +316,15 @@ def test_user_text_is_escaped(made: StageResult) -> None:
 
 
 def test_samples_and_checkpoint_grids(made: StageResult) -> None:
+    """seeds_shown=1: per prompt and model the first seed is shown, the second folds under a disclosure."""
     source, page = _page(made)
     samples = re.search(r'<section id="samples">.*?</section>', source, re.S).group(0)
     assert samples.count("<h3>") == 2 and samples.count("<img") == 8
     assert (
-        samples.count('<th scope="row">fine-tuned</th>') == 2 and samples.count('<th scope="row">base model</th>') == 2
+        re.findall(r'<div class="model">([^<]*)</div>', samples)
+        == ["fine-tuned · seeds 0-1", "base model · seeds 0-1"] * 2
     )
+    assert samples.count("<details>") == 4 and samples.count("<summary>1 more seeds (1)</summary>") == 4
     checkpoints = re.search(r'<section id="checkpoints">.*?</section>', source, re.S).group(0)
     assert [f"step {s}" for s in SAMPLE_STEPS] == re.findall(r'<th scope="row">(step \d+)</th>', checkpoints)
     assert f"final (step {TRAIN_STEPS})" in page.text["checkpoints"] and checkpoints.count("<img") == 3
@@ -319,11 +332,18 @@ def test_samples_and_checkpoint_grids(made: StageResult) -> None:
     assert all(key in stages for key in ("p" * 24, "t" * 24, "g" * 24)) and "312" in stages and "2048" in stages
 
 
-def test_rerun_is_cached_and_loads_no_model(
-    made: StageResult, metric_models: ReportSection, inputs: ReportInputs, root: Path
+def test_seeds_read_as_runs() -> None:
+    assert report_page.compact([0, 1, 2, 3, 7, 9, 10]) == "0-3, 7, 9-10"
+    assert report_page.compact(range(64)) == "0-63" and report_page.compact([5]) == "5"
+    settings = report_page.settings({"generate": {"seeds": list(range(64)), "prompts": ["a", "b"]}})
+    assert [row["value"] for row in settings[0]["rows"]] == ["0-63", "a\nb"]
+
+
+def test_rerun_is_cached_and_a_page_change_scores_nothing(
+    made: StageResult, metric_models: EvaluateSection, inputs: ReportInputs, root: Path
 ) -> None:
     store = Store(root / "run" / "artifacts")
-    again = report.run(metric_models, inputs, store)
+    again = report.run(ReportSection(seeds_shown=1), inputs, store)
     assert (again.status, again.models_loaded, again.key) == ("cached", (), made.key)
     assert (again.items_processed, again.items_cached) == (0, made.items_processed)
 
@@ -331,32 +351,44 @@ def test_rerun_is_cached_and_loads_no_model(
     timings = {name: {**info, "seconds": info.get("seconds", 0) + 7.5} for name, info in STAGES.items()}
     settings = {**inputs.settings, "run": {**inputs.settings["run"], "artifacts_root": "/elsewhere"}}
     moved = replace(inputs, stages=timings, settings=settings, instance_dir=root / "moved")
-    assert report.stage_key_for(metric_models, moved) == made.key
-    assert report.run(metric_models, moved, store).status == "cached"
+    assert report.stage_key_for(ReportSection(seeds_shown=1), moved) == made.key
+    assert report.run(ReportSection(seeds_shown=1), moved, store).status == "cached"
+
+    # Another page layout: a new report from the same scores, which are not computed again.
+    scores = evaluate.run(metric_models, evaluate.EvaluateInputs(inputs.preprocess, inputs.generate, TOKEN), store)
+    assert (scores.status, scores.key) == ("cached", inputs.evaluate.key)
+    relaid = report.run(ReportSection(), inputs, store)
+    assert (relaid.status, relaid.models_loaded) == ("ran", ()) and relaid.key != made.key
+    assert report.report_facts(relaid.path)["metrics"] == report.report_facts(made.path)["metrics"]
 
 
-def test_key_follows_upstream_keys_run_name_and_model_content(
-    metric_models: ReportSection, inputs: ReportInputs, tmp_path: Path
+def test_keys_follow_upstream_keys_run_name_and_model_content(
+    metric_models: EvaluateSection, inputs: ReportInputs, tmp_path: Path
 ) -> None:
-    key = report.stage_key_for(metric_models, inputs)
+    key = report.stage_key_for(ReportSection(), inputs)
     changed = {
         "generate": replace(inputs, generate=replace(inputs.generate, key="0" * 24)),
         "train": replace(inputs, train=replace(inputs.train, key="1" * 24)),
         "preprocess": replace(inputs, preprocess=replace(inputs.preprocess, key="2" * 24)),
+        "evaluate": replace(inputs, evaluate=replace(inputs.evaluate, key="3" * 24)),
         "class_images": replace(inputs, class_images=replace(inputs.generate, stage="class_images")),
         "run_name": replace(inputs, run_name="other"),
     }
-    keys = {name: report.stage_key_for(metric_models, changed_inputs) for name, changed_inputs in changed.items()}
+    keys = {name: report.stage_key_for(ReportSection(), changed_inputs) for name, changed_inputs in changed.items()}
     assert key not in keys.values() and len(set(keys.values())) == len(keys)
 
-    # The same model files elsewhere: the same key (no folder path in it); one changed file: another key.
+    # The scores' key: the same model files elsewhere give the same key (no folder path in it); one changed file,
+    # another key.
+    scored = evaluate.EvaluateInputs(inputs.preprocess, inputs.generate, TOKEN)
+    score_key = evaluate.stage_key_for(metric_models, scored)
     copy = shutil.copytree(metric_models.dino_model, tmp_path / "dino copy")
     moved = metric_models.model_copy(update={"dino_model": str(copy)})
-    assert report.stage_key_for(moved, inputs) == key
+    assert evaluate.stage_key_for(moved, scored) == score_key
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-6}))
-    assert report.stage_key_for(moved, inputs) != key
-    assert report.stage_key_for(ReportSection(), inputs) != key
+    assert evaluate.stage_key_for(moved, scored) != score_key
+    assert evaluate.stage_key_for(EvaluateSection(), scored) != score_key
+    assert evaluate.stage_key_for(metric_models, replace(scored, token="zwx")) != score_key
 
 
 def fake_class_images(store: Store, count: int) -> StageResult:
@@ -377,15 +409,20 @@ def fake_class_images(store: Store, count: int) -> StageResult:
 
 def test_missing_models_are_named_in_the_metrics_section(inputs: ReportInputs, tmp_path: Path) -> None:
     store = Store(tmp_path / "artifacts")
-    with_classes = replace(inputs, class_images=fake_class_images(store, 10))
+
+    def scored(cfg: EvaluateSection) -> StageResult:
+        return evaluate.run(cfg, evaluate.EvaluateInputs(inputs.preprocess, inputs.generate, TOKEN), store)
+
+    unscored = scored(EvaluateSection())
+    assert unscored.models_loaded == ()
+    with_classes = replace(inputs, class_images=fake_class_images(store, 10), evaluate=unscored)
     empty = report.run(ReportSection(), with_classes, store)
-    assert (empty.status, empty.models_loaded) == ("ran", ())
     source, page = _page(empty)
     assert "Class images (10, prior preservation)" in page.text["inputs"]
     assert len(re.findall(r'<img src="assets/class/[0-9a-f]{16}\.png"', source)) == report.CLASS_IMAGES_SHOWN
     assert report.report_facts(empty.path)["summary"]["class images"] == 10
     text = page.text["metrics"]
-    assert "report.clip_model" in text and "report.dino_model" in text and "--set report.clip_model=" in text
+    assert "evaluate.clip_model" in text and "evaluate.dino_model" in text and "--set evaluate.clip_model=" in text
     rows = report.report_facts(empty.path)["metrics"]["rows"]
     assert all(row[name] is None for row in rows for name in ("clip_t", "clip_i", "dino"))
     assert text.count("—") == 3 * len(rows)
@@ -393,9 +430,8 @@ def test_missing_models_are_named_in_the_metrics_section(inputs: ReportInputs, t
     not_a_model = tmp_path / "not a model"
     not_a_model.mkdir()
     (not_a_model / "notes.txt").write_text("no config here")
-    cfg = ReportSection(clip_model="no-such-org/no-such-clip", dino_model=str(not_a_model))
-    broken = report.run(cfg, inputs, store)
+    broken = scored(EvaluateSection(clip_model="no-such-org/no-such-clip", dino_model=str(not_a_model)))
     assert broken.models_loaded == ()
-    missing = report.report_facts(broken.path)["metrics"]["missing"]
-    assert "report.clip_model = 'no-such-org/no-such-clip' is neither a folder nor in the local" in missing[0]
-    assert "report.dino_model" in missing[1] and "cannot be loaded" in missing[1]
+    missing = json.loads((broken.path / "metrics.json").read_text())["missing"]
+    assert "evaluate.clip_model = 'no-such-org/no-such-clip' is neither a folder nor in the local" in missing[0]
+    assert "evaluate.dino_model" in missing[1] and "cannot be loaded" in missing[1]

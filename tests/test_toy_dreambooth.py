@@ -103,6 +103,8 @@ def test_the_report_in_a_browser_shows_the_subject_learned(runs: dict[str, Path]
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto((runs["prior"] / "report.html").as_uri(), wait_until="load")
         broken = page.eval_on_selector_all("img", "els => els.filter(e => !e.complete || !e.naturalWidth).length")
+        for more in page.locator("#samples summary").all():  # the seeds past report.seeds_shown, as a user opens them
+            more.click()
         shown = {}
         for label in ("fine-tuned", "base model"):
             figures = page.locator("#samples figure").filter(has=page.locator(f'img[alt="{SUBJECT}"]'))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,6 +19,7 @@ from tasks.core.seeds import generator
 from tasks.core.stage import StageError
 from tasks.core.store import Store
 from tasks.sd import text
+from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import resolve
 from tasks.sd.objective import Objective
 from tasks.stages import latents, preprocess, train, trainer
@@ -141,11 +143,16 @@ def test_sd15_full_finetune_outputs_reload_with_diffusers(workspace: Path, tmp_p
 
     model, _, lat = _encoded(workspace, "tiny-sd15", workspace / "images")
     cfg = TrainSection(steps=3, learning_rate=1e-3, checkpoint_every=0)
-    result = _train(workspace, model, lat, cfg, monkeypatch, {"save_trainable_to": str(tmp_path / "trained.st")})
+    dump = {"save_trainable_to": str(tmp_path / "trained.st")}
+    result = _train(workspace, model, lat, cfg, monkeypatch, dump)
     assert (result.items_processed, result.items_cached, result.status) == (3, 0, "ran")
     trained = load_file(tmp_path / "trained.st")
 
-    pipe = StableDiffusionPipeline.from_pretrained(result.path / "diffusers")
+    model_dir = result.path / MODEL_DIR  # as the hub holds a model: what from_pretrained loads, the single file, card
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "README.md", "model.safetensors", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"
+    ]  # fmt: skip
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     base = StableDiffusionPipeline.from_pretrained(model.path)
     for prefix, module, base_module in [("unet.", pipe.unet, base.unet), ("text_encoder_0.", pipe.text_encoder,
                                                                         base.text_encoder)]:  # fmt: skip
@@ -154,14 +161,16 @@ def test_sd15_full_finetune_outputs_reload_with_diffusers(workspace: Path, tmp_p
         assert weights and all(torch.equal(state[k], v) for k, v in weights.items())
         assert any(not torch.equal(v, base_module.state_dict()[k]) for k, v in weights.items())
 
-    single = StableDiffusionPipeline.from_single_file(result.path / "model.safetensors",
-                                                      config=str(result.path / "diffusers"))  # fmt: skip
+    single = StableDiffusionPipeline.from_single_file(model_dir / "model.safetensors", config=str(model_dir))
     for name in ("unet", "vae", "text_encoder"):
         reloaded, saved = getattr(single, name).state_dict(), getattr(pipe, name).state_dict()
         assert all(torch.equal(reloaded[k], saved[k]) for k in saved), name
-    metrics = (result.path / "metrics.csv").read_text().splitlines()
+    metrics = (result.path / "metrics.csv").read_text().splitlines()  # the training's records: beside the model
     assert metrics[0] == "step,loss,lr,seconds" and len(metrics) == 4
-    assert "a photo of sks toy" in (result.path / "README.md").read_text()
+    card = ModelCard.load(model_dir / "README.md").data
+    assert (card.base_model, card.instance_prompt) == (None, INSTANCE_PROMPT)  # a preset is no hub repository
+    assert card.widget == [{"text": INSTANCE_PROMPT}]  # keyed with the model, so a cached card is never stale
+    assert card.tags == ["boothflow", "dreambooth", "stable-diffusion", "text-to-image"]
 
 
 def test_killed_training_resumes_from_its_checkpoint_bit_for_bit(workspace: Path, tmp_path: Path, monkeypatch):
@@ -217,9 +226,9 @@ def _lora_pairs(trained: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tenso
     return pairs
 
 
-@pytest.mark.parametrize("weight_name", ["pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"])
+@pytest.mark.parametrize("weight_name", [None, "pytorch_lora_weights_kohya.safetensors"], ids=["default", "kohya"])
 def test_sdxl_lora_with_prior_preservation_loads_and_fuses_to_the_trained_weights(
-    workspace: Path, tmp_path_factory, monkeypatch, weight_name: str
+    workspace: Path, tmp_path_factory, monkeypatch, weight_name: str | None
 ) -> None:
     from diffusers import StableDiffusionXLPipeline
 
@@ -242,9 +251,14 @@ def test_sdxl_lora_with_prior_preservation_loads_and_fuses_to_the_trained_weight
     pairs = _lora_pairs(load_file(dump))
     assert len(pairs) > 10 and result.items_processed in (0, 3)
 
+    model_dir = result.path / MODEL_DIR
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "README.md", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"
+    ]  # fmt: skip
+    assert ModelCard.load(model_dir / "README.md").data.instance_prompt == "a photo of sks toy"
     pipe = StableDiffusionXLPipeline.from_pretrained(model.path)
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    pipe.load_lora_weights(result.path, weight_name=weight_name)
+    pipe.load_lora_weights(model_dir, weight_name=weight_name)  # None: the name diffusers looks for by default
     wrapped = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
     assert wrapped == set(pairs)
     pipe.fuse_lora()

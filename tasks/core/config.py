@@ -11,7 +11,9 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.core.shipped import shipped_configs, shipped_root
 
 
 class ConfigError(Exception):
@@ -25,6 +27,7 @@ def no_key(description: str, **kwargs: Any) -> Any:
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 GIB = 2**30
+MAX_SEEDS = 10_000
 _UNITS = {"": GIB, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": GIB,
           "gb": 1e9, "gib": GIB, "t": 2**40, "tb": 1e12, "tib": 2**40}  # fmt: skip
 
@@ -184,7 +187,9 @@ class GenerateSection(Section):
         min_length=1,
         description="Prompts to render; {token} and {class} are filled in",
     )
-    seeds: tuple[int, ...] = Field((0, 1), min_length=1, description="Seeds; every prompt is rendered with every seed")
+    seeds: tuple[int, ...] = Field(
+        (0, 1), min_length=1, description="Seeds (a list, or a count n for 0 to n-1); every prompt gets every seed"
+    )
     negative_prompt: str = Field("", description="Negative prompt for every image")
     scheduler: str = Field("DPMSolverMultistepScheduler", description="diffusers scheduler class name")
     steps: int = Field(25, ge=1, description="Inference steps")
@@ -207,13 +212,37 @@ class GenerateSection(Section):
     def _image_side(cls, value: int) -> int:
         return value and image_side(value, "0 (the training resolution) or ")
 
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_count(cls, value: Any) -> Any:
+        """A count n stands for the seeds 0 to n-1; it resolves here, so keys see the same list either way."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 1 <= value <= MAX_SEEDS:
+                raise ValueError(f"a seed count must be 1 to {MAX_SEEDS}")
+            return tuple(range(value))
+        return value
 
-class ReportSection(Section):
+
+class EvaluateSection(Section):
     clip_model: str = Field("", description="CLIP model (hub id or folder) for CLIP-T and CLIP-I; empty: skip")
     dino_model: str = Field("", description="DINO ViT (hub id or folder) for the DINO subject score; empty: skip")
     analyser: Literal["", "toy"] = Field(
         "", description="Score samples with a closed-form analyser: toy (for toy-sd runs); empty: none"
     )
+
+
+class ReportSection(Section):
+    seeds_shown: int = Field(
+        8, ge=1, le=MAX_SEEDS, description="Seeds shown per prompt and model; the rest fold under 'more seeds'"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_evaluate(cls, values: Any) -> Any:
+        moved = sorted(set(values) & set(EvaluateSection.model_fields)) if isinstance(values, dict) else []
+        if moved:
+            raise ValueError(f"report.{moved[0]} is now evaluate.{moved[0]}: move it to the [evaluate] section")
+        return values
 
 
 class RunConfig(Section):
@@ -227,7 +256,8 @@ class RunConfig(Section):
     latents: LatentsSection = Field(default_factory=LatentsSection, description="VAE latent cache")
     train: TrainSection = Field(default_factory=TrainSection, description="DreamBooth training")
     generate: GenerateSection = Field(default_factory=GenerateSection, description="Sample generation")
-    report: ReportSection = Field(default_factory=ReportSection, description="HTML report and metrics")
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="Sample metrics")
+    report: ReportSection = Field(default_factory=ReportSection, description="HTML report")
 
     def instance_prompt(self) -> str:
         return fill_prompt(self.data.instance_prompt, self.data.token, self.data.class_name)
@@ -277,16 +307,33 @@ def _describe(error: ValidationError, data: dict[str, Any]) -> str:
     return f"{loc} = {first.get('input')!r}: {first['msg']}"
 
 
+def _config_file(path: Path) -> tuple[Path, bool]:
+    """The file `--config` names and whether it is a shipped preset: an existing file, else a preset's name
+    (`toy`, `demo.toml`)."""
+    if path.is_file():
+        return path, False
+    presets = shipped_configs()
+    if len(path.parts) == 1 and path.name.removesuffix(".toml") in presets:
+        return presets[path.name.removesuffix(".toml")], True
+    raise ConfigError(f"config file {str(path)!r} not found; shipped configs: {', '.join(presets)}")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A config file's settings. A shipped preset's instance folder is relative to the shipped data (a user's file
+    keeps its paths relative to the working directory), so `--config toy` works from any folder."""
+    file, shipped = _config_file(path)
+    try:
+        data = tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(file)!r} is not valid TOML: {err}") from None
+    if shipped and "instance_dir" in data.get("data", {}):
+        data["data"]["instance_dir"] = str(shipped_root() / data["data"]["instance_dir"])
+    return data
+
+
 def load_config(path: Path | None, overrides: list[str] = (), artifacts: Path | None = None) -> RunConfig:
-    """Read a TOML file, apply `--set` overrides and `--artifacts`, and validate it all at once."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found; presets live in configs/ (demo.toml, ...)")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    """Read a TOML file or shipped preset, apply `--set` overrides and `--artifacts`, and validate it all at once."""
+    data = _read_config(path) if path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
         _apply(data, keys, value, text)

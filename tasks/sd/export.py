@@ -9,18 +9,19 @@ import json
 import re
 from collections.abc import Callable
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
-from tasks.sd.layout import DIFFUSERS_DIR, KOHYA_FILE, LORA_FILE, SINGLE_FILE
+from tasks.sd.layout import KOHYA_FILE, LORA_FILE, SINGLE_FILE
 
 # Prefixes of the original LDM checkpoint, as A1111 and ComfyUI (and diffusers' from_single_file) read it.
 LDM_UNET = "model.diffusion_model."
@@ -176,10 +177,11 @@ def save_sd15_outputs(
     safety_checker: bool = False,
     vae_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Write `out/diffusers/` (the base pipeline with the trained unet and text encoder) and `out/model.safetensors`
-    (the same weights in the LDM layout that A1111 and ComfyUI load). The base's safety checker is kept only when
-    asked for, so the choice is explicit and lands in the model card. A separate VAE (the one training latents came
-    from) replaces the base's. Paths in the facts are relative to `out`."""
+    """Write the base pipeline with the trained unet and text encoder into `out` as the hub lays out a diffusers
+    repository (model_index.json and a folder per component), and beside it `model.safetensors`: the same weights in
+    the LDM layout that A1111 and ComfyUI load. The base's safety checker is kept only when asked for, so the choice
+    is explicit and lands in the model card. A separate VAE (the one training latents came from) replaces the base's.
+    Paths in the facts are relative to `out`."""
     base_has_checker = _has_safety_checker(base)
     options: dict[str, Any] = {}
     if base_has_checker and not safety_checker:
@@ -188,7 +190,7 @@ def save_sd15_outputs(
         options.update(vae=AutoencoderKL.from_pretrained(vae_path))
     pipe = StableDiffusionPipeline.from_pretrained(base, unet=unet, text_encoder=text_encoder, **options)
     out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out / DIFFUSERS_DIR, safe_serialization=True)
+    pipe.save_pretrained(out, safe_serialization=True)
 
     parts = {
         "unet": ldm_unet_state(pipe.unet),
@@ -196,13 +198,14 @@ def save_sd15_outputs(
         "text_encoder": ldm_text_encoder_state(pipe.text_encoder),
     }
     save_file({k: v for part in parts.values() for k, v in part.items()}, out / SINGLE_FILE, metadata={"format": "pt"})
+    components = [name for name in pipe.components if (out / name).is_dir()]
     return {
         "family": "sd15",
         "lora": False,
         "safety_checker": ("kept" if safety_checker else "removed") if base_has_checker else "none in base model",
         "ldm_tensors": {name: len(part) for name, part in parts.items()},
         "files": {
-            DIFFUSERS_DIR: {"bytes": _size(out / DIFFUSERS_DIR), "tensors": None},
+            **{f"{name}/": {"bytes": _size(out / name), "tensors": None} for name in components},
             SINGLE_FILE: {"bytes": _size(out / SINGLE_FILE), "tensors": _tensor_count(out / SINGLE_FILE)},
         },
     }
@@ -262,6 +265,7 @@ def save_sdxl_lora(
 
 CARD_FIELDS = ("family", "base_model", "instance_prompt", "steps", "final_loss", "settings")
 FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+CARD_TEMPLATE = resources.files(__package__) / "templates" / "model_card.md"
 
 
 def _backtick_fence(text: str, shortest: int) -> str:
@@ -273,7 +277,8 @@ def _backtick_fence(text: str, shortest: int) -> str:
 def _cell(value: Any) -> str:
     """A value as an inline code span in a table row: strings as is (only `|` escaped for the table), anything
     else, and strings with line breaks (which would end the row), as JSON."""
-    text = value if isinstance(value, str) and "\n" not in value else json.dumps(value, ensure_ascii=False, default=str)
+    plain = isinstance(value, str) and not re.search(r"[\r\n]", value)
+    text = value if plain else json.dumps(value, ensure_ascii=False, default=str)
     fence = _backtick_fence(text, 1)
     pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""
     escaped = text.replace("|", "\\|")
@@ -285,67 +290,51 @@ def _block(text: str, language: str) -> str:
     return f"{fence}{language}\n{text}\n{fence}"
 
 
-def _usage(lora: bool) -> str:
-    if lora:
-        return (
-            "pipe = StableDiffusionXLPipeline.from_pretrained(BASE_MODEL)\n"
-            f'pipe.load_lora_weights(THIS_FOLDER, weight_name="{LORA_FILE}")'
-        )
-    return f'pipe = StableDiffusionPipeline.from_pretrained(f"{{THIS_FOLDER}}/{DIFFUSERS_DIR}")'
-
-
 def write_model_card(out: Path, facts: dict[str, Any]) -> None:
-    """README.md beside the weights: YAML front matter for the hub and a body that says how they were made.
+    """README.md beside the weights: the hub's metadata (through huggingface_hub's ModelCard) and a body that says
+    how they were made, rendered from `templates/model_card.md`.
 
     `facts` needs family ("sd15"|"sdxl"), base_model, instance_prompt, steps, final_loss (float or None) and
-    settings (the recipe as {name: value}); it may add lora, safety_checker and files (as the save functions
-    return them) and license (default "other", a placeholder for the base model's license). User text is written
-    verbatim: YAML-quoted in the front matter, in code blocks and spans in the body, never as HTML."""
+    settings (the recipe as {name: value}); it may add base_model_repo (the hub id the metadata names, when the base
+    model is one), lora, safety_checker and files (as the save functions
+    return them), widget_prompts (default: the instance prompt) and license (default "other", a placeholder for the
+    base model's license). User text is written verbatim: YAML-quoted in the metadata, in code blocks and spans in
+    the body, never as HTML."""
     missing = [field for field in CARD_FIELDS if field not in facts]
     if missing:
         raise ValueError(f"model card facts lack {missing}")
     lora = bool(facts.get("lora", False))
-    base_model, prompt, loss = str(facts["base_model"]), facts["instance_prompt"], facts["final_loss"]
-    front = {
-        "base_model": base_model,
-        "license": facts.get("license", "other"),
-        "library_name": "diffusers",
-        "tags": ["boothflow", "dreambooth", FAMILY_TAGS[facts["family"]], *(["lora"] if lora else [])],
-        "instance_prompt": prompt,
-    }
-    rows = {
-        "base model": base_model,
-        "instance prompt": prompt,
+    loss = facts["final_loss"]
+    data = ModelCardData(
+        base_model=facts.get("base_model_repo"),  # the hub rejects a card whose base model is no repository
+        license=facts.get("license", "other"),
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["boothflow", "dreambooth", FAMILY_TAGS[facts["family"]], *(["lora"] if lora else []), "text-to-image"],
+        instance_prompt=facts["instance_prompt"],
+        # Prompts only: the samples are rendered after training, by the generate stage, into its own entry.
+        widget=[{"text": prompt} for prompt in facts.get("widget_prompts") or [facts["instance_prompt"]]],
+    )
+    settings = {
+        "base model": str(facts["base_model"]),
+        "instance prompt": data.instance_prompt,
         "steps": facts["steps"],
         "final loss": "n/a" if loss is None else f"{loss:.6g}",
         **({"safety checker": facts["safety_checker"]} if "safety_checker" in facts else {}),
         **facts["settings"],
     }
-    files = [
-        f"- {_cell(name)}: {info['bytes']} bytes" + (f", {info['tensors']} tensors" if info.get("tensors") else "")
-        for name, info in facts.get("files", {}).items()
-    ]
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=float("inf")).rstrip("\n"),
-        "---",
-        "",
-        f"# DreamBooth {'LoRA' if lora else 'fine-tune'} of {_cell(base_model)}",
-        "",
-        f"Trained with boothflow for {facts['steps']} steps on the instance prompt:",
-        "",
-        _block(prompt, "text"),
-        "",
-        "## Settings",
-        "",
-        "| setting | value |",
-        "| --- | --- |",
-        *(f"| {_cell(str(name))} | {_cell(value)} |" for name, value in rows.items()),
-        "",
-        *(["## Files", "", *files, ""] if files else []),
-        "## Use",
-        "",
-        _block(_usage(lora), "python"),
-        "",
-    ]
-    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    card = ModelCard.from_template(
+        data,
+        template_path=str(CARD_TEMPLATE),
+        base_model=str(facts["base_model"]),
+        lora=lora,
+        steps=facts["steps"],
+        settings=settings,
+        files=facts.get("files", {}),
+        cell=_cell,
+        block=_block,
+        single_file=SINGLE_FILE,
+        lora_file=LORA_FILE,
+        kohya_file=KOHYA_FILE,
+    )
+    card.save(out / "README.md")

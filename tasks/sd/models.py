@@ -22,6 +22,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from tasks.core.atomic import atomic_folder, clear_partials
+from tasks.core.shipped import shipped_root
 from tasks.core.store import file_sha256
 from tasks.sd import text
 from tasks.sd.architectures import COMPONENT_CONFIGS
@@ -293,7 +294,7 @@ PRESETS: dict[str, Preset] = {
 
 
 # Pretrained presets that ship with the project as diffusers folders: loaded from there, never built.
-SHIPPED_FOLDER = Path(__file__).resolve().parents[2] / "data" / "models"
+SHIPPED_FOLDER = shipped_root() / "data" / "models"
 
 
 @dataclass(frozen=True)
@@ -378,7 +379,7 @@ def resolve_model(model_id: str, root: Path) -> Path:
         folder = _preset_folder(model_id, root)
         if not (folder / "model_index.json").is_file():
             raise ModelUnavailable(
-                f"preset {model_id!r} should ship in {folder}, which is missing; restore it with git"
+                f"preset {model_id!r} should ship in {folder}, which is missing; restore it with git or a reinstall"
             )
         return folder
     return _folder_or_hub(model_id, "model_index.json", "a diffusers pipeline", _download_pipeline, "a preset, ")
@@ -408,6 +409,18 @@ def local_model_folder(model_id: str, root: Path) -> Path | None:
         return Path(_download_pipeline(model_id, True))
     except Exception:  # not on disk: the caller decides what an unknown model means
         return None
+
+
+def hub_repo(model_id: str) -> str | None:
+    """The model's hub repository id (`org/name`), or None for a preset or a folder: what a model card may name as
+    its base model."""
+    if model_id in PRESETS or model_id in SHIPPED or Path(model_id).expanduser().exists() or model_id.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return None
+    return model_id
 
 
 @dataclass(frozen=True)

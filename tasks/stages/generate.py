@@ -21,7 +21,7 @@ from tasks.core.config import GenerateSection, RunConfig, fill_prompt
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, link_or_copy, stage_key
 from tasks.sd.device import device
-from tasks.sd.layout import DIFFUSERS_DIR, LORA_FILE
+from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel
 from tasks.sd.render import (
     RenderError,
@@ -121,7 +121,7 @@ def weights_sources(cfg: GenerateSection, inputs: GenerateInputs, training: dict
     """Every set of weights this config renders from, in render order: final, each sample step, then the base."""
     train, base = inputs.train, inputs.model.path
     full = training["method"] == "full"
-    final = train.path / DIFFUSERS_DIR if full else train.path  # full: the pipeline folder users load
+    final = train.path / MODEL_DIR  # the folder users load (a pipeline for full, a LoRA for lora)
     scheduler = final / "scheduler" if full else base / "scheduler"
     sources = [Weights("finetuned", "finetuned", training["steps"], f"train:{train.key}", train.key, final, scheduler)]
     if cfg.validation_prompts and cfg.seeds:
@@ -208,8 +208,8 @@ def png_text(item: Item, scheduler: str) -> dict[str, str]:
 
 
 def load_weights(cfg: GenerateSection, weights: Weights, model: ResolvedModel, method: str) -> DiffusionPipeline:
-    """A pipeline with these weights: the fine-tuned diffusers folder as users load it, or the base pipeline with
-    a sample step's UNet (and text encoder) or LoRA on top; the base alone for kind "base"."""
+    """A pipeline with these weights, loaded as users load them: the fine-tuned pipeline folder, or the base pipeline
+    with the LoRA or a sample step's UNet (and text encoder) on top; the base alone for kind "base"."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -220,7 +220,7 @@ def load_weights(cfg: GenerateSection, weights: Weights, model: ResolvedModel, m
     if weights.folder is None:
         return pipe
     if method == "lora":
-        pipe.load_lora_weights(weights.folder, weight_name=LORA_FILE)
+        pipe.load_lora_weights(weights.folder)
         return pipe
     pipe.unet = UNet2DConditionModel.from_pretrained(weights.folder / "unet", dtype=dtype).to(device())
     if (weights.folder / "text_encoder").is_dir():

@@ -28,12 +28,13 @@ from tasks.core.progress import Reporter, run_logger
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
 from tasks.sd import device, text
-from tasks.sd.models import ResolvedModel
+from tasks.sd.layout import MODEL_DIR
+from tasks.sd.models import ResolvedModel, hub_repo
 from tasks.stages.train_job import TrainJob, resolved_optimizer
 
 STAGE = "train"
 EMBEDS = "text-embeds-items"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: the model and its card in model/, as a hub repository holds them; records beside it
 SUPPORTED = {("sd15", "full"), ("sdxl", "lora")}
 TAIL_LINES = 40
 
@@ -221,6 +222,7 @@ def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> Sta
             parent_pid=os.getpid(),
             facts={
                 "base_model": inputs.model.id,
+                "base_model_repo": hub_repo(inputs.model.id),
                 "family": inputs.model.family,
                 "instance_prompt": inputs.instance_prompt,
                 "safety_checker": inputs.safety_checker,
@@ -246,5 +248,5 @@ def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> Sta
     return StageResult(STAGE, key, entry.path, trained, cfg.steps - trained, models_loaded=loaded)
 
 
-stage = Stage(STAGE, "train", stage_key_for, build, outputs={"model_dir": "."})
+stage = Stage(STAGE, "train", stage_key_for, build, outputs={"model_dir": MODEL_DIR})
 run = stage.run  # the plain function: cached entry or build

@@ -40,6 +40,7 @@ from tasks.core.store import link_or_copy
 from tasks.sd import export, text
 from tasks.sd.device import release
 from tasks.sd.latent_dist import sample_latent, scale_latent
+from tasks.sd.layout import MODEL_DIR
 from tasks.sd.objective import Objective
 from tasks.stages.train_job import TrainJob
 
@@ -313,14 +314,15 @@ def watch_parent(pid: int) -> None:
 
 
 def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dict], processes: int) -> None:
-    out = job.out_dir
+    """The model folder (weights and card, as uploaded to the hub) and beside it the training's own records."""
+    out, model = job.out_dir, job.out_dir / MODEL_DIR
     if dump := fault("save_trainable_to"):
         save_file({k: p.detach().contiguous() for k, p in params.items()}, Path(dump))
     if job.train.method == "full":
         text_encoder = encoders[0] if encoders else text.load_text_encoders(job.base, job.family)[0]
-        facts = export.save_sd15_outputs(job.base, unet, text_encoder, out, job.safety_checker, job.vae_path)
+        facts = export.save_sd15_outputs(job.base, unet, text_encoder, model, job.safety_checker, job.vae_path)
     else:
-        facts = export.save_sdxl_lora(*lora_states(unet, encoders), out)
+        facts = export.save_sdxl_lora(*lora_states(unet, encoders), model)
     samples = step_folders(job.checkpoints_dir / "samples")
     for folder in samples:
         shutil.copytree(folder, out / "samples" / folder.name, copy_function=link_or_copy)
@@ -335,7 +337,7 @@ def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dic
         writer.writeheader()
         writer.writerows(metrics)
     final_loss = metrics[-1]["loss"] if metrics else None
-    export.write_model_card(out, {**job.facts, **facts, "steps": job.train.steps, "final_loss": final_loss})
+    export.write_model_card(model, {**job.facts, **facts, "steps": job.train.steps, "final_loss": final_loss})
 
 
 class PeakMemory:

@@ -19,12 +19,14 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from filelock import FileLock
+from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 
 from tasks.core.atomic import atomic_folder
@@ -37,6 +39,12 @@ from tasks.toy.world import PALETTE, SHAPES, Scene, render, scene, subject_scene
 
 STEPPED = ("vae", "unet")  # the phases that take many steps (encode and export are one unit each)
 GATE = {"colour": 0.95, "background": 0.99, "shape": 0.90, "subject": 0.90}
+EXAMPLE_CAPTIONS = (
+    "a photo of a red circle on a blue background",
+    "a photo of a green and blue square on a white background",
+)
+CARD_TEMPLATE = resources.files(__package__) / "templates" / "model_card.md"
+NOTES = "## Notes from the run that made these weights"  # written by hand after a run; kept when the card is rewritten
 
 
 @dataclass(frozen=True)
@@ -336,7 +344,7 @@ class Pretraining:
             self.account()
             scores = self.scores()
             (partial / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-            (partial / "README.md").write_text(model_card(scores), encoding="utf-8")
+            write_model_card(partial)
         self.state.phase = "done"
 
     def scores(self) -> dict[str, Any]:
@@ -351,51 +359,39 @@ class Pretraining:
         }
 
 
-def model_card(scores: dict[str, Any]) -> str:
-    """README.md of a pretrained toy model: what it is, how it was made, what it scores."""
+def write_model_card(folder: Path) -> None:
+    """README.md of a pretrained toy model, from its scores.json: what it is, how it was made, what it scores.
+
+    Written again over an existing card (a new template, no retraining), it keeps what a person added under NOTES."""
+    scores = json.loads((folder / "scores.json").read_text())
     plan = scores["plan"]
-    quick = " --quick" if plan["name"] == "quick" else ""
-    gate = ", ".join(f"{name} {100 * value:.1f}%" for name, value in scores["vae_gate"].items())
-    floors = ", ".join(f"{name} >= {100 * value:.0f}%" for name, value in plan["gate"])
-    fidelity = ", ".join(f"{name} {100 * value:.1f}%" for name, value in scores["caption_fidelity"].items())
-    cpu = f"{scores['cpu_seconds'] / 60:.0f} CPU minutes ({scores['wall_seconds'] / 60:.0f} minutes wall"
+    old = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() else ""
     vae = (
         f"The VAE is {plan['vae_from']}'s, checked against the gate"
         if plan.get("vae_from")
         else f"The VAE trained {plan['vae_batch']} images per step (AdamW, LR {plan['vae_lr']}, cosine decay from step"
         f" {plan['vae_anneal_from']}) until its gate passed (at most {plan['vae_steps']} steps)"
     )
-    return f"""# toy-sd{" (quick)" if quick else ""}
-
-Stable Diffusion 1.5's classes (AutoencoderKL, UNet2DConditionModel, CLIPTextModel with an offline tokenizer,
-PNDM scheduler with DDPM's linear betas) at toy size, pretrained on boothflow's toy world: one flat shape
-(circle, square, triangle or diamond) in one of six colours, or two-tone (left and right half in two colours), on
-a background of another colour, 64 x 64 px, captioned `a photo of a red circle on a blue background` or `a photo
-of a green and blue square on a white background` (colour or background words dropped at random). It has never
-seen red and yellow on one shape, so the DreamBooth subject of `configs/toy.toml` (a circle, left half red, right
-half yellow) is new to it.
-Load it as any diffusers folder: `StableDiffusionPipeline.from_pretrained(<this folder>)`, or `model.id = "toy-sd"`.
-
-## How it was made
-
-    boothflow models pretrain-toy{quick} --out <folder>   # repeat until it prints "done"
-
-Seed {plan["seed"]}; {cpu}, {plan["threads"]} torch threads on a 2-core CPU machine).
-{vae}; then {plan["scenes"]} scenes were encoded once and the UNet and text encoder trained
-{plan["unet_steps"]} steps of {plan["unet_batch"]} (AdamW, peak LR {plan["unet_lr"]}, cosine decay, offset noise
-{plan["noise_offset"]}, EMA with diffusers' warm-up, decay at most {plan["ema_decay"]}). These are the EMA weights.
-Every random draw is seeded by (seed, phase, step), so the same command on the same library versions and CPU gives
-the same weights whether it runs in one sitting or many.
-
-## Scores (the toy analyser, `tasks/toy/score.py`)
-
-- VAE gate, reconstructions of {plan["gate_images"]} held-out scenes (subject: {plan["gate_images"]} renders of the
-  DreamBooth subject): {gate}. Floors: {floors}.
-- Caption fidelity, 120 prompts (every shape x colour x background), seed = prompt index, DPM-Solver
-  {plan["eval_steps"]} steps, guidance {plan["eval_guidance"]}: {fidelity}. Chance: colour and background 17%,
-  shape 25%, all three 0.7%.
-- Final training loss (mean of the last 100 steps): {scores["final_loss"]:.4f}.
-"""
+    data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=["boothflow", "toy-sd", "stable-diffusion", "text-to-image"],
+        widget=[{"text": caption} for caption in EXAMPLE_CAPTIONS],
+    )
+    card = ModelCard.from_template(
+        data,
+        template_path=str(CARD_TEMPLATE),
+        quick=plan["name"] == "quick",
+        plan=plan,
+        vae=vae,
+        cpu=f"{scores['cpu_seconds'] / 60:.0f} CPU minutes ({scores['wall_seconds'] / 60:.0f} minutes wall",
+        gate=", ".join(f"{name} {100 * value:.1f}%" for name, value in scores["vae_gate"].items()),
+        floors=", ".join(f"{name} >= {100 * value:.0f}%" for name, value in plan["gate"]),
+        fidelity=", ".join(f"{name} {100 * value:.1f}%" for name, value in scores["caption_fidelity"].items()),
+        final_loss=scores["final_loss"],
+        notes=old[old.find(NOTES) :].strip() if NOTES in old else "",
+    )
+    card.save(folder / "README.md")
 
 
 def _cosine(step: int, total: int, floor: float = 0.1) -> float:
