@@ -40,7 +40,6 @@ class Case:
     preset: str
     resolution: int
     settings: dict = field(default_factory=dict)
-    compile: bool = False
     requires: str = ""  # an optional package the case needs; skipped without it
 
 
@@ -51,7 +50,9 @@ FULL = [
     Case("sd15 checkpointing", "sd15-arch", 512, SD15 | {"gradient_checkpointing": True}),
     Case("sd15 8-bit Adam", "sd15-arch", 512, SD15 | {"optimizer": "adamw8bit"}, requires="bitsandbytes"),
     Case("sd15 xformers", "sd15-arch", 512, SD15 | {"attention": "xformers"}, requires="xformers"),
-    Case("sd15 torch.compile", "sd15-arch", 512, SD15, compile=True),
+    Case("sd15 torch.compile", "sd15-arch", 512, SD15 | {"compile_unet": True}),
+    Case("sd15 channels-last", "sd15-arch", 512, SD15 | {"channels_last": True}),
+    Case("sd15 fp32 without TF32", "sd15-arch", 512, SD15 | {"tf32": False}),
     Case("sdxl fp32", "sdxl-arch", 1024, SDXL),
     Case("sdxl bf16", "sdxl-arch", 1024, SDXL | {"mixed_precision": "bf16"}),
     Case("sdxl checkpointing", "sdxl-arch", 1024, SDXL | {"gradient_checkpointing": True}),
@@ -122,7 +123,6 @@ def synthetic_embeddings(folder: Path, arch) -> dict[str, Path]:
 
 def train_case(case: Case, root: Path, steps: int) -> dict:
     """`steps` timed optimizer steps of the real training loop (after one warm-up step), in this process."""
-    import torch
 
     from tasks.core.config import TrainSection
     from tasks.sd.memory import architecture, estimate_train
@@ -143,8 +143,6 @@ def train_case(case: Case, root: Path, steps: int) -> dict:
     )  # fmt: skip
     training = build_training(job)
     training.prepare()
-    if case.compile:
-        training.unet = torch.compile(training.unet)
     optimizer_step(training, 0)  # warm-up: allocator, kernels, compilation
     synchronize()
     started = time.perf_counter()

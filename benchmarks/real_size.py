@@ -3,6 +3,7 @@ reloaded in separate processes, and every measured peak beside the memory plan's
 
 Run by hand with nothing else running (SD 1.5 peaks near 17 GiB, SDXL near 14 GiB); never in the suite:
     .venv/bin/python benchmarks/real_size.py [--artifacts DIR] [--only sd15-arch|sdxl-arch] [--out RESULTS.md]
+`--quick` runs the same path on the tiny presets at 64 px (seconds); the suite runs it so the script never rots.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ CASES = {
     "sdxl-arch": ["model.id='sdxl-arch'", "train.method='lora'", "train.train_text_encoder=false",
                   "train.mixed_precision='bf16'", "train.learning_rate=1e-4"],
 }  # fmt: skip
+QUICK = {"sd15-arch": "tiny-sd15", "sdxl-arch": "tiny-sdxl"}  # the same families, tiny, at 64 px
 
 
-def config(case: str, root: Path) -> RunConfig:
-    return load_config(None, [*COMMON, *CASES[case]], root)
+def config(case: str, root: Path, quick: bool = False) -> RunConfig:
+    tiny = [f"model.id='{QUICK[case]}'", "preprocess.resolution=64", "preprocess.min_side=64"] if quick else []
+    return load_config(None, [*COMMON, *CASES[case], *tiny], root)
 
 
 def peak_rss_mib() -> float:
@@ -82,13 +85,14 @@ def child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def generate_child(case: str, root: Path) -> None:
+def generate_child(case: str, root: Path, quick: bool) -> None:
     """Render one image from the trained model in this (fresh) process and report its peak memory."""
-    cfg = config(case, root)
+    cfg = config(case, root, quick)
     store = Store(root)
     model, trained = stages(cfg, store)
     started = time.monotonic()
-    inputs = generate.GenerateInputs(model, trained, cfg.data.token, cfg.data.class_name, 512)
+    side = cfg.preprocess.resolution
+    inputs = generate.GenerateInputs(model, trained, cfg.data.token, cfg.data.class_name, side)
     generate.run(cfg.generate, inputs, store)
     print(json.dumps({"peak_mib": peak_rss_mib(), "seconds": time.monotonic() - started}))
 
@@ -129,8 +133,8 @@ def fuse_sdxl(model: Path, base: Path, trained: Path) -> None:
     print(json.dumps({"layers": len(layers), "max_update": update, "max_abs_error": error, "peak_mib": peak_rss_mib()}))
 
 
-def measure(case: str, root: Path) -> dict:
-    cfg = config(case, root)
+def measure(case: str, root: Path, quick: bool) -> dict:
+    cfg = config(case, root, quick)
     store = Store(root)
     started = time.monotonic()
     resolve(cfg.model.id, "", root)
@@ -147,12 +151,12 @@ def measure(case: str, root: Path) -> dict:
     memory = json.loads((trained.path / "memory.json").read_text())["peak_mib"]
     metrics = (trained.path / "metrics.csv").read_text().splitlines()[1:]
     arch = architecture(cfg.model.id, root)
-    plan_train = estimate_train(arch, cfg.train, 512, prior=False).total / 2**20
-    gen = cfg.generate
+    side, gen = cfg.preprocess.resolution, cfg.generate
+    plan_train = estimate_train(arch, cfg.train, side, prior=False).total / 2**20
     plan_generate = (
-        estimate_render(arch, "generate", gen.dtype, 1, 512, gen.guidance, True, gen.vae_tiling).total / 2**20
+        estimate_render(arch, "generate", gen.dtype, 1, side, gen.guidance, True, gen.vae_tiling).total / 2**20
     )
-    generated = child(["--generate-child", case, str(root)])
+    generated = child(["--generate-child", case, str(root), *(["--quick"] if quick else [])])
     if cfg.train.method == "full":
         check = child(["--reload-sd15", str(trained.path / MODEL_DIR)])
         verdict = f"from_single_file == diffusers folder: {check['equal']}"
@@ -203,12 +207,13 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path, default=None, help="artifact root (default: a temporary folder)")
     parser.add_argument("--only", choices=sorted(CASES), action="append", help="run only this case (repeatable)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="the tiny presets at 64 px instead (seconds)")
     parser.add_argument("--generate-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--reload-sd15", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--fuse-sdxl", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate_child:
-        return generate_child(args.generate_child[0], Path(args.generate_child[1]))
+        return generate_child(args.generate_child[0], Path(args.generate_child[1]), args.quick)
     if args.reload_sd15:
         return reload_sd15(args.reload_sd15)
     if args.fuse_sdxl:
@@ -216,9 +221,10 @@ def main() -> None:
     root = (args.artifacts or Path(tempfile.mkdtemp(prefix="real-size-"))).resolve()
     measured = args.out.with_name("real_size.json")  # every case's latest figures; --only replaces some
     rows = json.loads(measured.read_text()) if measured.is_file() else {}
-    for case in args.only or CASES:
+    for case in args.only or (QUICK if args.quick else CASES):
         print(f"{case}: building, training 2 steps, reloading (minutes)...", flush=True)
-        rows[case] = measure(case, root) | {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%F")}
+        command = " ".join(["python", *sys.argv])
+        rows[case] = measure(case, root, args.quick) | {"command": command, "date": time.strftime("%F")}
         print(json.dumps(rows[case]), flush=True)
         measured.write_text(json.dumps(rows, indent=1))
     write_section("real_size", report([rows[case] for case in CASES if case in rows]), args.out)

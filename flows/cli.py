@@ -284,6 +284,35 @@ def cache_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: Set
     Console().print(table)
 
 
+@cache_app.command("verify")
+def cache_verify(
+    stage: Annotated[str | None, typer.Option("--stage", help="Only this stage's entries, e.g. train")] = None,
+    config: ConfigOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+):
+    """Re-hash every file of every complete entry; exit 1 naming each damaged one. Lookups only compare stats,
+    so this is the check that finds bytes changed behind an unchanged size, mtime, ctime and inode."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    from tasks.core.store import Store
+
+    root = _config(config, set_, artifacts).run.artifacts_root
+    columns = (BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress("verifying", *columns, console=console) as bar:
+        task = bar.add_task("verify", total=None)
+        result = Store(root).verify(stage, lambda done, total: bar.update(task, completed=done, total=total))
+    out = Console(soft_wrap=True)
+    for damage in result.damaged:
+        out.print(f"damaged: {damage.stage} {damage.key} {damage.file}: {damage.problem}", highlight=False)
+    damaged = len({(damage.stage, damage.key) for damage in result.damaged})
+    checked = f"checked {result.entries} entries ({_size(result.bytes)}) at {root}"
+    if damaged:
+        out.print(f"{checked}: {damaged} damaged; a run that needs one rebuilds it", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{checked}: all intact", highlight=False)
+
+
 @models_app.command("ls")
 def models_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
     """List the presets and which of them are built under the artifact root."""

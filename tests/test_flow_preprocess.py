@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def test_a_deleted_store_entry_is_recomputed_not_served_from_prefects_record(
     assert len(list(Path(second["outputs"]["preprocess_dir"]).glob("*.png"))) == 6
 
 
-def test_cache_ls_and_models_ls_list_what_is_there(boothflow, tmp_path: Path) -> None:
+def test_cache_ls_verify_and_models_ls_show_what_is_there(boothflow, tmp_path: Path) -> None:
     images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
     artifacts = tmp_path / "artifacts"
     boothflow(
@@ -226,6 +227,21 @@ def test_cache_ls_and_models_ls_list_what_is_there(boothflow, tmp_path: Path) ->
     key = _summary(tmp_path / "s.json")["stages"]["preprocess"]["key"]
     listing = boothflow("cache", "ls", "--artifacts", artifacts).stdout
     assert key in listing and listing.count("preprocess-items") == 6
+
+    assert "checked 7 entries" in boothflow("cache", "verify", "--artifacts", artifacts).stdout
+    image = sorted((artifacts / "preprocess" / key / "images").glob("*.png"))[0]
+    data, before = bytearray(image.read_bytes()), image.stat()
+    data[len(data) // 2] ^= 1
+    image.write_bytes(data)  # in place: the preprocess item that shares this file (a hard link) is damaged too
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    item = next(p for p in (artifacts / "preprocess-items").iterdir() if p.joinpath("image.png").samefile(image))
+    proc = boothflow("cache", "verify", "--artifacts", artifacts, check=False)
+    assert proc.returncode == 1
+    assert f"damaged: preprocess {key} images/{image.name}: bytes differ" in proc.stdout
+    assert f"damaged: preprocess-items {item.name} image.png: bytes differ" in proc.stdout
+    assert "2 damaged" in proc.stdout
+    only = boothflow("cache", "verify", "--stage", "preprocess-items", "--artifacts", artifacts, check=False)
+    assert only.returncode == 1 and f"preprocess {key}" not in only.stdout and "checked 6 entries" in only.stdout
 
     models = boothflow("models", "ls", "--artifacts", artifacts).stdout
     rows = {line.split("│")[1].strip(): line for line in models.splitlines() if line.count("│") > 2}
@@ -247,7 +263,7 @@ def test_a_moved_artifact_root_serves_cache_hits_from_where_it_is_now(boothflow,
 
 
 def test_a_stage_entry_is_looked_up_once_per_run(prefect_server: str, tmp_path: Path, monkeypatch) -> None:
-    """Each lookup reads the manifest and checks every file it lists, so a cached run does it once per entry:
+    """Each lookup reads the manifest and stats every file it lists, so a cached run does it once per entry:
     with Prefect's record (a `Cached` task) and without it (the task serves the entry the runner found)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 

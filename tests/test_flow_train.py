@@ -22,13 +22,19 @@ def _stages(path: Path) -> dict:
 
 def test_rerun_is_all_cached_and_one_changed_image_costs_one_image(boothflow, prefect_server: str, tmp_path: Path):
     images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
-    base = ["--config", "configs/demo.toml", "--artifacts", tmp_path / "a", "--set", f"data.instance_dir='{images}'"]
-    boothflow("run", *base, *QUICK, "--summary", tmp_path / "1.json")
+    base = ["--config", "configs/demo.toml", "--artifacts", tmp_path / "a", "--set", f"data.instance_dir='{images}'",
+            *QUICK, "--set", "train.sample_every=2"]  # fmt: skip
+    boothflow("run", *base, "--summary", tmp_path / "1.json")
     first = _stages(tmp_path / "1.json")
     assert [(s["status"], s["items_processed"]) for s in first.values()][:3] == [("ran", 6), ("ran", 6), ("ran", 4)]
     assert first["generate"]["status"] == "ran" and first["generate"]["items_processed"] > 0
+    loaded = json.loads((tmp_path / "1.json").read_text())["models_loaded"]
+    # Base, step-2 and final samples: the base pipeline loads once and wears each set's weights in turn.
+    assert [m for m in loaded if m.startswith("generate: ")] == [
+        "generate: base pipeline: tiny-sd15", "generate: weights: step-2", "generate: weights: finetuned"
+    ]  # fmt: skip
 
-    boothflow("run", *base, *QUICK, "--summary", tmp_path / "2.json")
+    boothflow("run", *base, "--summary", tmp_path / "2.json")
     summary = json.loads((tmp_path / "2.json").read_text())
     assert [(s["status"], s["items_processed"]) for s in summary["stages"].values()] == [("cached", 0)] * len(first)
     assert summary["models_loaded"] == []
@@ -40,7 +46,7 @@ def test_rerun_is_all_cached_and_one_changed_image_costs_one_image(boothflow, pr
 
     edited = images / "toy_03_beach.webp"
     Image.open(edited).rotate(90).save(edited)
-    boothflow("run", *base, *QUICK, "--summary", tmp_path / "3.json")
+    boothflow("run", *base, "--summary", tmp_path / "3.json")
     third = _stages(tmp_path / "3.json")
     counts = {name: (s["status"], s["items_processed"], s["items_cached"]) for name, s in third.items()}
     assert {k: counts[k] for k in ("preprocess", "latents", "train")} == {

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
+from transformers import CLIPTextModel
 
 from tasks.core.config import GenerateSection, LatentsSection, PreprocessSection, TrainSection
 from tasks.core.stage import StageError, StageResult
@@ -19,6 +21,7 @@ from tasks.core.store import Store
 from tasks.sd import render
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel, resolve
+from tasks.sd.render import RenderRequest
 from tasks.stages import generate, latents, preprocess, train
 from tasks.stages.generate import GenerateInputs
 
@@ -133,7 +136,7 @@ def test_rerun_and_changed_prompts_render_only_missing_images(
     broken = _broken(sd15, tmp_path / "broken")
     first = _run(store, sd15, prompts=(SUBJECT, BEACH), seeds=(0, 1))
     assert (first.items_processed, first.items_cached, first.status) == (4, 0, "ran")
-    assert first.models_loaded == ("finetuned",)
+    assert first.models_loaded == (f"finetuned pipeline: train:{sd15[1].key}",)  # nothing else to render
 
     # Same train key over unloadable weights: a rerun that loaded anything would fail.
     again = _run(store, broken, prompts=(SUBJECT, BEACH), seeds=(0, 1))
@@ -143,14 +146,15 @@ def test_rerun_and_changed_prompts_render_only_missing_images(
     assert reordered.key != first.key and _files(reordered) == _files(first)
 
     changed = _run(store, sd15, prompts=(SUBJECT, "a {class} in the snow"), seeds=(0, 1))
-    assert (changed.items_processed, changed.items_cached, changed.models_loaded) == (2, 2, ("finetuned",))
+    assert (changed.items_processed, changed.items_cached, changed.models_loaded) == (2, 2, first.models_loaded)
     before, after = _files(first), _files(changed)
     kept = [k for k in before if k[2] == "a photo of sks toy"]
     assert len(kept) == 2 and all(after[k] == before[k] for k in kept)
     assert {k[2] for k in after} == {"a photo of sks toy", "a toy in the snow"}
 
     with_base = _run(store, sd15, prompts=(SUBJECT, "a {class} in the snow"), seeds=(0, 1), compare_base=True)
-    assert (with_base.items_processed, with_base.items_cached, with_base.models_loaded) == (4, 4, ("base",))
+    assert (with_base.items_processed, with_base.items_cached) == (4, 4)
+    assert with_base.models_loaded == ("base pipeline: tiny-sd15",)
     images = _files(with_base)
     base = {k: v for k, v in images.items() if k[0] == "base"}
     assert {k[1] for k in base} == {0} and len(base) == 4
@@ -160,7 +164,7 @@ def test_rerun_and_changed_prompts_render_only_missing_images(
     cached = _run(store, broken, prompts=(SUBJECT, "a {class} in the snow"), seeds=(0, 1), compare_base=True)
     assert (cached.status, cached.models_loaded) == ("cached", ())
     one_new = _run(store, sd15, prompts=(SUBJECT, BEACH), seeds=(0, 1), compare_base=True)
-    assert (one_new.items_processed, one_new.items_cached, one_new.models_loaded) == (2, 6, ("base",))
+    assert (one_new.items_processed, one_new.items_cached, one_new.models_loaded) == (2, 6, with_base.models_loaded)
 
 
 def test_checkpoint_samples_come_from_each_sample_step(sd15: tuple[ResolvedModel, StageResult], tmp_path: Path) -> None:
@@ -173,7 +177,8 @@ def test_checkpoint_samples_come_from_each_sample_step(sd15: tuple[ResolvedModel
         seeds=(5, 6),
         validation_prompts=(SUBJECT, BEACH),
     )
-    assert result.models_loaded == ("finetuned", "step-1", "step-2", "step-3")
+    swaps = ("weights: step-1", "weights: step-2", "weights: step-3", "weights: finetuned")
+    assert result.models_loaded == ("base pipeline: tiny-sd15", *swaps)  # one base pipeline wears every set in turn
     assert result.items_processed == 2 + 3 * 2  # every prompt x seed, then validation prompts x first seed per step
     table = _samples(result)
     checkpoints = table[table["kind"] == "checkpoint"]
@@ -187,6 +192,61 @@ def test_checkpoint_samples_come_from_each_sample_step(sd15: tuple[ResolvedModel
     steps = [images[("checkpoint", s, "a photo of sks toy", 5)] for s in training["sample_steps"]]
     assert min(_differ(png, final) for png in steps) > 1
     assert min(_differ(a, b) for i, a in enumerate(steps) for b in steps[i + 1 :]) > 1
+
+
+def _loaded_alone(model: ResolvedModel, trained: StageResult, kind: str, step: int) -> DiffusionPipeline:
+    """One set of weights loaded from scratch, as diffusers users load it: the fine-tuned pipeline folder, or the base
+    pipeline with the LoRA or the sample step's UNet and text encoder on top; the base alone."""
+    training = json.loads((trained.path / "training.json").read_text())
+    folder = trained.path / (MODEL_DIR if kind == "finetuned" else f"samples/step-{step:06d}")
+    if kind == "finetuned" and training["method"] == "full":
+        return StableDiffusionPipeline.from_pretrained(folder)
+    pipe = DiffusionPipeline.from_pretrained(model.path)
+    if kind == "base":
+        return pipe
+    if training["method"] == "lora":
+        pipe.load_lora_weights(folder)
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        pipe.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    return pipe
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sdxl"])
+def test_one_base_pipeline_renders_what_each_set_of_weights_loaded_alone_renders(
+    preset: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    model, trained = trained_pair = request.getfixturevalue(preset)
+    settings = {"prompts": (SUBJECT,), "seeds": (0, 1), "compare_base": True, "validation_prompts": (SUBJECT,)}
+    result = _run(Store(tmp_path / "artifacts"), trained_pair, **settings)
+    steps = json.loads((trained.path / "training.json").read_text())["sample_steps"]
+    swaps = [f"weights: step-{s}" for s in steps]
+    assert result.models_loaded == (f"base pipeline: tiny-{preset}", *swaps, "weights: finetuned")
+
+    cfg, table = GenerateSection(**{**FAST, **settings}), _samples(result)
+    assert len(table) == 2 + len(steps) + 2
+    for (kind, step), rows in table.groupby(["kind", "step"], sort=False):
+        pipe = render.prepare(_loaded_alone(model, trained, kind, step), cfg.vae_slicing, cfg.vae_tiling)
+        render.make_scheduler(pipe, cfg.scheduler)
+        requests = [RenderRequest(r.prompt, "", r.seed, cfg.steps, cfg.guidance, 64, 64) for r in rows.itertuples()]
+        alone = [np.asarray(image) for _, image in render.render(pipe, requests, cfg.batch_size, "reference")]
+        shared = [np.asarray(Image.open(result.path / image)) for image in rows["image"]]
+        assert all(np.array_equal(a, b) for a, b in zip(alone, shared, strict=True)), (kind, step)
+
+
+def test_the_final_full_model_loads_as_its_own_pipeline_only_where_the_base_cannot_wear_it(tmp_path: Path) -> None:
+    kept = tmp_path / "kept"
+    (kept / "safety_checker").mkdir(parents=True)
+
+    def final(folder: Path) -> generate.Weights:
+        return generate.Weights("finetuned", "finetuned", 4, "train:k", "k", folder, folder / "scheduler")
+
+    step = generate.Weights("step-2", "checkpoint", 2, "train:k@step-2", ["k", 2], kept, tmp_path / "scheduler")
+    assert generate.own_pipeline(final(tmp_path), "full", base_loaded=False)  # nothing else to render
+    assert not generate.own_pipeline(final(tmp_path), "full", base_loaded=True)
+    assert generate.own_pipeline(final(kept), "full", base_loaded=True)  # a checker base pipelines load without
+    assert not generate.own_pipeline(final(kept), "lora", base_loaded=False)
+    assert not generate.own_pipeline(step, "full", base_loaded=False)
 
 
 def test_png_text_and_samples_csv_describe_every_image(sd15: tuple[ResolvedModel, StageResult], tmp_path: Path) -> None:
@@ -239,7 +299,8 @@ def test_sdxl_lora_renders_its_own_images(sdxl: tuple[ResolvedModel, StageResult
         compare_base=True,
         validation_prompts=(SUBJECT,),
     )
-    assert result.models_loaded == ("finetuned", "step-2", "base") and result.items_processed == 2 + 1 + 2
+    assert result.models_loaded == ("base pipeline: tiny-sdxl", "weights: step-2", "weights: finetuned")
+    assert result.items_processed == 2 + 1 + 2
     images = _files(result)
     subject = "a photo of sks toy"
     for seed in (0, 1):

@@ -70,11 +70,16 @@ CHANGES = [
     ("train.mixed_precision", "bf16", TRAIN),
     ("train.gradient_checkpointing", True, TRAIN),
     ("train.attention", "xformers", TRAIN),
+    ("train.tf32", False, set()),  # no CUDA here: TF32 cannot change a number, so the key leaves it out
+    ("train.channels_last", True, set()),
+    ("train.compile_unet", True, set()),
     ("train.lora_rank", 8, TRAIN),
     ("train.lora_targets", ["to_q", "to_v"], TRAIN),
     ("train.seed", 1, TRAIN),
     ("train.sample_every", 2, TRAIN),
     ("train.checkpoint_every", 7, set()),
+    ("train.checkpoint_minutes", 5.0, set()),
+    ("train.log_every", 3, set()),
     ("train.keep_checkpoints", 5, set()),
     ("train.cpu_threads", 1, set()),
     ("train.num_processes", 2, TRAIN),  # the global batch doubles (batch_size is per process)

@@ -1,4 +1,5 @@
-"""The stage store: atomic entries, manifests that catch damage, one computation per key across processes."""
+"""The stage store: atomic entries, manifests that catch damage, lookups that cost a stat, one computation per key
+across processes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.store import MANIFEST, Store, stage_key
+from tasks.core import store as store_module
+from tasks.core.store import MANIFEST, STAT_MEMO, Damage, Store, file_stat, link_or_copy, stage_key
 
 
 def _write(text: str):
@@ -22,6 +24,28 @@ def _write(text: str):
         return {"items": 2}
 
     return build
+
+
+def _flip_byte_keeping_mtime(file: Path, offset: int = 0) -> None:
+    """A same-size edit whose writer puts the mtime back, as `touch -r` or `cp -p` would."""
+    before = file.stat()
+    with file.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = file.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+@pytest.fixture
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of every file the store reads to hash, in order."""
+    names: list[str] = []
+    real = store_module.file_sha256
+    monkeypatch.setattr(store_module, "file_sha256", lambda path, *a: names.append(path.name) or real(path, *a))
+    return names
 
 
 def test_entry_is_committed_with_manifest_and_reused(tmp_path: Path) -> None:
@@ -41,12 +65,22 @@ def test_entry_is_committed_with_manifest_and_reused(tmp_path: Path) -> None:
     "damage",
     [
         lambda p: (p / "out.txt").write_text("hellO"),  # same size, other bytes
+        lambda p: _flip_byte_keeping_mtime(p / "out.txt"),
         lambda p: (p / "out.txt").write_text("hello!"),
+        lambda p: os.truncate(p / "sub" / "more.bin", 50),
         lambda p: (p / "sub" / "more.bin").unlink(),
         lambda p: (p / MANIFEST).unlink(),
         lambda p: (p / MANIFEST).write_text("{not json"),
     ],
-    ids=["same-size-edit", "resized", "file-deleted", "manifest-deleted", "manifest-corrupt"],
+    ids=[
+        "same-size-edit",
+        "mtime-restored",
+        "resized",
+        "truncated",
+        "file-deleted",
+        "manifest-deleted",
+        "manifest-corrupt",
+    ],
 )
 def test_damaged_entry_is_not_trusted_and_is_rebuilt(tmp_path: Path, damage) -> None:
     store = Store(tmp_path)
@@ -55,6 +89,78 @@ def test_damaged_entry_is_not_trusted_and_is_rebuilt(tmp_path: Path, damage) -> 
     assert store.get("stage", "k1") is None
     rebuilt = store.get_or_create("stage", "k1", _write("hello"))
     assert rebuilt.created and store.is_complete("stage", "k1")
+
+
+def test_a_lookup_of_an_intact_entry_reads_no_file(tmp_path: Path, hashed: list[str]) -> None:
+    store = Store(tmp_path)
+    store.get_or_create("stage", "k1", _write("hello"))
+    assert sorted(hashed) == ["more.bin", "out.txt"]  # hashed once, at creation
+    hashed.clear()
+    for _ in range(3):
+        assert store.get("stage", "k1") is not None
+    assert hashed == []
+
+
+def test_a_changed_stat_is_rehashed_and_then_trusted_again(tmp_path: Path, hashed: list[str]) -> None:
+    store = Store(tmp_path)
+    entry = store.get_or_create("stage", "k1", _write("hello"))
+    os.utime(entry.path / "out.txt", ns=(0, 10**18))  # a new mtime, same bytes (as a backup tool may leave it)
+    hashed.clear()
+    assert store.get("stage", "k1") is not None and hashed == ["out.txt"]  # only the file whose stat changed
+    assert store.get("stage", "k1") is not None and hashed == ["out.txt"]  # its memo was refreshed
+    assert [p.name for p in entry.path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_an_entry_made_before_memos_is_hashed_once_then_memoized(tmp_path: Path, hashed: list[str]) -> None:
+    store = Store(tmp_path)
+    entry = store.get_or_create("stage", "k1", _write("hello"))
+    (entry.path / STAT_MEMO).unlink()
+    hashed.clear()
+    assert store.get("stage", "k1") is not None and sorted(hashed) == ["more.bin", "out.txt"]
+    assert store.get("stage", "k1") is not None and len(hashed) == 2
+
+
+def test_what_a_stat_cannot_see_only_verify_finds(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    entry = store.get_or_create("stage", "k1", _write("hello"))
+    store.get_or_create("other", "k2", _write("fine"))
+    assert store.verify() == store_module.Verification(entries=2, bytes=105 + 104, damaged=[])
+    _flip_byte_keeping_mtime(entry.path / "out.txt", 1)
+    memo = json.loads((entry.path / STAT_MEMO).read_text())  # bytes rotting on the disk leave the stat as it was
+    memo["files"]["out.txt"] = file_stat(entry.path / "out.txt")
+    (entry.path / STAT_MEMO).write_text(json.dumps(memo))
+    assert store.get("stage", "k1") is not None  # the documented limit of a lookup
+
+    (entry.path / "sub" / "more.bin").unlink()
+    assert store.verify("other").damaged == []
+    found = store.verify()
+    assert found.damaged == [
+        Damage("stage", "k1", "out.txt", "bytes differ from the manifest's sha256"),
+        Damage("stage", "k1", "sub/more.bin", "missing"),
+    ]
+    (entry.path / "sub" / "more.bin").write_bytes(b"\x00" * 100)  # the deletion undone: only the rot is left
+    assert store.get("stage", "k1") is None  # verify dropped the damaged entry's memo: the lookup re-checked
+
+
+def test_hard_linked_files_keep_both_entries_honest(tmp_path: Path, hashed: list[str]) -> None:
+    """A link changes the shared inode's ctime: the item's memo goes stale and costs one re-hash of that file;
+    an edit through either path is seen by both entries."""
+    store = Store(tmp_path)
+    item = store.get_or_create("stage-items", "i1", _write("hello"))
+
+    def link(folder: Path) -> dict:
+        link_or_copy(item.path / "out.txt", folder / "image.txt")
+        return {}
+
+    linked = store.get_or_create("stage", "k1", link)
+    assert (linked.path / "image.txt").stat().st_ino == (item.path / "out.txt").stat().st_ino
+    hashed.clear()
+    assert store.get("stage", "k1") is not None and hashed == []
+    assert store.get("stage-items", "i1") is not None and hashed == ["out.txt"]
+    assert store.get("stage-items", "i1") is not None and hashed == ["out.txt"]
+
+    _flip_byte_keeping_mtime(linked.path / "image.txt")
+    assert store.get("stage", "k1") is None and store.get("stage-items", "i1") is None
 
 
 def test_failed_build_leaves_nothing(tmp_path: Path) -> None:

@@ -160,6 +160,9 @@ class TrainSection(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision of the forward pass")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernel; xformers when installed")
+    tf32: bool = Field(True, description="TF32 float32 matmuls and convolutions on CUDA; ignored (and unkeyed) on CPU")
+    channels_last: bool = no_key("UNet weights in channels-last layout on CUDA (faster convolutions)", default=False)
+    compile_unet: bool = no_key("torch.compile the UNet on CUDA: slower first steps, faster after", default=False)
     lora_rank: int = Field(4, ge=1, description="LoRA rank; alpha equals the rank, as the saved formats assume")
     lora_targets: tuple[str, ...] = Field(
         ("to_q", "to_k", "to_v", "to_out.0"), description="UNet attention projections that get LoRA adapters"
@@ -168,7 +171,13 @@ class TrainSection(Section):
     sample_every: int = Field(
         0, ge=0, description="Keep weights every N steps so generate renders validation samples from them (0: off)"
     )
-    checkpoint_every: int = no_key("Save a resumable checkpoint every N steps (0: never)", default=100, ge=0)
+    checkpoint_every: int = no_key("Save a resumable checkpoint every N steps (0: not by steps)", default=100, ge=0)
+    checkpoint_minutes: float = no_key(
+        "Also save one when this many minutes passed since the last (checked at log steps; 0: not by time)",
+        default=30.0,
+        ge=0,
+    )
+    log_every: int = no_key("Read the loss from the device and report it every N steps", default=10, ge=1)
     keep_checkpoints: int = no_key("Keep the newest K checkpoints", default=2, ge=1)
     cpu_threads: int = no_key("Torch threads per training process on CPU (results depend on it)", default=2, ge=1)
     num_processes: int = no_key(

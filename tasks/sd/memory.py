@@ -207,7 +207,9 @@ def latent_side(arch: Architecture, resolution: int) -> int:
 def estimate_train(arch: Architecture, cfg: TrainSection, resolution: int, prior: bool) -> Estimate:
     """Peak of the training child: weights, gradients, optimizer state and activations of one micro-batch.
 
-    Frozen text encoders are not loaded there (their embeddings are cached), so only trained ones count."""
+    Frozen text encoders are not loaded there (their embeddings are cached), so only trained ones count. Checkpoints
+    add nothing: on CUDA their copy of the state is in host memory, which the plan does not model, and on a CPU they
+    are written from the weights in place."""
     unet = meta_component(arch, "unet")
     trained = [name for name in text.ENCODER_CLASSES if name in arch.configs] if cfg.train_text_encoder else []
     encoders = [meta_component(arch, name) for name in trained]

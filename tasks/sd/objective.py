@@ -58,19 +58,23 @@ class Objective:
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, timesteps)
 
+    def kind_weights(self, kinds: int) -> torch.Tensor:
+        """Loss weights of a batch's kinds, built on the host with the batch: instance images 1, then (with prior
+        preservation) class images `prior_weight`."""
+        return torch.tensor([1.0, self.prior_weight][:kinds])
+
     def loss(
         self,
         prediction: torch.Tensor,
         latents: torch.Tensor,
         noise: torch.Tensor,
         timesteps: torch.Tensor,
-        is_class: torch.Tensor,
+        kind_weights: torch.Tensor,
     ) -> torch.Tensor:
-        """Instance MSE plus `prior_weight` x class-image MSE, each sample weighted by its timestep."""
+        """Instance MSE plus `prior_weight` x class-image MSE, each sample weighted by its timestep. The batch holds its
+        kinds in the order of `kind_weights`, equally many of each, so no mask is read from the device."""
         target = self.target(latents, noise, timesteps)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         per_sample = per_sample * self.weights(timesteps.to(per_sample.device)).to(per_sample.dtype)
-        loss = per_sample[~is_class].mean()
-        if is_class.any():
-            loss = loss + self.prior_weight * per_sample[is_class].mean()
-        return loss
+        per_kind = per_sample.view(len(kind_weights), -1).mean(dim=1)
+        return (per_kind * kind_weights).sum()

@@ -6,6 +6,7 @@ batch it was rendered in, so cached images stay valid whatever batch size or nei
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,13 @@ def make_scheduler(pipe: DiffusionPipeline, name: str) -> SchedulerMixin:
     """Swap the pipeline's scheduler for `name`, configured from the scheduler it had."""
     pipe.scheduler = build_scheduler(name, pipe.scheduler.config)
     return pipe.scheduler
+
+
+def saved_scheduler(scheduler_dir: Path) -> SchedulerMixin:
+    """The scheduler in `scheduler_dir` of a pipeline folder, as loading that pipeline gives it: of the class its
+    model_index.json names, configured from the folder."""
+    _, name = json.loads((scheduler_dir.parent / "model_index.json").read_text())[scheduler_dir.name]
+    return scheduler_class(name).from_pretrained(scheduler_dir)
 
 
 def planned_scheduler(name: str, scheduler_dir: Path) -> dict[str, Any]:

@@ -1,14 +1,16 @@
 """Generate stage: sample images from the fine-tuned model, its checkpoints and (optionally) the base model.
 
 Each image is cached by its weights and everything that shapes its pixels, never by batch or list position, so
-changing one prompt renders only that prompt's images and a fully cached run loads no model.
+changing one prompt renders only that prompt's images and a fully cached run loads no model. Missing images render on
+one base pipeline that wears each set of weights in turn, so the base loads once per stage, not once per set.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,6 @@ from PIL.PngImagePlugin import PngInfo
 from tasks.core.config import GenerateSection, RunConfig, fill_prompt
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, link_or_copy, stage_key
-from tasks.sd.device import device
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel
 from tasks.sd.render import (
@@ -32,7 +33,9 @@ from tasks.sd.render import (
     planned_scheduler,
     prepare,
     render,
+    saved_scheduler,
 )
+from tasks.sd.swap import swap_components, swap_lora
 
 if TYPE_CHECKING:  # imported where a pipeline is loaded: a fully cached run never pays for diffusers
     from diffusers import DiffusionPipeline
@@ -118,7 +121,7 @@ def training_facts(train: StageResult) -> dict[str, Any]:
 
 
 def weights_sources(cfg: GenerateSection, inputs: GenerateInputs, training: dict[str, Any]) -> list[Weights]:
-    """Every set of weights this config renders from, in render order: final, each sample step, then the base."""
+    """Every set of weights this config renders from, in table order: final, each sample step, then the base."""
     train, base = inputs.train, inputs.model.path
     full = training["method"] == "full"
     final = train.path / MODEL_DIR  # the folder users load (a pipeline for full, a LoRA for lora)
@@ -207,25 +210,72 @@ def png_text(item: Item, scheduler: str) -> dict[str, str]:
     }
 
 
-def load_weights(cfg: GenerateSection, weights: Weights, model: ResolvedModel, method: str) -> DiffusionPipeline:
-    """A pipeline with these weights, loaded as users load them: the fine-tuned pipeline folder, or the base pipeline
-    with the LoRA or a sample step's UNet (and text encoder) on top; the base alone for kind "base"."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+# Sets render base first, then each sample step, then the final weights: each swap replaces everything an earlier
+# swap replaced (a LoRA the LoRA before; a sample step the UNet and, when trained, the text encoder; the final model
+# those and the VAE), so the base pipeline is never restored.
+RENDER_ORDER = {"base": 0, "checkpoint": 1, "finetuned": 2}
+DAMAGED = "the train output is damaged; delete it and rerun the train stage"
 
-    dtype = getattr(torch, cfg.dtype)
-    if weights.kind == "finetuned" and method == "full":
-        return prepare(DiffusionPipeline.from_pretrained(weights.folder, dtype=dtype), cfg.vae_slicing, cfg.vae_tiling)
-    pipe = load_pipeline_for(model, cfg.dtype, cfg.vae_slicing, cfg.vae_tiling)
-    if weights.folder is None:
-        return pipe
-    if method == "lora":
-        pipe.load_lora_weights(weights.folder)
-        return pipe
-    pipe.unet = UNet2DConditionModel.from_pretrained(weights.folder / "unet", dtype=dtype).to(device())
-    if (weights.folder / "text_encoder").is_dir():
-        pipe.text_encoder = CLIPTextModel.from_pretrained(weights.folder / "text_encoder", dtype=dtype).to(device())
-    return pipe
+
+def own_pipeline(weights: Weights, method: str, base_loaded: bool) -> bool:
+    """Whether the fine-tuned full model loads as a pipeline of its own, as users load it, rather than onto the base
+    pipeline: when it is all there is to render (no base pipeline is loaded to swap it onto), or when it keeps the
+    safety checker that base pipelines load without."""
+    if weights.kind != "finetuned" or method != "full":
+        return False
+    return not base_loaded or (weights.folder / "safety_checker").is_dir()
+
+
+@contextmanager
+def _loading(what: str, where: Path, hint: str, item: Item) -> Iterator[None]:
+    """A failed load as a StageError naming what was loaded, from where, and the first image that needed it."""
+    try:
+        yield
+    except Exception as err:
+        message = f"cannot load {what} from {where} ({type(err).__name__}: {err}); {hint}"
+        raise StageError(STAGE, message, item=item.name) from err
+
+
+@dataclass
+class SharedPipeline:
+    """The one pipeline the stage renders with: the base, loaded on first use, wearing each set of weights in turn
+    (see RENDER_ORDER). `loads` names each load in order (the summary's models_loaded): the base pipeline once, then
+    each swap; or the fine-tuned pipeline where it loads as its own (see `own_pipeline`)."""
+
+    cfg: GenerateSection
+    model: ResolvedModel
+    method: str
+    pipe: DiffusionPipeline | None = None
+    loads: list[str] = field(default_factory=list)
+
+    def wearing(self, weights: Weights, first: Item) -> DiffusionPipeline:
+        """The pipeline with these weights and the scheduler they render with (a fresh one per set)."""
+        from diffusers import DiffusionPipeline
+
+        cfg, dtype = self.cfg, getattr(torch, self.cfg.dtype)
+        if own_pipeline(weights, self.method, self.pipe is not None):
+            self.pipe = None  # the base pipeline goes before another loads
+            with _loading(f"the {weights.name} weights", weights.folder, DAMAGED, first):
+                pipe = DiffusionPipeline.from_pretrained(weights.folder, dtype=dtype)
+                self.pipe = prepare(pipe, cfg.vae_slicing, cfg.vae_tiling)
+            self.loads.append(f"finetuned pipeline: {weights.label}")
+        else:
+            if self.pipe is None:
+                with _loading("the base pipeline", self.model.path, "check model.id and its files", first):
+                    self.pipe = load_pipeline_for(self.model, cfg.dtype, cfg.vae_slicing, cfg.vae_tiling)
+                self.loads.append(f"base pipeline: {self.model.id}")
+            if weights.folder is not None:
+                with _loading(f"the {weights.name} weights", weights.folder, DAMAGED, first):
+                    if self.method == "lora":
+                        swap_lora(self.pipe, weights.folder)
+                    else:
+                        swap_components(self.pipe, weights.folder, dtype)
+                        prepare(self.pipe, cfg.vae_slicing, cfg.vae_tiling)
+                self.loads.append(f"weights: {weights.name}")
+        with _loading(f"the {weights.name} scheduler", weights.scheduler_dir, "check its scheduler_config.json", first):
+            self.pipe.scheduler = saved_scheduler(weights.scheduler_dir)
+            make_scheduler(self.pipe, cfg.scheduler)
+        return self.pipe
 
 
 def _save_item(image: Image.Image, text: dict[str, str]) -> Callable[[Path], dict[str, Any]]:
@@ -239,25 +289,12 @@ def _save_item(image: Image.Image, text: dict[str, str]) -> Callable[[Path], dic
     return build
 
 
-def _render_from(cfg: GenerateSection, inputs: GenerateInputs, method: str, todo: list[Item], store: Store) -> int:
-    """Load one set of weights and render its missing images; returns how many items this call created."""
-    weights = todo[0].weights
-    try:
-        pipe = load_weights(cfg, weights, inputs.model, method)
-        make_scheduler(pipe, cfg.scheduler)
-    except Exception as err:
-        where, hint = (
-            (inputs.model.path, "check model.id and its files")
-            if weights.folder is None
-            else (weights.folder, "the train output is damaged; delete it and rerun the train stage")
-        )
-        message = f"cannot load the {weights.name} weights from {where} ({type(err).__name__}: {err}); {hint}"
-        raise StageError(STAGE, message, item=todo[0].name) from err
-
+def _render_set(cfg: GenerateSection, pipe: DiffusionPipeline, todo: list[Item], store: Store) -> int:
+    """Render one set of weights' missing images; returns how many items this call created."""
     by_request = {item.request: item for item in todo}
     created = 0
     try:
-        for request, image in render(pipe, list(by_request), cfg.batch_size, f"generate ({weights.name})"):
+        for request, image in render(pipe, list(by_request), cfg.batch_size, f"generate ({todo[0].weights.name})"):
             item = by_request[request]
             try:
                 build = _save_item(image, png_text(item, cfg.scheduler))
@@ -278,7 +315,10 @@ def build(cfg: GenerateSection, inputs: GenerateInputs, store: Store, key: str) 
     by_weights: dict[str, list[Item]] = {}
     for item in missing:
         by_weights.setdefault(item.weights.name, []).append(item)
-    created = sum(_render_from(cfg, inputs, training["method"], todo, store) for todo in by_weights.values())
+    pipeline = SharedPipeline(cfg, inputs.model, training["method"])
+    created = 0
+    for todo in sorted(by_weights.values(), key=lambda todo: RENDER_ORDER[todo[0].weights.kind]):
+        created += _render_set(cfg, pipeline.wearing(todo[0].weights, todo[0]), todo, store)
 
     table = pd.DataFrame(
         [
@@ -305,7 +345,7 @@ def build(cfg: GenerateSection, inputs: GenerateInputs, store: Store, key: str) 
         return {"items": len(items)}
 
     entry = store.get_or_create(STAGE, key, write, {**cfg.keyed(), "train": inputs.train.key})
-    return StageResult(STAGE, key, entry.path, created, len(items) - created, models_loaded=tuple(by_weights))
+    return StageResult(STAGE, key, entry.path, created, len(items) - created, models_loaded=tuple(pipeline.loads))
 
 
 stage = Stage(STAGE, "generate", stage_key_for, build, outputs={"samples_dir": "images"})

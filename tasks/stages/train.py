@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +25,13 @@ import yaml
 from safetensors.torch import save_file
 
 from tasks.core.config import RunConfig, TrainSection
-from tasks.core.progress import Reporter, run_logger
+from tasks.core.progress import LOG_EVERY_SECONDS, Reporter, run_logger
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
 from tasks.sd import device, text
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel, hub_repo
-from tasks.stages.train_job import TrainJob, resolved_optimizer
+from tasks.stages.train_job import TrainJob, keyed_settings, resolved_optimizer
 
 STAGE = "train"
 EMBEDS = "text-embeds-items"
@@ -61,11 +62,10 @@ def _model_components(inputs: TrainInputs) -> list[str]:
 
 
 def stage_key_for(cfg: TrainSection, inputs: TrainInputs) -> str:
-    keyed = {**cfg.keyed(), "optimizer": resolved_optimizer(cfg)}
     return stage_key(
         STAGE,
         CODE_VERSION,
-        keyed,
+        keyed_settings(cfg),
         latents=inputs.latents.key,
         instance_prompt=inputs.instance_prompt,
         class_prompt=inputs.class_prompt,
@@ -169,7 +169,7 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log, tail = run_logger(), collections.deque(maxlen=TAIL_LINES)
-    restored, last_step, final_loss, error = 0, 0, None, None
+    restored, last_step, final_loss, error, logged = 0, 0, None, None, 0.0
     with (
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc,
         Reporter(cfg.steps, "train steps") as progress,
@@ -182,7 +182,10 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
             elif event.get("event") == "step":
                 last_step, final_loss = event["step"], event["loss"]
                 progress.advance()
-                log.info("step %d loss %.5f lr %.3g", last_step, final_loss, event["lr"])
+                if time.monotonic() - logged >= LOG_EVERY_SECONDS or last_step == cfg.steps:
+                    # every step is in metrics.csv; a log line per step would keep the Prefect server busy
+                    logged = time.monotonic()
+                    log.info("step %d loss %.5f lr %.3g", last_step, final_loss, event["lr"])
             elif event.get("event") == "error":
                 error = event["message"]
         code = proc.wait()
@@ -239,7 +242,7 @@ def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> Sta
         counts.update(restored=restored)
         return {"items": cfg.steps, "steps": cfg.steps, "restored_steps": restored, "final_loss": final_loss}
 
-    entry = store.get_or_create(STAGE, key, write, {**cfg.keyed(), "optimizer": resolved_optimizer(cfg)})
+    entry = store.get_or_create(STAGE, key, write, keyed_settings(cfg))
     if entry.created:  # the entry holds the result (and its sample weights); resume state is gigabytes of dead weight
         shutil.rmtree(checkpoints_dir(store, key), ignore_errors=True)
     restored = counts.get("restored", 0)

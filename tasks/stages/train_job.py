@@ -41,3 +41,10 @@ def resolved_optimizer(cfg: TrainSection) -> str:
     if cfg.optimizer == "adamw8bit" and torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
         return "adamw8bit"
     return "adamw"
+
+
+def keyed_settings(cfg: TrainSection) -> dict[str, Any]:
+    """The train section as its key holds it: what runs on this machine. The optimizer as resolved, and TF32 only with
+    CUDA, since without CUDA it cannot change a number."""
+    without = () if torch.cuda.is_available() else ("tf32",)
+    return {**cfg.keyed(without), "optimizer": resolved_optimizer(cfg)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import resource
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 import pandas as pd
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate.utils import broadcast_object_list
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -42,9 +44,16 @@ from tasks.sd.device import release
 from tasks.sd.latent_dist import sample_latent, scale_latent
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.objective import Objective
+from tasks.stages.checkpoints import (
+    CannotResume,
+    CheckpointWriter,
+    clear_partial_checkpoints,
+    complete_checkpoints,
+    restore,
+    step_folders,
+)
 from tasks.stages.train_job import TrainJob
 
-COMPLETE = "COMPLETE"
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -99,20 +108,26 @@ class Batch:
     latents: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
-    is_class: torch.Tensor
+    kind_weights: torch.Tensor
     prompts: list[str]
     time_ids: torch.Tensor
 
     def to(self, device: torch.device) -> Batch:
-        """The batch on the model's device; it is drawn on the CPU so its numbers never depend on the device."""
-        tensors = ("latents", "noise", "timesteps", "is_class", "time_ids")
-        return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
+        """The batch on the model's device; it is drawn on the CPU so its numbers never depend on the device. CUDA
+        gets it from pinned memory without waiting, so the host draws the next batch while the device computes."""
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+        tensors = ("latents", "noise", "timesteps", "kind_weights", "time_ids")
+        return replace(self, **{name: move(getattr(self, name)) for name in tensors})
 
 
 def make_batch(data: LatentData, objective: Objective, job: TrainJob, step: int, micro: int, rank: int = 0) -> Batch:
     """This process's slice of one global micro-batch: instance samples (then as many class samples with prior
-    preservation), each with its own generator seeded by its global slot, so what is drawn does not depend on how
-    many processes share the global batch (batch_size x num_processes)."""
+    preservation, the layout the objective's kind weights assume), each with its own generator seeded by its global
+    slot, so what is drawn does not depend on how many processes share the global batch (batch_size x
+    num_processes)."""
     cfg = job.train
     kinds = ["instance"] + (["class"] if job.class_prompt else [])
     width = cfg.batch_size * cfg.num_processes
@@ -127,8 +142,8 @@ def make_batch(data: LatentData, objective: Objective, job: TrainJob, step: int,
             rows.append((latent, noise, timestep, kind == "class", time_ids))
     latents, noise, timesteps, is_class, time_ids = zip(*rows, strict=True)
     prompts = [job.class_prompt if c else job.instance_prompt for c in is_class]
-    return Batch(torch.cat(latents), torch.cat(noise), torch.cat(timesteps), torch.tensor(is_class), prompts,
-                 torch.cat(time_ids))  # fmt: skip
+    return Batch(torch.cat(latents), torch.cat(noise), torch.cat(timesteps), objective.kind_weights(len(kinds)),
+                 prompts, torch.cat(time_ids))  # fmt: skip
 
 
 class Conditioner:
@@ -165,7 +180,7 @@ def training_step(unet, conditioner: Conditioner, objective: Objective, batch: B
     """One micro-batch: noisy latents in, loss out. Everything configurable was decided when building these."""
     noisy = objective.noisy(batch.latents, batch.noise, batch.timesteps)
     prediction = predict(unet, noisy, batch, conditioner(batch.prompts))
-    return objective.loss(prediction, batch.latents, batch.noise, batch.timesteps, batch.is_class)
+    return objective.loss(prediction, batch.latents, batch.noise, batch.timesteps, batch.kind_weights)
 
 
 def lora_config(cfg: TrainSection, targets: list[str]) -> LoraConfig:
@@ -179,6 +194,9 @@ def build_models(job: TrainJob, accelerator: Accelerator) -> tuple[torch.nn.Modu
     frozen_dtype = DTYPES[cfg.mixed_precision] if cfg.method == "lora" else torch.float32
     # Loaded in its training precision: a float32 copy of SDXL's frozen UNet would be 10 GB for nothing.
     unet = UNet2DConditionModel.from_pretrained(job.base, subfolder="unet", torch_dtype=frozen_dtype)
+    cuda = accelerator.device.type == "cuda"
+    if cuda and cfg.channels_last:  # before LoRA: adapters stay contiguous, as the saved formats need them
+        unet.to(memory_format=torch.channels_last)
     encoders = text.load_text_encoders(job.base, job.family) if cfg.train_text_encoder else None
     torch.manual_seed(cfg.seed)
     if cfg.method == "lora":
@@ -198,6 +216,8 @@ def build_models(job: TrainJob, accelerator: Accelerator) -> tuple[torch.nn.Modu
             encoder.gradient_checkpointing_enable()
     if cfg.attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
+    if cuda and cfg.compile_unet:  # in place: the module, its parameters and its state dict keep their names
+        unet.compile()
     return unet, encoders
 
 
@@ -215,66 +235,6 @@ def make_optimizer(job: TrainJob, params: list[torch.nn.Parameter]) -> torch.opt
 
 def trainable(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
     return {f"{name}.{k}": p for name, m in models.items() for k, p in m.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(job: TrainJob, step: int, params: dict, state: dict, metrics: list[dict]) -> None:
-    """Written whole (an atomic folder), then marked complete; keep only the newest K complete ones."""
-    final = job.checkpoints_dir / f"step-{step:06d}"
-    with atomic_folder(final, replace=True) as folder:
-        save_file({k: p.detach().contiguous().cpu() for k, p in params.items()}, folder / "trainable.safetensors")
-        torch.save({name: part.state_dict() for name, part in state.items()}, folder / "state.pt")
-        (folder / "metrics.json").write_text(json.dumps(metrics))
-        (folder / "step.json").write_text(json.dumps({"step": step, "num_processes": job.train.num_processes}))
-    (final / COMPLETE).write_text("ok")
-    for old in complete_checkpoints(job.checkpoints_dir)[: -job.train.keep_checkpoints]:
-        shutil.rmtree(old)
-
-
-def clear_partial_checkpoints(job: TrainJob) -> None:
-    """Folders a killed save left behind; never read, possibly gigabytes."""
-    for folder in (job.checkpoints_dir, job.checkpoints_dir / "samples"):
-        for leftover in folder.glob("step-*.partial-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def step_folders(folder: Path) -> list[Path]:
-    """The `step-NNNNNN` folders written whole, in step order."""
-    return sorted(p for p in folder.glob("step-*") if ".partial-" not in p.name)
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    return [p for p in step_folders(folder) if (p / COMPLETE).is_file()]
-
-
-class CannotResume(Exception):
-    """Checkpoints this run cannot continue exactly; the message says how to go on."""
-
-
-def restore(job: TrainJob, params: dict, state: dict) -> tuple[int, list[dict]]:
-    """Load the newest complete checkpoint; returns (steps done, metrics so far), (0, []) without one.
-
-    The LR schedule advances once per process and step, so a run resumes only with the process count it had."""
-    checkpoints = complete_checkpoints(job.checkpoints_dir)
-    if not checkpoints:
-        return 0, []
-    latest = checkpoints[-1]
-    made = json.loads((latest / "step.json").read_text())
-    processes = made.get("num_processes", 1)
-    if processes != job.train.num_processes:
-        raise CannotResume(
-            f"the checkpoints in {job.checkpoints_dir} were made with train.num_processes={processes}; resume with"
-            f" --set train.num_processes={processes} (and batch_size to match), or delete that folder to start over"
-        )
-    saved = load_file(latest / "trainable.safetensors")  # copied onto each parameter's own device below
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name])
-    # Onto the host first: load_state_dict puts the optimizer's state on its parameters' devices (every process
-    # its own), where a plain load would put every process's copy on the device that saved it.
-    saved_state = torch.load(latest / "state.pt", weights_only=True, map_location="cpu")
-    for name, part in state.items():
-        part.load_state_dict(saved_state[name])
-    return made["step"], json.loads((latest / "metrics.json").read_text())
 
 
 def save_sample_weights(job: TrainJob, step: int, unet, encoders) -> None:
@@ -361,7 +321,8 @@ class PeakMemory:
 
 
 class NonFiniteLoss(Exception):
-    """A NaN or infinite loss: training stops at once, naming the step, and keeps the last good checkpoint."""
+    """A NaN or infinite loss: training stops at the next log step, naming the step it came at, and keeps the last
+    good checkpoint."""
 
     def __init__(self, step: int, loss: float) -> None:
         super().__init__(f"loss is {loss} at step {step}; stopped")
@@ -403,6 +364,14 @@ class Training:
         self.conditioner.encoders = self.encoders
 
 
+def use_tf32(enabled: bool) -> None:
+    """CUDA's float32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa inputs, float32 sums), or
+    IEEE float32 throughout; the train key holds the choice."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
 def build_training(job: TrainJob) -> Training:
     cfg = job.train
     # Unused parameters (e.g. the last layer of an encoder whose penultimate states condition SDXL) get no gradient;
@@ -412,6 +381,8 @@ def build_training(job: TrainJob) -> Training:
                               kwargs_handlers=[ddp])  # fmt: skip
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
+    if accelerator.device.type == "cuda":
+        use_tf32(cfg.tf32)
     scheduler = DDPMScheduler.from_pretrained(job.base, subfolder="scheduler")
     objective = Objective(scheduler, cfg.noise_offset, cfg.snr_gamma, job.prior_weight)
     unet, encoders = build_models(job, accelerator)
@@ -425,10 +396,12 @@ def build_training(job: TrainJob) -> Training:
                     optimizer, lr_scheduler)  # fmt: skip
 
 
-def optimizer_step(t: Training, step: int) -> float:
+def optimizer_step_on_device(t: Training, step: int) -> torch.Tensor:
     """One optimizer step of `grad_accum` micro-batches, gradients averaged across processes on the last one;
-    returns the step's loss over the global batch (the same on every process)."""
-    cfg, total, rank = t.job.train, 0.0, t.accelerator.process_index
+    returns the step's loss over the global batch (the same on every process) on the device, unread, so the host
+    never waits for the device here. The micro-batch losses are summed in float64, as Python sums floats."""
+    cfg, rank = t.job.train, t.accelerator.process_index
+    total = torch.zeros((), dtype=torch.float64, device=t.accelerator.device)
     for micro in range(cfg.grad_accum):
         batch = make_batch(t.data, t.objective, t.job, step, micro, rank).to(t.accelerator.device)
         with contextlib.ExitStack() as stack:
@@ -440,15 +413,86 @@ def optimizer_step(t: Training, step: int) -> float:
             if fault("nan_at_step") == step + 1:
                 loss = loss * float("nan")
             global_loss = t.accelerator.reduce(loss.detach(), reduction="mean")
-            if not torch.isfinite(global_loss):  # every process sees it, so all stop together
-                raise NonFiniteLoss(step + 1, global_loss.item())
             t.accelerator.backward(loss)
-        total += global_loss.item()
+        total += global_loss.double()
     t.accelerator.clip_grad_norm_(list(t.params.values()), cfg.max_grad_norm)
     t.optimizer.step()
     t.lr_scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     return total
+
+
+def optimizer_step(t: Training, step: int) -> float:
+    """`optimizer_step_on_device` with its loss read at once, a host read every step that the training loop does
+    without: for callers that want each step's number, like the GPU check."""
+    loss = optimizer_step_on_device(t, step).item()
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(step + 1, loss)
+    return loss
+
+
+class LossLog:
+    """Step losses stay on the device until a log step reads every pending one at once (one host read) into metrics
+    rows and progress events. Log steps come every `log_every` steps, before anything is written (sample weights,
+    checkpoints, the export) and at the end: a NaN or infinite loss is named by its own step and stops training
+    before any weights it touched are written."""
+
+    def __init__(self, metrics: list[dict]) -> None:
+        self.metrics, self.started = metrics, time.monotonic()
+        self.pending: list[tuple[int, torch.Tensor, float, float]] = []
+
+    def add(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        self.pending.append((step, loss, lr, round(time.monotonic() - self.started, 3)))
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([loss for _, loss, _, _ in self.pending]).tolist()
+        pending, self.pending = self.pending, []
+        for (step, _, lr, seconds), loss in zip(pending, losses, strict=True):
+            if not math.isfinite(loss):  # every process reads the same reduced losses, so all stop together
+                raise NonFiniteLoss(step, loss)
+            row = {"step": step, "loss": loss, "lr": lr, "seconds": seconds}
+            self.metrics.append(row)
+            emit("step", **row)
+
+
+def minutes_passed(since: float, minutes: float) -> bool:
+    """Whether `minutes` (0: never) have passed since `since` by the main process's clock; every process gets its
+    answer, so all of them checkpoint at the same step."""
+    if not minutes:
+        return False
+    return broadcast_object_list([time.monotonic() - since >= 60 * minutes])[0]
+
+
+def run_steps(t: Training, start: int, metrics: list[dict]) -> None:
+    """Steps `start` to the end. The device is read only at log steps; a checkpoint comes every `checkpoint_every`
+    steps or, at a log step, after `checkpoint_minutes`, whichever is first (written in the background on CUDA)."""
+    cfg = t.job.train
+    log, checkpointed = LossLog(metrics), time.monotonic()
+    checkpoints = CheckpointWriter(t.job, background=t.accelerator.device.type == "cuda")
+    try:
+        for step in range(start, cfg.steps):
+            done, last = step + 1, step + 1 == cfg.steps
+            log.add(done, optimizer_step_on_device(t, step), t.lr_scheduler.get_last_lr()[0])
+            sample = bool(cfg.sample_every) and done % cfg.sample_every == 0 and not last
+            checkpoint = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0 and not last
+            if done % cfg.log_every == 0 or sample or checkpoint or last:
+                log.read()
+                checkpoint = checkpoint or (not last and minutes_passed(checkpointed, cfg.checkpoint_minutes))
+            if sample:
+                unet = t.accelerator.unwrap_model(t.unet)
+                encoders = [t.accelerator.unwrap_model(e) for e in t.encoders or []]
+                on_main_process(t.accelerator, partial(save_sample_weights, t.job, done, unet, encoders))
+            if checkpoint:
+                on_main_process(t.accelerator, partial(checkpoints.save, done, t.params, t.state, metrics))
+                checkpointed = time.monotonic()
+            if fault("kill_train_after_step") == done:  # once this step is reported and every checkpoint written
+                log.read()
+                checkpoints.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        checkpoints.wait()
 
 
 def on_main_process(accelerator: Accelerator, write: Callable[[], None]) -> None:
@@ -474,25 +518,11 @@ def main(job_path: Path) -> None:
     if start:
         emit("resume", step=start, checkpoint=str(complete_checkpoints(job.checkpoints_dir)[-1]))
     t.prepare()
-    started = time.monotonic()
-    for step in range(start, cfg.steps):
-        try:
-            loss = optimizer_step(t, step)
-        except NonFiniteLoss as err:
-            emit("error", step=err.step, message=str(err))
-            sys.exit(3)
-        row = {"step": step + 1, "loss": loss, "lr": t.lr_scheduler.get_last_lr()[0],
-               "seconds": round(time.monotonic() - started, 3)}  # fmt: skip
-        metrics.append(row)
-        emit("step", **row)
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < cfg.steps:
-            unet = t.accelerator.unwrap_model(t.unet)
-            encoders = [t.accelerator.unwrap_model(e) for e in t.encoders or []]
-            on_main_process(t.accelerator, partial(save_sample_weights, job, step + 1, unet, encoders))
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            on_main_process(t.accelerator, partial(save_checkpoint, job, step + 1, t.params, t.state, metrics))
-        if fault("kill_train_after_step") == step + 1:
-            os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        run_steps(t, start, metrics)
+    except NonFiniteLoss as err:
+        emit("error", step=err.step, message=str(err))
+        sys.exit(3)
     peaks.mark("train")
     accelerator, unet = t.accelerator, t.accelerator.unwrap_model(t.unet)
     encoders = [accelerator.unwrap_model(e) for e in t.encoders] if t.encoders else None

@@ -298,7 +298,7 @@ class Pretraining:
         ).input_ids
         noisy = self.objective.noisy(clean, noise, timesteps)
         prediction = self.unet(noisy, timesteps, self.text_encoder(ids)[0]).sample
-        loss = self.objective.loss(prediction, clean, noise, timesteps, torch.zeros(len(picks), dtype=torch.bool))
+        loss = self.objective.loss(prediction, clean, noise, timesteps, self.objective.kind_weights(1))
         for group in self.opt.param_groups:
             group["lr"] = plan.unet_lr * min(1.0, (step + 1) / plan.warmup) * _cosine(step, plan.unet_steps)
         self.opt.zero_grad()

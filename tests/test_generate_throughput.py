@@ -1,0 +1,27 @@
+"""The generation-throughput benchmark never rots: its quick mode renders at batch 1 and at the configured batch,
+and times both ways of loading the weight sets, on tiny-sd15."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "generate_throughput.py"
+
+
+def test_quick_mode_measures_both_batch_sizes_and_both_ways_of_loading(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", out], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| tiny-sd15 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    single, batch, batched, sets = float(cells[5]), int(cells[6]), float(cells[7]), int(cells[9])
+    shared, per_set, saved = map(float, cells[10:13])
+    assert single > 0 and batched > 0 and batch == 2  # the quick mode's batch
+    assert sets == 4  # configs/demo.toml: the base, sample steps 10 and 20, the final model
+    assert shared > 0 and per_set > 0 and abs(saved - (per_set - shared)) <= 0.011
+    assert "<!-- begin generate_throughput -->" in text

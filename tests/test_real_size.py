@@ -1,0 +1,29 @@
+"""The real-size benchmark never rots: its quick mode runs both families' path (train stage, export reload or LoRA
+fuse, a one-image generate child, the memory plan beside each peak) on the tiny presets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "real_size.py"
+
+
+def test_quick_mode_trains_reloads_and_plans_both_families(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    command = [sys.executable, SCRIPT, "--quick", "--artifacts", tmp_path / "artifacts", "--out", out]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "real_size.json").read_text())
+    assert sorted(rows) == ["sd15-arch", "sdxl-arch"]
+    for row in rows.values():
+        assert len(row["steps"]) == 2 and row["train_peak"] > 100 and row["plan_train"] > 0, row
+    assert (
+        "from_single_file == diffusers folder: {'unet': True, 'vae': True, 'text_encoder': True}"
+        in (rows["sd15-arch"]["verdict"])
+    )
+    assert "largest difference from base + B @ A 0.00e+00" in rows["sdxl-arch"]["verdict"]
+    assert "| sd15-arch |" in out.read_text()
