@@ -16,11 +16,13 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from results import RESULTS, write_section
 
 from tasks.core.config import TrainSection
 from tasks.stages.checkpoints import CheckpointWriter, HostStaging, save_checkpoint
@@ -120,7 +122,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few MB of state: seconds")
     parser.add_argument("--dir", type=Path, default=None, help="where checkpoints are written (default: a temp folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; quick: 1)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="RESULTS.md to write (default: benchmarks' own; quick: none)"
+    )
     args = parser.parse_args()
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     if args.threads or args.quick:  # tiny steps on threads that share busy cores wait on each other for whole slices
         torch.set_num_threads(args.threads or 1)
     width, layers = (256, 4) if args.quick else (4096, 6)  # AdamW state: 3 x 4 bytes x 6 x 4096^2 = 1.1 GiB
@@ -128,7 +134,7 @@ def main() -> None:
         result = measure(width, layers, Path(folder), 1 if args.quick else 3)
     print(json.dumps(result))
     verdict = "within" if result["blocked_share"] < TARGET else "OVER"
-    print(
+    summary = (
         f"{result['state_gib']:.2f} GiB of state on {result['device']}: the write takes {result['write_s']:.2f} s; in"
         f" the background the loop is blocked {result['blocked_s']:.3f} s ({100 * result['blocked_share']:.1f}% of"
         f" the write, {verdict} the {100 * TARGET:.0f}% target; {result['first_blocked_s']:.3f} s the first time,"
@@ -136,6 +142,14 @@ def main() -> None:
         f" cost {result['lost_s']:.2f} s more than the same steps alone ({100 * result['lost_share']:.1f}% of the"
         f" write; medians of {result['repeats']})"
     )
+    print(summary)
+    out = args.out or (None if args.quick else RESULTS)
+    if out is not None:
+        command = " ".join(["python", *sys.argv])
+        machine = f"Machine: {os.cpu_count()} CPUs, load {load} before the run, {torch.get_num_threads()} threads."
+        when = f"Command: `{command}` ({time.strftime('%Y-%m-%d')})."
+        lines = ["# Checkpoint stall", "", f"{machine} {when}", "", summary]
+        write_section("checkpoint_stall", lines, out)
 
 
 if __name__ == "__main__":
