@@ -62,10 +62,11 @@ def _model_components(inputs: TrainInputs) -> list[str]:
 
 
 def stage_key_for(cfg: TrainSection, inputs: TrainInputs) -> str:
+    settings = keyed_settings(cfg)  # what this device can run: AdamW for 8-bit Adam and no TF32 without CUDA
     return stage_key(
         STAGE,
         CODE_VERSION,
-        keyed_settings(cfg),
+        settings,
         latents=inputs.latents.key,
         instance_prompt=inputs.instance_prompt,
         class_prompt=inputs.class_prompt,
