@@ -3,22 +3,14 @@ and times both ways of loading the weight sets, on tiny-sd15."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "generate_throughput.py"
+from benchmark_quick import quick_results, table_row
 
 
 def test_quick_mode_measures_both_batch_sizes_and_both_ways_of_loading(tmp_path: Path) -> None:
-    out = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", out], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| tiny-sd15 |"))
-    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    text = quick_results("generate_throughput.py", tmp_path)
+    cells = table_row(text, "tiny-sd15")
     single, batch, batched, sets = float(cells[5]), int(cells[6]), float(cells[7]), int(cells[9])
     shared, per_set, saved = map(float, cells[10:13])
     assert single > 0 and batched > 0 and batch == 2  # the quick mode's batch

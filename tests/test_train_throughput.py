@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "train_throughput.py"
+from benchmark_quick import quick_results, table_row
 
 
 def test_quick_mode_measures_floor_cached_reference_and_cli(tmp_path: Path) -> None:
-    out = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", out], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| tiny-sd15 |"))
-    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    text = quick_results("train_throughput.py", tmp_path)
+    cells = table_row(text, "tiny-sd15")
     floor, cached, reference, cli, *ratios, gflop = map(float, cells[3:])
     assert min(floor, cached, reference, cli) > 0
     assert abs(ratios[0] - cached / floor) < 0.01 and ratios[2] > 1  # the VAE encode adds FLOPs
