@@ -29,7 +29,8 @@ from rerun import BOOTHFLOW, REPO, timed_run
 from results import RESULTS, write_section
 
 from flows.server import api_url, free_port, start_server, stop_server, wait_healthy
-from tasks.core.store import MANIFEST, STAT_MEMO, Store, link_or_copy
+from tasks.core.atomic import link_or_copy
+from tasks.core.store import MANIFEST, STAT_MEMO, Store
 
 QUICK = ["--set", "train.steps=2", "--set", "train.checkpoint_every=0", "--set", "train.sample_every=0",
          "--set", "generate.steps=2", "--set", "generate.seeds=1", "--set", "generate.compare_base=false",

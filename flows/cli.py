@@ -59,14 +59,32 @@ def _server_line() -> str:
     return f"reporting to Prefect server {url}" if url else "no PREFECT_API_URL: using a temporary local Prefect server"
 
 
-def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
-    from flows.dreambooth import dreambooth, dreambooth_stage, stage_names
+def _report_to_server(root: Path) -> None:
+    """PREFECT_API_URL's server, or a temporary one that lives exactly as long as this process."""
+    from flows.server import start_temporary_server
 
-    if stage is not None and stage not in stage_names(cfg):
-        names = ", ".join(stage_names(cfg))
+    if os.environ.get("PREFECT_API_URL"):
+        console.print(_server_line(), highlight=False)
+        return
+    console.print("no PREFECT_API_URL: starting a temporary local Prefect server for this run", highlight=False)
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / f".prefect-server-{os.getpid()}.log"
+    try:
+        start_temporary_server(log)
+    except RuntimeError:
+        console.print(f"[red]error:[/red] the temporary Prefect server did not start (its log: {log}); "
+                      "set PREFECT_API_URL to a running server", highlight=False)  # fmt: skip
+        raise typer.Exit(1) from None
+
+
+def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
+    if stage is not None and stage not in cfg.stage_names():
+        names = ", ".join(cfg.stage_names())
         console.print(f"[red]error:[/red] no stage {stage!r} in this config; stages are: {names}", highlight=False)
         raise typer.Exit(2)
-    console.print(_server_line(), highlight=False)
+    _report_to_server(cfg.run.artifacts_root)
+    from flows.dreambooth import dreambooth, dreambooth_stage  # imports Prefect, which reads PREFECT_API_URL once
+
     started = time.monotonic()
     state = dreambooth(cfg, return_state=True) if stage is None else dreambooth_stage(cfg, stage, return_state=True)
     _finish(state, cfg.run.artifacts_root, summary, started)
@@ -265,12 +283,12 @@ def ui(
 
 @cache_app.command("ls")
 def cache_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
-    """List store entries: stage, key, size, age."""
+    """List store entries: stage, key, size, age, state (complete, damaged and set aside, partial, incomplete)."""
     from tasks.core.store import Store
 
     cfg = _config(config, set_, artifacts)
     table = Table(title=f"cache at {cfg.run.artifacts_root}")
-    for column in ("stage", "key", "size", "age", "complete"):
+    for column in ("stage", "key", "size", "age", "state"):
         table.add_column(column)
     now = time.time()
     for entry in Store(cfg.run.artifacts_root).entries():
@@ -279,7 +297,7 @@ def cache_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: Set
             entry["key"],
             _size(entry["bytes"]),
             _age(now - entry["modified"]),
-            "yes" if entry["complete"] else "no",
+            entry["state"],
         )
     Console().print(table)
 
@@ -308,9 +326,43 @@ def cache_verify(
     damaged = len({(damage.stage, damage.key) for damage in result.damaged})
     checked = f"checked {result.entries} entries ({_size(result.bytes)}) at {root}"
     if damaged:
-        out.print(f"{checked}: {damaged} damaged; a run that needs one rebuilds it", highlight=False)
+        out.print(f"{checked}: {damaged} damaged; a run that needs one sets it aside and rebuilds it", highlight=False)
         raise typer.Exit(1)
     out.print(f"{checked}: all intact", highlight=False)
+
+
+@cache_app.command("gc")
+def cache_gc(
+    keep_last: Annotated[
+        int | None, typer.Option("--keep-last", min=0, help="Keep the entries the last N runs used")
+    ] = None,
+    older_than: Annotated[
+        float | None, typer.Option("--older-than", min=0, help="Remove entries not used for DAYS days")
+    ] = None,
+    damaged: Annotated[bool, typer.Option("--damaged", help="Remove entries set aside as damaged")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; remove nothing")] = False,
+    config: ConfigOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+):
+    """Remove old or damaged entries; never one a running run uses. With --keep-last and --older-than both,
+    an entry goes only when both say so."""
+    from flows.gc import collect
+
+    if keep_last is None and older_than is None and not damaged:
+        console.print("[red]error:[/red] say what to remove: --keep-last N, --older-than DAYS and/or --damaged")
+        raise typer.Exit(2)
+    root = _config(config, set_, artifacts).run.artifacts_root
+    stages = RunConfig.model_validate({"prior": {"enabled": True}}).stage_names()
+    removals, notes, freed = collect(root, stages, keep_last, older_than, damaged, dry_run)
+    out = Console(soft_wrap=True)
+    for removal in removals:
+        verb = "would remove" if dry_run else "removed"
+        out.print(f"{verb} {removal.stage}/{removal.folder} ({_size(removal.bytes)}): {removal.why}", highlight=False)
+    for note in notes:
+        out.print(note, highlight=False)
+    total = _size(sum(r.bytes for r in removals) if dry_run else freed)
+    out.print(f"{len(removals)} entries, {total} {'to free' if dry_run else 'freed'} at {root}", highlight=False)
 
 
 @models_app.command("ls")

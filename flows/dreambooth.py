@@ -18,12 +18,6 @@ from tasks.sd.models import ModelUnavailable, ResolvedModel, resolve
 from tasks.stages import class_images, evaluate, generate, latents, preprocess, report, train
 
 
-def stage_names(config: RunConfig) -> list[str]:
-    """The stages this config runs, in order; class images only with prior preservation."""
-    classes = ["class_images"] if config.prior.enabled else []
-    return ["preprocess", *classes, "latents", "train", "generate", "evaluate", "report"]
-
-
 def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
     try:
         return resolve(config.model.id, config.model.vae, config.run.artifacts_root)
@@ -46,7 +40,7 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
         if not stages.plan:
             check_plan(config)
         instance = stages.run(preprocess.stage, preprocess.PreprocessInputs.of(config))
-        model = base_model(config, needed_by=stage_names(config)[1])
+        model = base_model(config, needed_by=config.stage_names()[1])
         classes = None
         if config.prior.enabled:
             classes = stages.run(class_images.stage, class_images.ClassImagesInputs.of(config, model))
@@ -60,7 +54,7 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
 
 def planned_keys(config: RunConfig) -> dict[str, dict]:
     """Each stage's key and cache status for this config, computed by the pipeline itself without running it."""
-    stages = StageRunner(config, stage_names(config), plan=True)
+    stages = StageRunner(config, config.stage_names(), plan=True)
     pipeline(config, stages)
     return stages.summary["stages"]
 
@@ -68,7 +62,7 @@ def planned_keys(config: RunConfig) -> dict[str, dict]:
 @flow(name="dreambooth")
 def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form shows the default
     """DreamBooth fine-tuning of Stable Diffusion, every stage cached by its inputs."""
-    stages = StageRunner(config, stage_names(config))
+    stages = StageRunner(config, config.stage_names())
     try:
         pipeline(config, stages)
     finally:
@@ -79,7 +73,7 @@ def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008
 @flow(name="dreambooth-stage")
 def dreambooth_stage(config: RunConfig, stage: str) -> dict[str, Any]:
     """Run one stage from cached upstream outputs; names the upstream stage that is missing."""
-    stages = StageRunner(config, stage_names(config), only=stage)
+    stages = StageRunner(config, config.stage_names(), only=stage)
     try:
         pipeline(config, stages)
     finally:

@@ -19,8 +19,9 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from flows.caching import cache_options, forget_record
+from flows.gc import RunKeys
 from tasks.core.config import RunConfig
-from tasks.core.faults import fail_if_injected
+from tasks.core.faults import ENV, fault
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Entry, Store
 from tasks.sd.device import release
@@ -62,6 +63,12 @@ class StopAfterStage(Exception):
     """Raised after the one stage `boothflow stage NAME` asked for."""
 
 
+def fail_if_injected(stage: str) -> None:
+    """Fail `stage` with a clear error when the fault `fail_stage` names it (tests of reruns and retries)."""
+    if fault("fail_stage") == stage:
+        raise StageError(stage, f"injected fault (fail_stage={stage!r} in {ENV})", item="fault")
+
+
 @task
 def stage_task(stage: Stage, cfg: Any, inputs: Any, root: Path, key: str, found: Entry | None) -> StageResult:
     """Every stage runs as this task, named after it, with the store's cache policy for `key`; `found` is the
@@ -95,9 +102,14 @@ class StageRunner:
         }
 
     def __enter__(self) -> StageRunner:
+        self.keys = RunKeys(self.root, self.summary["run"]["flow_run_id"])
+        if not self.plan:
+            self.keys.__enter__()
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
+        if not self.plan:
+            self.keys.__exit__()
         if isinstance(error, StopAfterStage):
             error = None
         if error is not None:
@@ -127,6 +139,8 @@ class StageRunner:
         self.current = name
         started, peak_memory = time.monotonic(), None
         key = stage.key(cfg, inputs)
+        if not self.plan:
+            self.keys.use(name, key)  # before the lookup, so `cache gc` keeps what this run is about to use
         found = store.get(name, key)
         if self.plan:
             result = StageResult(name, key, store.path(name, key), status="cached" if found else "to run")

@@ -1,11 +1,13 @@
 """Starting a local Prefect server on 127.0.0.1 with its UI wired to the same port, and waiting until it is healthy.
 
-Used by `boothflow ui`, the test suite and the benchmarks; the port must be set through the environment, since
-`--port` alone leaves the UI calling port 4200.
+Used by `boothflow ui`, runs without PREFECT_API_URL, the test suite and the benchmarks; the port must be set through
+the environment, since `--port` alone leaves the UI calling port 4200. Every server dies with the process that
+started it (tasks.core.lifeline), so a killed `boothflow` leaves none behind.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -14,7 +16,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tasks.core.lifeline import die_with_parent
+
 HOST = "127.0.0.1"
+START_TIMEOUT = 120  # seconds; a first start on a fresh PREFECT_HOME migrates its database
 
 
 def free_port() -> int:
@@ -35,20 +40,26 @@ def healthy(url: str) -> bool:
         return False
 
 
-def start_server(port: int, home: Path | None, log: Path) -> subprocess.Popen:
-    """`prefect server start` on 127.0.0.1:`port` (PREFECT_HOME `home`, or the user's), output into `log`."""
+def start_server(port: int, home: Path | None, log: Path, temporary: bool = False) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:`port` (PREFECT_HOME `home`, or the user's), output into `log`.
+    A temporary server runs as Prefect's own temporary server does (no UI; only the services that record runs,
+    so no schedule of the user's deployments fires from it)."""
     env = {
         **os.environ,
         "PREFECT_SERVER_API_HOST": HOST,
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
+    if temporary:
+        env |= {"PREFECT_UI_ENABLED": "false", "PREFECT__SERVER_EPHEMERAL": "1"}
     if home is not None:
         env["PREFECT_HOME"] = str(home)
     env.pop("PREFECT_API_URL", None)
     prefect = Path(sys.executable).parent / "prefect"
     with log.open("w") as out:
-        return subprocess.Popen([prefect, "server", "start"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [prefect, "server", "start"], env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
+        )
 
 
 def wait_healthy(server: subprocess.Popen, url: str, timeout: float, log: Path) -> None:
@@ -67,3 +78,16 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.kill()
+
+
+def start_temporary_server(log: Path) -> str:
+    """Without PREFECT_API_URL, a temporary server for this process's runs: PREFECT_API_URL points at it from here
+    on, and it stops at exit, after Prefect has sent its last logs. Prefect starts one by itself otherwise, but that
+    one outlives a killed process. Call it before importing Prefect, which reads its settings once. Returns the URL."""
+    port = free_port()
+    server = start_server(port, None, log, temporary=True)
+    wait_healthy(server, api_url(port), START_TIMEOUT, log)
+    os.environ["PREFECT_API_URL"] = api_url(port)
+    atexit.register(log.unlink, missing_ok=True)
+    atexit.register(stop_server, server)  # runs first: atexit is last in, first out
+    return api_url(port)

@@ -275,8 +275,8 @@ def test_a_stage_entry_is_looked_up_once_per_run(prefect_server: str, tmp_path: 
     root = tmp_path / "artifacts"
     config = load_config(None, [f"data.instance_dir='{images}'", "preprocess.resolution=64"], root)
     lookups: list[str] = []
-    check = Store.manifest
-    monkeypatch.setattr(Store, "manifest", lambda store, stage, key: lookups.append(stage) or check(store, stage, key))
+    check = Store.inspect
+    monkeypatch.setattr(Store, "inspect", lambda store, stage, key: lookups.append(stage) or check(store, stage, key))
 
     def preprocess_once() -> tuple[dict, int]:
         lookups.clear()

@@ -44,6 +44,19 @@ def test_rerun_is_all_cached_and_one_changed_image_costs_one_image(boothflow, pr
     assert type(pipe) is StableDiffusionPipeline and (model_dir / "model.safetensors").is_file()
     assert ModelCard.load(model_dir / "README.md").data.instance_prompt == "a photo of sks toy"
 
+    # A user edits the model card inside the trained entry: the entry is kept aside whole, said once, and retrained.
+    card = model_dir / "README.md"
+    card.write_text(card.read_text() + "\nmy notes\n")
+    damaged = boothflow("run", *base, "--summary", tmp_path / "2b.json")
+    train_key = model_dir.parent.name
+    [line] = [x for x in damaged.stderr.splitlines() if "damaged cache entry" in x]
+    assert f"damaged cache entry train/{train_key}: model/README.md " in line and "bytes, the manifest says" in line
+    assert _stages(tmp_path / "2b.json")["train"]["status"] == "ran"
+    [aside] = (tmp_path / "a" / "train").glob(f"{train_key}.damaged-*")
+    assert (aside / "model" / "README.md").read_text().endswith("my notes\n")
+    listing = boothflow("cache", "ls", "--artifacts", tmp_path / "a").stdout
+    assert any(aside.name[:20] in row and "damaged" in row for row in listing.splitlines()), listing
+
     edited = images / "toy_03_beach.webp"
     Image.open(edited).rotate(90).save(edited)
     boothflow("run", *base, "--summary", tmp_path / "3.json")

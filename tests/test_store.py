@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tasks.core import store as store_module
-from tasks.core.store import MANIFEST, STAT_MEMO, Damage, Store, file_stat, link_or_copy, stage_key
+from tasks.core.atomic import link_or_copy
+from tasks.core.store import MANIFEST, STAT_MEMO, Damage, Store, file_stat, stage_key
 
 
 def _write(text: str):
@@ -62,33 +63,51 @@ def test_entry_is_committed_with_manifest_and_reused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "damage",
+    ("damage", "file", "problem"),
     [
-        lambda p: (p / "out.txt").write_text("hellO"),  # same size, other bytes
-        lambda p: _flip_byte_keeping_mtime(p / "out.txt"),
-        lambda p: (p / "out.txt").write_text("hello!"),
-        lambda p: os.truncate(p / "sub" / "more.bin", 50),
-        lambda p: (p / "sub" / "more.bin").unlink(),
-        lambda p: (p / MANIFEST).unlink(),
-        lambda p: (p / MANIFEST).write_text("{not json"),
+        (lambda p: (p / "out.txt").write_text("hellO"), "out.txt", "bytes differ"),  # same size, other bytes
+        (lambda p: (p / "out.txt").write_text("hello!"), "out.txt", "6 bytes, the manifest says 5"),
+        (lambda p: os.truncate(p / "sub" / "more.bin", 50), "sub/more.bin", "50 bytes, the manifest says 100"),
+        (lambda p: (p / "sub" / "more.bin").unlink(), "sub/more.bin", "missing"),
+        (lambda p: (p / MANIFEST).unlink(), MANIFEST, "missing or unreadable"),
+        (lambda p: (p / MANIFEST).write_text("{not json"), MANIFEST, "missing or unreadable"),
     ],
-    ids=[
-        "same-size-edit",
-        "mtime-restored",
-        "resized",
-        "truncated",
-        "file-deleted",
-        "manifest-deleted",
-        "manifest-corrupt",
-    ],
+    ids=["same-size-edit", "resized", "truncated", "file-deleted", "manifest-deleted", "manifest-corrupt"],
 )
-def test_damaged_entry_is_not_trusted_and_is_rebuilt(tmp_path: Path, damage) -> None:
+def test_a_damaged_entry_is_set_aside_said_in_one_line_and_rebuilt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage, file: str, problem: str
+) -> None:
     store = Store(tmp_path)
     entry = store.get_or_create("stage", "k1", _write("hello"))
     damage(entry.path)
-    assert store.get("stage", "k1") is None
+    snapshot = {f.relative_to(entry.path): f.read_bytes() for f in entry.path.rglob("*") if f.is_file()}
+    with caplog.at_level("WARNING"):
+        assert store.get("stage", "k1") is None
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"damaged cache entry stage/k1: {file} {problem}") and "kept aside as k1.damaged-" in line
+    [aside] = [p for p in (tmp_path / "stage").iterdir() if p.name.startswith("k1.damaged-")]
+    assert {f.relative_to(aside): f.read_bytes() for f in aside.rglob("*") if f.is_file()} == snapshot  # all kept
     rebuilt = store.get_or_create("stage", "k1", _write("hello"))
     assert rebuilt.created and store.is_complete("stage", "k1")
+    assert [e["state"] for e in store.entries()] == ["complete", "damaged"]
+
+
+def test_damage_found_inside_get_or_create_is_set_aside_too(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    entry = store.get_or_create("stage", "k1", _write("hello"))
+    _flip_byte_keeping_mtime(entry.path / "out.txt")  # a changed ctime: the lookup re-hashes
+    rebuilt = store.get_or_create("stage", "k1", _write("hello"))
+    assert rebuilt.created and (rebuilt.path / "out.txt").read_text() == "hello"
+    [aside] = [p for p in (tmp_path / "stage").iterdir() if ".damaged-" in p.name]
+    assert (aside / "out.txt").read_text() == "iello"
+
+
+def test_a_file_a_user_adds_to_an_entry_is_not_damage(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    entry = store.get_or_create("stage", "k1", _write("hello"))
+    (entry.path / "notes.md").write_text("my notes")
+    (entry.path / "sub" / "extra.bin").write_bytes(b"1")
+    assert store.get("stage", "k1") is not None and store.verify().damaged == []
 
 
 def test_a_lookup_of_an_intact_entry_reads_no_file(tmp_path: Path, hashed: list[str]) -> None:

@@ -2,12 +2,14 @@
 
 Every writer of a folder other processes read (store entries, presets, checkpoints, the toy model) uses this one
 helper, so a killed writer leaves only a partial folder that no reader trusts and the next writer clears.
+Files move between such folders by hard link where they can, so sharing them costs no space.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -34,3 +36,11 @@ def clear_partials(target: Path) -> None:
     """Remove partial folders a killed writer left beside `target`; call it holding the lock its writers take."""
     for leftover in target.parent.glob(f"{glob.escape(target.name)}.partial-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Share a committed item's file with a stage entry: a hard link costs no space; copy across filesystems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

@@ -274,6 +274,11 @@ class RunConfig(Section):
     def class_prompt(self) -> str:
         return fill_prompt(self.prior.class_prompt, self.data.token, self.data.class_name)
 
+    def stage_names(self) -> list[str]:
+        """The stages this config runs, in order; class images only with prior preservation."""
+        classes = ["class_images"] if self.prior.enabled else []
+        return ["preprocess", *classes, "latents", "train", "generate", "evaluate", "report"]
+
 
 def fill_prompt(template: str, token: str, class_name: str) -> str:
     """Fill `{token}` and `{class}`; other braces stay as written."""

@@ -10,8 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.core.stage import StageError
-
 ENV = "BOOTHFLOW_FAULTS"
 
 
@@ -21,9 +19,3 @@ def fault(name: str) -> Any:
     if not path or not Path(path).is_file():
         return None
     return json.loads(Path(path).read_text()).get(name)
-
-
-def fail_if_injected(stage: str) -> None:
-    """Fail `stage` with a clear error when the fault `fail_stage` names it (tests of reruns and retries)."""
-    if fault("fail_stage") == stage:
-        raise StageError(stage, f"injected fault (fail_stage={stage!r} in {ENV})", item="fault")

@@ -27,11 +27,13 @@ def in_task_run() -> bool:
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """The Prefect task-run logger inside a task run (its lines reach the UI), else a plain logger."""
-    if in_task_run():
+    """The Prefect run logger inside a task or flow run (its lines reach the UI), else a plain logger."""
+    if "prefect" in sys.modules:
+        from prefect.context import FlowRunContext, TaskRunContext
         from prefect.logging import get_run_logger
 
-        return get_run_logger()
+        if TaskRunContext.get() or FlowRunContext.get():
+            return get_run_logger()
     return logging.getLogger("prefect.boothflow")
 
 

@@ -3,11 +3,13 @@
 An entry counts only when its manifest exists and every file it lists matches, so a killed or failed
 writer never leaves anything a rerun would trust. One lock per key keeps two runs from computing it twice.
 A lookup proves "matches" with a stat per file against a memo written with the entry, so it reads no file data.
+An entry found damaged is never deleted: it is renamed `<key>.damaged-<time>`, said in one log line, and rebuilt.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -25,10 +27,15 @@ from typing import Any
 from filelock import FileLock
 
 from tasks.core.atomic import atomic_folder, clear_partials
+from tasks.core.faults import fault
+from tasks.core.progress import run_logger
 
 MANIFEST = "manifest.json"
 STAT_MEMO = "stat-memo.json"
 KEY_LENGTH = 24
+DAMAGED = ".damaged-"
+NOT_STAGES = {"runs", "models"}  # the artifact root also holds run records and built model presets
+Build = Callable[[Path], dict[str, Any]]  # writes an entry's files into the folder given; returns its info
 VERSIONED_PACKAGES = ("boothflow", "torch", "diffusers", "transformers", "peft", "pillow", "opencv-python-headless")
 
 
@@ -65,14 +72,6 @@ def file_stat(path: Path) -> list[int] | None:
     except OSError:
         return None
     return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino] if S_ISREG(stat.st_mode) else None
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """Share a committed item's file with a stage entry: a hard link costs no space; copy across filesystems."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def _read_manifest(path: Path) -> tuple[dict[str, Any], str] | None:
@@ -114,6 +113,32 @@ def _forget_memo(path: Path) -> None:
         (path / STAT_MEMO).unlink(missing_ok=True)
 
 
+def _file_problem(
+    file: Path, meta: dict[str, Any], stat: list[int] | None, rehash: bool, progress: Callable[[int], None] | None
+) -> str | None:
+    """What is wrong with one listed file, given its stat; its bytes are hashed only when `rehash`."""
+    if stat is None:
+        return "missing"
+    if stat[0] != meta["size"]:
+        return f"{stat[0]} bytes, the manifest says {meta['size']}"
+    if rehash and file_sha256(file, progress) != meta["sha256"]:
+        return "bytes differ from the manifest's sha256"
+    return None
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC as an OSError, or as the message of a library that wraps it (safetensors, torch)."""
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
@@ -149,6 +174,20 @@ class Damage:
     problem: str
 
 
+class DiskFull(Exception):
+    """The artifact root's disk filled while an entry was written; the partial entry is gone, the store intact."""
+
+    def __init__(self, root: Path, stage: str, key: str, written: int) -> None:
+        free = shutil.disk_usage(root).free
+        self.item = f"{stage}/{key}"
+        self.message = (
+            f"no space left on the disk of the artifact root {root}: writing {stage}/{key} needed more than "
+            f"{_gib(written)} ({_gib(free)} free now); free space there (`boothflow cache gc`) or point "
+            "run.artifacts_root at a bigger disk, then rerun: finished stages are reused"
+        )
+        super().__init__(self.message)
+
+
 @dataclass(frozen=True)
 class Verification:
     """What a full check of the store saw: entries and bytes checked, and every damaged file."""
@@ -173,45 +212,75 @@ class Store:
         locks.mkdir(parents=True, exist_ok=True)
         return FileLock(locks / f"{stage}-{key}.lock")
 
-    def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
-        """The entry's manifest when the entry is complete and intact, else None.
+    def inspect(self, stage: str, key: str) -> dict[str, Any] | list[Damage] | None:
+        """The entry's manifest when it is complete and intact; what is wrong with it when its folder is there but
+        is not; None when there is no folder.
 
         Every listed file must have its manifest size and the stat its memo recorded; a file whose stat
         differs (or an entry without a memo, made before memos existed) is re-hashed now and must match its
         sha256, and then the memo is brought up to date. So a warm lookup costs a stat per file, never a read.
         What a stat cannot see: bytes changed under an unchanged size, mtime, ctime and inode (bit rot on the
         disk, or a same-size write within one timestamp tick of the memo on filesystems with coarse clocks).
-        Only `verify` (`boothflow cache verify`) finds those.
+        Only `verify` (`boothflow cache verify`) finds those. Files the manifest does not list are not looked at.
         """
         path = self.path(stage, key)
         read = _read_manifest(path)
         if read is None:
-            return None
+            return [Damage(stage, key, MANIFEST, "missing or unreadable")] if path.is_dir() else None
         manifest, fingerprint = read
         files = manifest["files"]
         stats = {name: file_stat(path / name) for name in files}  # before any hashing: a later write shows
-        if any(stats[name] is None or stats[name][0] != meta["size"] for name, meta in files.items()):
-            return None
         memo = _read_memo(path, fingerprint)
-        changed = [name for name in files if memo.get(name) != stats[name]]
-        if any(file_sha256(path / name) != files[name]["sha256"] for name in changed):
-            return None
-        if changed:
+        damaged = [
+            Damage(stage, key, name, problem)
+            for name, meta in files.items()
+            if (problem := _file_problem(path / name, meta, stats[name], memo.get(name) != stats[name], None))
+        ]
+        if damaged:
+            return damaged
+        if any(memo.get(name) != stats[name] for name in files):
             _write_memo(path, fingerprint, stats)
         return manifest
+
+    def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The entry's manifest when the entry is complete and intact, else None (see `inspect`)."""
+        found = self.inspect(stage, key)
+        return found if isinstance(found, dict) else None
 
     def is_complete(self, stage: str, key: str) -> bool:
         return self.manifest(stage, key) is not None
 
     def get(self, stage: str, key: str) -> Entry | None:
-        manifest = self.manifest(stage, key)
-        return None if manifest is None else Entry(stage, key, self.path(stage, key), manifest, created=False)
+        """The intact entry, or None; a damaged one is first set aside (under the key's lock, checked again there,
+        since another run may have set it aside and rebuilt it meanwhile)."""
+        found = self.inspect(stage, key)
+        if isinstance(found, list):
+            with self.lock(stage, key):
+                found = self._set_aside_if_damaged(stage, key)
+        return None if found is None else Entry(stage, key, self.path(stage, key), found, created=False)
+
+    def _set_aside_if_damaged(self, stage: str, key: str) -> dict[str, Any] | None:
+        """Hold the key's lock. The manifest of an intact entry; a damaged entry is renamed `<key>.damaged-<time>`
+        (kept for the user to look at, listed by `cache ls`, removed only by `cache gc --damaged`) and said in one
+        log line, which names the first damaged file; then None, as for a missing entry."""
+        found = self.inspect(stage, key)
+        if not isinstance(found, list):
+            return found
+        path = self.path(stage, key)
+        aside = path.with_name(f"{key}{DAMAGED}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}")
+        path.rename(aside)
+        first, more = found[0], f" and {len(found) - 1} more file(s)" if len(found) > 1 else ""
+        run_logger().warning(
+            "damaged cache entry %s/%s: %s %s%s; kept aside as %s and rebuilt",
+            stage, key, first.file, first.problem, more, aside.name,
+        )  # fmt: skip
+        return None
 
     def get_or_create(
         self,
         stage: str,
         key: str,
-        build: Callable[[Path], dict[str, Any]],
+        build: Build,
         config: dict[str, Any] | None = None,
     ) -> Entry:
         """Return the complete entry for `key`, building it with `build(folder) -> info` if missing.
@@ -222,44 +291,57 @@ class Store:
         process waits and then reuses the first one's entry.
         """
         with self.lock(stage, key):
-            existing = self.get(stage, key)
+            existing = self._set_aside_if_damaged(stage, key)
             if existing is not None:
-                return existing
+                return Entry(stage, key, self.path(stage, key), existing, created=False)
             final = self.path(stage, key)
             clear_partials(final)  # a killed writer's; we hold the key's lock
-            with atomic_folder(final, replace=True) as partial:  # replaces an entry whose manifest check failed
-                started = time.monotonic()
-                info = build(partial)
-                stats = {str(f.relative_to(partial)): file_stat(f) for f in sorted(partial.rglob("*")) if f.is_file()}
-                manifest = {
-                    "stage": stage,
-                    "key": key,
-                    "created_at": time.time(),
-                    "seconds": round(time.monotonic() - started, 3),
-                    "versions": package_versions(),
-                    "config": config or {},
-                    "info": info,
-                    "files": {
-                        name: {"size": stat[0], "sha256": file_sha256(partial / name)} for name, stat in stats.items()
-                    },
-                }
-                text = json.dumps(manifest, indent=1, sort_keys=True).encode()
-                (partial / MANIFEST).write_bytes(text)
-                _write_memo(partial, hashlib.sha256(text).hexdigest(), stats)
+            with atomic_folder(final) as partial:  # a failed build leaves no folder, so the store stays valid
+                try:
+                    manifest = self._write_entry(stage, key, partial, build, config)
+                except Exception as err:
+                    if not _is_disk_full(err):
+                        raise
+                    raise DiskFull(self.root, stage, key, _folder_bytes(partial)) from None
         return Entry(stage, key, final, manifest, created=True)
 
+    def _write_entry(
+        self, stage: str, key: str, partial: Path, build: Build, config: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        started = time.monotonic()
+        info = build(partial)
+        stats = {str(f.relative_to(partial)): file_stat(f) for f in sorted(partial.rglob("*")) if f.is_file()}
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "created_at": time.time(),
+            "seconds": round(time.monotonic() - started, 3),
+            "versions": package_versions(),
+            "config": config or {},
+            "info": info,
+            "files": {name: {"size": stat[0], "sha256": file_sha256(partial / name)} for name, stat in stats.items()},
+        }
+        if fault("disk_full") == stage:  # as the manifest write would fail on a full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial / MANIFEST))
+        text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        (partial / MANIFEST).write_bytes(text)
+        _write_memo(partial, hashlib.sha256(text).hexdigest(), stats)
+        return manifest
+
     def entries(self) -> Iterator[dict[str, Any]]:
-        """Every entry folder under the root, complete or not, for `boothflow cache ls` and `verify`."""
+        """Every entry folder under the root, complete or not, for `boothflow cache ls` and `verify`: its state is
+        complete (a manifest; not checked here), damaged (set aside), partial (being written, or a killed writer's)
+        or incomplete (anything else, e.g. training checkpoints)."""
         if not self.root.is_dir():
             return
-        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for entry in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+        stage_dirs = (p for p in self.root.iterdir() if p.is_dir() and p.name not in NOT_STAGES)
+        for stage_dir in sorted(p for p in stage_dirs if not p.name.startswith(".")):
+            for entry in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 files = [f for f in entry.rglob("*") if f.is_file()]
-                manifest_file = entry / MANIFEST
                 yield {
                     "stage": stage_dir.name,
                     "key": entry.name,
-                    "complete": manifest_file.is_file() and ".partial-" not in entry.name,
+                    "state": _state(entry),
                     "bytes": sum(f.stat().st_size for f in files),
                     "modified": max((f.stat().st_mtime for f in files), default=entry.stat().st_mtime),
                 }
@@ -267,9 +349,10 @@ class Store:
     def verify(self, stage: str | None = None, progress: Callable[[int, int], None] | None = None) -> Verification:
         """Re-hash every file of every complete entry (of `stage`, or all) against its manifest: the one check
         that sees bytes changed under an unchanged stat. `progress(done, total)` counts bytes. An intact entry
-        gets a fresh stat memo; a damaged one loses its memo, so the next lookup finds it missing and rebuilds it.
+        gets a fresh stat memo; a damaged one loses its memo, so the next lookup re-hashes it and sets it aside.
         """
-        found = [(e["stage"], e["key"]) for e in self.entries() if e["complete"] and stage in (None, e["stage"])]
+        complete = (e for e in self.entries() if e["state"] == "complete")
+        found = [(e["stage"], e["key"]) for e in complete if stage in (None, e["stage"])]
         manifests = {(s, k): _read_manifest(self.path(s, k)) for s, k in found}
         total = sum(m["size"] for read in manifests.values() if read for m in read[0]["files"].values())
         done = 0
@@ -297,14 +380,18 @@ class Store:
             stat = stats[name]
             if stat is None or stat[0] != meta["size"]:
                 advance(meta["size"])  # nothing to read: the bar still counts the bytes the manifest promised
-                problem = "missing" if stat is None else f"{stat[0]} bytes, the manifest says {meta['size']}"
-            elif file_sha256(path / name, advance) != meta["sha256"]:
-                problem = "bytes differ from the manifest's sha256"
-            else:
-                continue
-            damaged.append(Damage(stage, key, name, problem))
+            if problem := _file_problem(path / name, meta, stat, rehash=True, progress=advance):
+                damaged.append(Damage(stage, key, name, problem))
         if damaged:
             _forget_memo(path)
         else:
             _write_memo(path, fingerprint, stats)
         return damaged
+
+
+def _state(folder: Path) -> str:
+    if DAMAGED in folder.name:
+        return "damaged"
+    if ".partial-" in folder.name:
+        return "partial"
+    return "complete" if (folder / MANIFEST).is_file() else "incomplete"

@@ -15,10 +15,11 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from tasks.core.atomic import link_or_copy
 from tasks.core.config import PriorSection, RunConfig
 from tasks.core.seeds import seed_from
 from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Store, link_or_copy, stage_key
+from tasks.core.store import Store, stage_key
 from tasks.sd.models import ResolvedModel
 from tasks.sd.render import (
     RenderError,

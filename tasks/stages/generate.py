@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from tasks.core.atomic import link_or_copy
 from tasks.core.config import GenerateSection, RunConfig, fill_prompt
 from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Store, link_or_copy, stage_key
+from tasks.core.store import Store, stage_key
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel
 from tasks.sd.render import (

@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from tasks.core.atomic import link_or_copy
 from tasks.core.batching import batched
 from tasks.core.config import LatentsSection
 from tasks.core.progress import track
 from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Store, file_sha256, link_or_copy, stage_key
+from tasks.core.store import Store, file_sha256, stage_key
 from tasks.sd.device import device, loaded
 from tasks.sd.models import ResolvedModel
 

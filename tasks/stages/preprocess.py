@@ -15,10 +15,11 @@ from typing import Any
 import cv2
 import pandas as pd
 
+from tasks.core.atomic import link_or_copy
 from tasks.core.config import PreprocessSection, RunConfig
 from tasks.core.progress import track
 from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Store, digest, file_sha256, link_or_copy, stage_key
+from tasks.core.store import Store, digest, file_sha256, stage_key
 from tasks.sd import imaging
 
 STAGE = "preprocess"

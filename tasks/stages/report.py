@@ -17,9 +17,10 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from tasks.core.atomic import link_or_copy
 from tasks.core.config import ReportSection, RunConfig, fill_prompt
 from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Store, file_sha256, link_or_copy, stage_key
+from tasks.core.store import Store, file_sha256, stage_key
 from tasks.core.tables import KIND_LABELS, METRICS_FILE, Sample, read_rows, read_samples
 from tasks.sd import imaging
 from tasks.stages import report_page

@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import save_file
 
 from tasks.core.config import RunConfig, TrainSection
+from tasks.core.lifeline import die_with_parent
 from tasks.core.progress import LOG_EVERY_SECONDS, Reporter, run_logger
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
@@ -172,7 +173,9 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
     log, tail = run_logger(), collections.deque(maxlen=TAIL_LINES)
     restored, last_step, final_loss, error, logged = 0, 0, None, None, 0.0
     with (
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=die_with_parent()
+        ) as proc,
         Reporter(cfg.steps, "train steps") as progress,
     ):
         for event in _events(proc, tail):
@@ -196,6 +199,40 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
     return restored, final_loss
 
 
+def make_job(
+    cfg: TrainSection, inputs: TrainInputs, out_dir: Path, checkpoints: Path, embeds: dict[str, Path] | None
+) -> TrainJob:
+    """All the child needs: paths, settings, prompts and the facts its model card states."""
+    return TrainJob(
+        family=inputs.model.family,
+        base=inputs.model.path,
+        vae_path=inputs.model.vae_path,
+        latents_dir=inputs.latents.path,
+        out_dir=out_dir,
+        checkpoints_dir=checkpoints,
+        train=cfg,
+        optimizer=resolved_optimizer(cfg),
+        instance_prompt=inputs.instance_prompt,
+        class_prompt=inputs.class_prompt,
+        prior_weight=inputs.prior_weight,
+        text_embeds=embeds,
+        safety_checker=inputs.safety_checker,
+        parent_pid=os.getpid(),
+        facts={
+            "base_model": inputs.model.id,
+            "base_model_repo": hub_repo(inputs.model.id),
+            "family": inputs.model.family,
+            "instance_prompt": inputs.instance_prompt,
+            "safety_checker": inputs.safety_checker,
+            "settings": {
+                **cfg.model_dump(mode="json"),
+                "class_prompt": inputs.class_prompt,
+                "prior_loss_weight": inputs.prior_weight,
+            },
+        },
+    )
+
+
 def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> StageResult:
     """Train in the accelerate child; a rerun of a killed training resumes from its newest checkpoint."""
     _check_supported(cfg, inputs)
@@ -209,34 +246,7 @@ def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> Sta
         ckpt.mkdir(parents=True, exist_ok=True)
         prompts = {"instance": inputs.instance_prompt} | ({"class": inputs.class_prompt} if inputs.class_prompt else {})
         embeds = None if cfg.train_text_encoder else cache_text_embeddings(inputs.model, prompts, store)
-        job = TrainJob(
-            family=inputs.model.family,
-            base=inputs.model.path,
-            vae_path=inputs.model.vae_path,
-            latents_dir=inputs.latents.path,
-            out_dir=folder,
-            checkpoints_dir=ckpt,
-            train=cfg,
-            optimizer=resolved_optimizer(cfg),
-            instance_prompt=inputs.instance_prompt,
-            class_prompt=inputs.class_prompt,
-            prior_weight=inputs.prior_weight,
-            text_embeds=embeds,
-            safety_checker=inputs.safety_checker,
-            parent_pid=os.getpid(),
-            facts={
-                "base_model": inputs.model.id,
-                "base_model_repo": hub_repo(inputs.model.id),
-                "family": inputs.model.family,
-                "instance_prompt": inputs.instance_prompt,
-                "safety_checker": inputs.safety_checker,
-                "settings": {
-                    **cfg.model_dump(mode="json"),
-                    "class_prompt": inputs.class_prompt,
-                    "prior_loss_weight": inputs.prior_weight,
-                },
-            },
-        )
+        job = make_job(cfg, inputs, folder, ckpt, embeds)
         job_path = ckpt / "job.json"
         job_path.write_text(job.model_dump_json(indent=1))
         restored, final_loss = launch(job_path, cfg)

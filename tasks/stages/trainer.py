@@ -34,11 +34,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tasks.core.atomic import atomic_folder
+from tasks.core.atomic import atomic_folder, link_or_copy
 from tasks.core.config import TrainSection
 from tasks.core.faults import fault
 from tasks.core.seeds import generator
-from tasks.core.store import link_or_copy
 from tasks.sd import export, text
 from tasks.sd.device import release
 from tasks.sd.latent_dist import sample_latent, scale_latent

@@ -1,0 +1,195 @@
+"""What runs use, and `boothflow cache gc`: old entries and damaged ones removed, never what a running run uses.
+
+A run holds `.locks/runs/<run id>.lock` for its life and writes each stage key to `runs/<run id>/keys.json` before
+it looks the key up. gc holds `.locks/gc.lock` while it decides and deletes, and a run takes the same lock to
+register a key, so every entry is either registered before gc looks (and kept) or gone before the run looks it up
+(and rebuilt by it). While any run is running, gc leaves item entries alone: builds read them without registering.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from tasks.core.store import DAMAGED, MANIFEST, Store
+
+KEYS_FILE = "keys.json"
+ITEMS_SUFFIX = "-items"
+CHECKPOINTS_SUFFIX = ".checkpoints"
+DAY = 86400.0
+
+
+def _gc_lock(root: Path) -> FileLock:
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    return FileLock(root / ".locks" / "gc.lock")
+
+
+def _run_lock(root: Path, run_id: str) -> FileLock:
+    folder = root / ".locks" / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(folder / f"{run_id}.lock")
+
+
+class RunKeys:
+    """The keys one run uses, registered before each lookup; the run's lock says it is still running."""
+
+    def __init__(self, root: Path, run_id: str) -> None:
+        self.root, self.run_id, self.keys = Path(root), run_id, []
+        self.lock = _run_lock(self.root, run_id)
+
+    def __enter__(self) -> RunKeys:
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+    def use(self, stage: str, key: str) -> None:
+        folder = self.root / "runs" / self.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        with _gc_lock(self.root):
+            self.keys.append(f"{stage}/{key}")
+            temp = folder / f"{KEYS_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+            temp.write_text(json.dumps(self.keys))
+            temp.replace(folder / KEYS_FILE)
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    last_active: float  # when it last registered a key
+    keys: frozenset[str]
+    running: bool
+
+
+def _running(root: Path, run_id: str) -> bool:
+    lock = _run_lock(root, run_id)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def runs(root: Path) -> list[Run]:
+    """Every run that registered keys here, newest first."""
+    found = []
+    for keys_file in (Path(root) / "runs").glob(f"*/{KEYS_FILE}"):
+        run_id = keys_file.parent.name
+        keys = frozenset(json.loads(keys_file.read_text()))
+        found.append(Run(run_id, keys_file.stat().st_mtime, keys, _running(root, run_id)))
+    return sorted(found, key=lambda r: r.last_active, reverse=True)
+
+
+@dataclass(frozen=True)
+class Removal:
+    stage: str
+    folder: str
+    bytes: int
+    why: str
+
+
+def _created(folder: Path) -> float:
+    try:
+        return json.loads((folder / MANIFEST).read_text())["created_at"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder.stat().st_mtime
+
+
+def _inodes(folder: Path) -> set[int]:
+    return {f.stat().st_ino for f in folder.rglob("*") if f.is_file()}
+
+
+def plan(
+    root: Path, stages: list[str], keep_last: int | None, older_than_days: float | None, damaged: bool
+) -> tuple[list[Removal], list[str]]:
+    """What gc removes under `root` (hold the gc lock), and notes on what it left alone and why.
+
+    An entry of a pipeline stage goes when every rule given says so: not used by the last `keep_last` runs, and
+    not used (or made) within `older_than_days`. An item entry goes when no entry kept shares a file with it (stage
+    entries hard-link their items' files). `damaged`: every entry set aside as damaged. Never: an entry a running
+    run registered, a partial entry being written, anything outside the pipeline's stages.
+    """
+    store, all_runs, now = Store(root), runs(root), time.time()
+    running = [r for r in all_runs if r.running]
+    protected = frozenset().union(*(r.keys for r in running))
+    recent = frozenset().union(*(r.keys for r in all_runs[:keep_last])) if keep_last is not None else None
+    last_use: dict[str, float] = {}
+    for run in all_runs:
+        for key in run.keys:
+            last_use[key] = max(last_use.get(key, 0.0), run.last_active)
+    removals, notes, kept_inodes = [], [], set()
+    items: list[dict[str, Any]] = []
+    for entry in store.entries():
+        folder = store.path(entry["stage"], entry["key"])
+        if entry["state"] == "damaged":
+            if damaged:
+                removals.append(Removal(entry["stage"], entry["key"], entry["bytes"], "damaged, set aside"))
+            continue
+        if entry["state"] == "partial":
+            continue
+        if entry["stage"].endswith(ITEMS_SUFFIX) and entry["stage"].removesuffix(ITEMS_SUFFIX) in stages:
+            items.append(entry)
+            continue
+        if entry["stage"] not in stages or (keep_last is None and older_than_days is None):
+            continue
+        name = f"{entry['stage']}/{entry['key'].removesuffix(CHECKPOINTS_SUFFIX)}"
+        used = max(last_use.get(name, 0.0), _created(folder))
+        why = []
+        if recent is not None:
+            why.append(f"not used by the last {keep_last} runs" if name not in recent else "")
+        if older_than_days is not None:
+            age = (now - used) / DAY
+            why.append(f"last used {age:.1f} days ago" if age > older_than_days else "")
+        if name in protected or not all(why):
+            kept_inodes |= _inodes(folder)
+            continue
+        removals.append(Removal(entry["stage"], entry["key"], entry["bytes"], "; ".join(why)))
+    if items and running:
+        notes.append(f"item entries kept: {len(running)} run(s) running")
+    elif keep_last is not None or older_than_days is not None:
+        for entry in items:
+            folder = store.path(entry["stage"], entry["key"])
+            if entry["state"] == "complete" and not _inodes(folder) & kept_inodes:
+                removals.append(Removal(entry["stage"], entry["key"], entry["bytes"], "no kept entry uses it"))
+    return removals, notes
+
+
+def remove(root: Path, removals: list[Removal]) -> int:
+    """Delete what `plan` chose (hold the gc lock): each folder is first renamed away, so no lookup ever sees half
+    of it; an entry whose key lock is busy (being built) is skipped. Returns the bytes freed."""
+    store, freed = Store(root), 0
+    for removal in removals:
+        folder = store.path(removal.stage, removal.folder)
+        key = removal.folder.split(DAMAGED)[0].removesuffix(CHECKPOINTS_SUFFIX)
+        lock = store.lock(removal.stage, key)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        try:
+            doomed = folder.with_name(f".removing-{uuid.uuid4().hex[:8]}-{removal.folder}")
+            folder.rename(doomed)
+        finally:
+            lock.release()
+        shutil.rmtree(doomed, ignore_errors=True)
+        freed += removal.bytes
+    return freed
+
+
+def collect(
+    root: Path, stages: list[str], keep_last: int | None, older_than_days: float | None, damaged: bool, dry_run: bool
+) -> tuple[list[Removal], list[str], int]:
+    """`boothflow cache gc`: plan and (unless `dry_run`) remove, all under the gc lock."""
+    with _gc_lock(Path(root)):
+        removals, notes = plan(Path(root), stages, keep_last, older_than_days, damaged)
+        freed = 0 if dry_run else remove(Path(root), removals)
+    return removals, notes, freed

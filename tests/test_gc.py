@@ -1,0 +1,118 @@
+"""`boothflow cache gc`: removes what it is asked to, and never an entry a running run uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+from conftest import BIN, REPO
+
+from flows.gc import RunKeys, collect
+from tasks.core.atomic import link_or_copy
+from tasks.core.store import Store
+
+STAGES = ["preprocess", "train"]
+
+
+def _entry(store: Store, stage: str, key: str, item: Path | None = None) -> Path:
+    def build(folder: Path) -> dict:
+        (folder / "data.bin").write_bytes(key.encode() * 100)
+        if item is not None:
+            link_or_copy(item / "item.bin", folder / "item.bin")
+        return {}
+
+    return store.get_or_create(stage, key, build).path
+
+
+def _item(store: Store, key: str) -> Path:
+    def build(folder: Path) -> dict:
+        (folder / "item.bin").write_bytes(key.encode() * 10)
+        return {}
+
+    return store.get_or_create("preprocess-items", key, build).path
+
+
+def _runs(root: Path, *runs: list[str]) -> None:
+    for number, keys in enumerate(runs):
+        with RunKeys(root, f"run-{number}") as run:
+            for key in keys:
+                run.use(*key.split("/"))
+        time.sleep(0.02)  # runs are ordered by when they last registered a key
+
+
+def _left(root: Path) -> set[str]:
+    return {f"{e['stage']}/{e['key']}" for e in Store(root).entries()}
+
+
+def _store(tmp_path: Path) -> Path:
+    store = Store(tmp_path)
+    old_item, new_item = _item(store, "i-old"), _item(store, "i-new")
+    _entry(store, "preprocess", "p-old", old_item)
+    _entry(store, "preprocess", "p-new", new_item)
+    _entry(store, "train", "t-old")
+    _entry(store, "train", "t-new")
+    _entry(store, "report", "not-a-gc-stage")
+    _runs(tmp_path, ["preprocess/p-old", "train/t-old"], ["preprocess/p-new", "train/t-new"])
+    return tmp_path
+
+
+def test_keep_last_removes_what_older_runs_alone_used_and_their_items(tmp_path: Path) -> None:
+    root = _store(tmp_path)
+    before = _left(root)
+    removals, _, _ = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=True)
+    assert {f"{r.stage}/{r.folder}" for r in removals} == {"preprocess/p-old", "train/t-old", "preprocess-items/i-old"}
+    assert _left(root) == before  # a dry run removes nothing
+    _, _, freed = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=False)
+    assert freed == sum(r.bytes for r in removals) > 0
+    assert _left(root) == before - {"preprocess/p-old", "train/t-old", "preprocess-items/i-old"}
+    assert Store(root).get("preprocess", "p-new") is not None and Store(root).get("train", "t-new") is not None
+
+
+def test_both_rules_must_agree_and_damaged_entries_go_only_when_asked(tmp_path: Path) -> None:
+    root = _store(tmp_path)
+    (root / "train" / "t-new" / "data.bin").write_bytes(b"rot")
+    assert Store(root).get("train", "t-new") is None  # set aside as damaged
+    removals, _, _ = collect(root, STAGES, keep_last=1, older_than_days=1.0, damaged=False, dry_run=False)
+    assert removals == []  # everything was used within a day
+    assert any(".damaged-" in name for name in _left(root))
+    removals, _, _ = collect(root, STAGES, keep_last=None, older_than_days=None, damaged=True, dry_run=False)
+    assert [r.why for r in removals] == ["damaged, set aside"]
+    assert not any(".damaged-" in name for name in _left(root))
+
+
+def test_an_entry_a_running_run_registered_is_never_removed(tmp_path: Path) -> None:
+    root = _store(tmp_path)
+    with RunKeys(root, "running") as run:
+        run.use("train", "t-old")
+        removals, notes, _ = collect(root, STAGES, keep_last=0, older_than_days=0, damaged=False, dry_run=False)
+        assert {f"{r.stage}/{r.folder}" for r in removals} == {"preprocess/p-old", "preprocess/p-new", "train/t-new"}
+        assert notes == ["item entries kept: 1 run(s) running"]
+    assert _left(root) == {"train/t-old", "report/not-a-gc-stage", "preprocess-items/i-old", "preprocess-items/i-new"}
+
+
+def test_gc_during_a_run_removes_an_older_runs_entries_and_the_run_completes(boothflow, cli_env, tmp_path: Path):
+    root = tmp_path / "a"
+    base = ["-c", "configs/demo.toml", "--artifacts", root, "--set", "train.checkpoint_every=0",
+            "--set", "train.sample_every=0", "--set", "generate.steps=2"]  # fmt: skip
+    boothflow("run", *base, "--set", "train.steps=4", "--summary", tmp_path / "old.json")
+    old = json.loads((tmp_path / "old.json").read_text())["stages"]
+    proc = subprocess.Popen(
+        [BIN / "boothflow", "run", *map(str, base), "--set", "train.steps=150", "--summary", tmp_path / "new.json"],
+        cwd=REPO, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not any("tasks.stages.trainer" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(True)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    gc = boothflow("cache", "gc", "--artifacts", root, "--keep-last", "0")
+    assert f"removed train/{old['train']['key']}" in gc.stdout, gc.stdout
+    assert f"preprocess/{old['preprocess']['key']}" not in gc.stdout  # the running run uses it
+    assert "item entries kept: 1 run(s) running" in gc.stdout
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    new = json.loads((tmp_path / "new.json").read_text())
+    assert new["error"] is None and new["stages"]["preprocess"]["key"] == old["preprocess"]["key"]
+    assert not (root / "train" / old["train"]["key"]).exists()
+    assert Store(root).get("train", new["stages"]["train"]["key"]) is not None

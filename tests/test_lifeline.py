@@ -1,0 +1,100 @@
+"""Nothing outlives a SIGKILLed boothflow: its temporary Prefect server, training child and UI server die with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import BIN, REPO
+
+GRACE_SECONDS = 5.0
+
+
+def _tree(root: psutil.Process) -> list[psutil.Process]:
+    return [root, *root.children(recursive=True)]
+
+
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
+def _wait_for(what: Callable[[], bool], proc: subprocess.Popen, timeout: float, label: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert proc.poll() is None, f"boothflow ended ({proc.returncode}) before {label}:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {label} within {timeout} s"
+        time.sleep(0.2)
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running, not just a zombie waiting for whoever adopted it to reap it."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _kill_and_expect_no_survivors(proc: subprocess.Popen, started: list[psutil.Process]) -> None:
+    commands = {p.pid: _command(p)[:120] for p in started[1:]}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + GRACE_SECONDS
+    while (alive := [p for p in started[1:] if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for survivor in alive:
+        survivor.kill()
+    assert not alive, "still running after a SIGKILL of boothflow: " + "; ".join(commands[p.pid] for p in alive)
+
+
+@pytest.fixture
+def ephemeral_env(tmp_path: Path) -> dict[str, str]:
+    """No PREFECT_API_URL: boothflow starts its own temporary server."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def test_a_killed_run_leaves_neither_its_temporary_server_nor_its_training_child(ephemeral_env, tmp_path: Path):
+    proc = subprocess.Popen(
+        [BIN / "boothflow", "run", "-c", "configs/demo.toml", "--artifacts", tmp_path / "a",
+         "--set", "train.steps=100000", "--set", "train.checkpoint_every=0"],
+        cwd=REPO, env=ephemeral_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    root = psutil.Process(proc.pid)
+
+    def training() -> bool:
+        return any("tasks.stages.trainer" in _command(p) for p in _tree(root))
+
+    _wait_for(training, proc, 180, "training child")
+    started = _tree(root)
+    commands = [_command(p) for p in started]
+    assert any("prefect server start" in c for c in commands), commands  # the temporary server is ours, tied to us
+    assert any("accelerate.commands.launch" in c for c in commands), commands
+    _kill_and_expect_no_survivors(proc, started)
+
+
+def test_a_killed_ui_leaves_no_prefect_server(ephemeral_env, tmp_path: Path):
+    from flows.publish import ui_file
+    from flows.server import free_port
+
+    root_dir = tmp_path / "a"
+    proc = subprocess.Popen(
+        [BIN / "boothflow", "ui", "--port", str(free_port()), "--artifacts", root_dir],
+        cwd=REPO, env=ephemeral_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    record = ui_file(root_dir)
+    _wait_for(record.is_file, proc, 180, "UI record")
+    assert json.loads(record.read_text())["api_url"].startswith("http://127.0.0.1:")
+    started = _tree(psutil.Process(proc.pid))
+    assert len(started) > 1, "the UI runs its Prefect server in a child process"
+    _kill_and_expect_no_survivors(proc, started)
