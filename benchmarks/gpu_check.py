@@ -86,8 +86,8 @@ def synchronize() -> None:
 def synthetic_latents(folder: Path, arch, side: int, count: int = 4) -> Path:
     """A latents stage's output for `count` random images: what the trainer reads, without a VAE or images."""
     import torch
-    from safetensors.torch import save_file
 
+    from tasks.sd.latent_dist import save_latent
     from tasks.sd.memory import latent_side
 
     latent = latent_side(arch, side)
@@ -98,7 +98,7 @@ def synthetic_latents(folder: Path, arch, side: int, count: int = 4) -> Path:
     generator = torch.Generator().manual_seed(0)
     for i in range(count):
         tensors = {name: torch.randn(channels, latent, latent, generator=generator) for name in ("mean", "logvar")}
-        save_file(tensors, folder / "items" / f"{i}.safetensors", metadata=sizes)
+        save_latent(folder / "items" / f"{i}.safetensors", tensors, sizes)
         rows.append(f"s{i},instance,items/{i}.safetensors")
     (folder / "index.csv").write_text("\n".join(rows) + "\n")
     scaling = arch.configs["vae"].get("scaling_factor", 0.18215)

@@ -119,7 +119,7 @@ for step in (1, 2):  # the fault kills the process while the second checkpoint i
 
 def test_a_kill_while_a_checkpoint_is_written_leaves_nothing_a_resume_trusts(tmp_path: Path) -> None:
     faults = tmp_path / "faults.json"
-    faults.write_text(json.dumps({"kill_while_writing_checkpoint": 2}))
+    faults.write_text(json.dumps({"kill_at": "train:mid-checkpoint-2"}))
     env = {**os.environ, FAULTS_ENV: str(faults), "PYTHONPATH": str(REPO / "tests")}
     folder = tmp_path / "checkpoints"
     proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, folder], cwd=REPO, env=env, capture_output=True)

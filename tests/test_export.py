@@ -100,6 +100,13 @@ def trained_sd15(sd15: ResolvedModel, root: Path) -> tuple[dict[str, dict], dict
     return base, trained, out, facts
 
 
+def test_sd15_configs_name_the_base_never_its_local_folder(sd15: ResolvedModel, trained_sd15: tuple) -> None:
+    out = trained_sd15[2]
+    configs = {f.relative_to(out): f.read_text() for f in out.rglob("*.json")}
+    assert [name for name, text in configs.items() if str(sd15.path.parent) in text] == []
+    assert json.loads(configs[Path("model_index.json")])["_name_or_path"] == sd15.path.name
+
+
 def test_sd15_diffusers_folder_holds_the_trained_weights(trained_sd15: tuple) -> None:
     base, trained, out, facts = trained_sd15
     reloaded = StableDiffusionPipeline.from_pretrained(out)

@@ -96,7 +96,9 @@ def _item_entries(result: StageResult, store: Store) -> set[str]:
 
 def _metadata(file: Path) -> dict[str, str]:
     with safe_open(file, "pt") as opened:
-        return opened.metadata()
+        [(name, sizes)] = opened.metadata().items()  # one entry: several would be written in a random order
+    assert name == "sizes"
+    return json.loads(sizes)
 
 
 def _disallow_vae_load(monkeypatch: pytest.MonkeyPatch) -> None:

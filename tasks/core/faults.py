@@ -1,16 +1,22 @@
 """Faults injected by tests from outside the config: a JSON file named by BOOTHFLOW_FAULTS.
 
 Never part of a cache key or a flow parameter; reread on every call, so deleting the file ends the fault.
+`kill_at` names one point where boothflow is SIGKILLed: `<store stage>:before-manifest`, `<store stage>:before-rename`,
+`<store stage>:after-<k>` (the k-th entry of that store stage this process committed, e.g. an item),
+`train:mid-checkpoint-<step>` and `train:mid-export`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 ENV = "BOOTHFLOW_FAULTS"
+_passed: Counter[str] = Counter()
 
 
 def fault(name: str) -> Any:
@@ -19,3 +25,19 @@ def fault(name: str) -> Any:
     if not path or not Path(path).is_file():
         return None
     return json.loads(Path(path).read_text()).get(name)
+
+
+def kill_if_injected(point: str, flow_pid: int = 0) -> None:
+    """SIGKILL boothflow at `point` when `kill_at` names it; from the training child, the flow process `flow_pid`
+    first, so the whole run dies at once, as it would when the machine loses power."""
+    if fault("kill_at") != point:
+        return
+    if flow_pid > 0:
+        os.kill(flow_pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_if_injected_after(series: str) -> None:
+    """A point passed many times (each item of a stage): the k-th pass in this process is point `<series>-<k>`."""
+    _passed[series] += 1
+    kill_if_injected(f"{series}-{_passed[series]}")

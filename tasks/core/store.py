@@ -27,7 +27,7 @@ from typing import Any
 from filelock import FileLock
 
 from tasks.core.atomic import atomic_folder, clear_partials
-from tasks.core.faults import fault
+from tasks.core.faults import fault, kill_if_injected, kill_if_injected_after
 from tasks.core.progress import run_logger
 
 MANIFEST = "manifest.json"
@@ -303,6 +303,8 @@ class Store:
                     if not _is_disk_full(err):
                         raise
                     raise DiskFull(self.root, stage, key, _folder_bytes(partial)) from None
+                kill_if_injected(f"{stage}:before-rename")
+        kill_if_injected_after(f"{stage}:after")
         return Entry(stage, key, final, manifest, created=True)
 
     def _write_entry(
@@ -321,6 +323,7 @@ class Store:
             "info": info,
             "files": {name: {"size": stat[0], "sha256": file_sha256(partial / name)} for name, stat in stats.items()},
         }
+        kill_if_injected(f"{stage}:before-manifest")
         if fault("disk_full") == stage:  # as the manifest write would fail on a full disk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial / MANIFEST))
         text = json.dumps(manifest, indent=1, sort_keys=True).encode()

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
@@ -176,12 +177,14 @@ def save_sd15_outputs(
     out: Path,
     safety_checker: bool = False,
     vae_path: Path | None = None,
+    base_id: str | None = None,
 ) -> dict[str, Any]:
     """Write the base pipeline with the trained unet and text encoder into `out` as the hub lays out a diffusers
     repository (model_index.json and a folder per component), and beside it `model.safetensors`: the same weights in
     the LDM layout that A1111 and ComfyUI load. The base's safety checker is kept only when asked for, so the choice
     is explicit and lands in the model card. A separate VAE (the one training latents came from) replaces the base's.
-    Paths in the facts are relative to `out`."""
+    Paths in the facts are relative to `out`. The configs name the base as `base_id` (default: its folder's name),
+    never by the folder it was loaded from on this machine."""
     base_has_checker = _has_safety_checker(base)
     options: dict[str, Any] = {}
     if base_has_checker and not safety_checker:
@@ -189,6 +192,9 @@ def save_sd15_outputs(
     if vae_path is not None and vae_path != base / "vae":
         options.update(vae=AutoencoderKL.from_pretrained(vae_path))
     pipe = StableDiffusionPipeline.from_pretrained(base, unet=unet, text_encoder=text_encoder, **options)
+    for part in (pipe, *pipe.components.values()):
+        if isinstance(part, ConfigMixin):
+            part.register_to_config(_name_or_path=base_id or base.name)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
 

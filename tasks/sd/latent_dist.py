@@ -1,11 +1,30 @@
-"""Sampling a latent from the VAE's cached distribution, exactly as diffusers' `latent_dist.sample` does.
+"""The VAE's cached distribution: its file, and sampling a latent from it exactly as diffusers'
+`latent_dist.sample` does.
 
 Shared by the latents stage (which stores mean and logvar) and training (which samples them every step).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SIZES = "sizes"
+
+
+def save_latent(path: Path, tensors: dict[str, torch.Tensor], sizes: dict[str, str]) -> None:
+    """Mean and logvar, with SDXL's size facts as one JSON metadata entry: safetensors writes several entries in a
+    random order, and one entry keeps the file the same to the byte run after run."""
+    save_file(tensors, path, metadata={SIZES: json.dumps(sizes, sort_keys=True)})
+
+
+def read_sizes(path: Path) -> dict[str, str]:
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get(SIZES, "{}"))
 
 
 def sample_latent(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

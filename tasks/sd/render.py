@@ -7,7 +7,7 @@ batch it was rendered in, so cached images stay valid whatever batch size or nei
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,22 +169,31 @@ def _render_batch(pipe: DiffusionPipeline, batch: tuple[RenderRequest, ...]) -> 
 
 
 def render(
-    pipe: DiffusionPipeline, requests: Sequence[RenderRequest], batch_size: int, description: str
+    pipe: DiffusionPipeline,
+    requests: Sequence[RenderRequest],
+    batch_size: int,
+    description: str,
+    needed: Collection[RenderRequest] | None = None,
 ) -> Iterator[tuple[RenderRequest, Image.Image]]:
     """Render every request, `batch_size` at a time; yields (request, image) as each batch completes.
 
-    Each image gets its own CPU generator seeded with its request's seed, so it does not depend on its batch.
+    Each image gets its own CPU generator seeded with its request's seed, so its content does not depend on its
+    batch; its last bits do (a batched matmul rounds by its batch's shape). So with `needed`, `requests` is the whole
+    plan and only the batches holding a needed request are rendered, whole: a stage resumed after a kill renders
+    exactly the batches an uninterrupted one does, and its images are the same to the byte.
     Requests are grouped by steps, guidance and size, so the order may differ from `requests`. A pipeline
     failure raises `RenderError` naming the batch.
     """
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole job, from track()
+    wanted = None if needed is None else set(needed)
+    batches = [b for b in _batches(requests, batch_size) if wanted is None or not wanted.isdisjoint(b)]
 
     def images() -> Iterator[tuple[RenderRequest, Image.Image]]:
-        for batch in _batches(requests, batch_size):
+        for batch in batches:
             try:
                 rendered = _render_batch(pipe, batch)
             except Exception as err:
                 raise RenderError(batch, err) from err
             yield from zip(batch, rendered, strict=True)
 
-    yield from track(images(), len(requests), description)
+    yield from track(images(), sum(map(len, batches)), description)

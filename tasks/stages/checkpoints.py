@@ -5,9 +5,7 @@ goes on), trusted only once marked complete, and the newest complete one restore
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tasks.core.atomic import atomic_folder
-from tasks.core.faults import fault
+from tasks.core.faults import kill_if_injected
 from tasks.stages.train_job import TrainJob
 
 COMPLETE = "COMPLETE"
@@ -87,8 +85,7 @@ def save_checkpoint(job: TrainJob, step: int, weights: dict, states: dict, metri
     with atomic_folder(final, replace=True) as folder:
         save_file({name: weight.detach().contiguous() for name, weight in weights.items()},
                   folder / "trainable.safetensors")  # fmt: skip
-        if fault("kill_while_writing_checkpoint") == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill_if_injected(f"train:mid-checkpoint-{step}", job.parent_pid)
         save_file(tensors, folder / "state.safetensors")
         torch.save(skeleton, folder / "state.pt")
         (folder / "metrics.json").write_text(json.dumps(metrics))

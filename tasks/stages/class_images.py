@@ -107,7 +107,8 @@ def _save_item(image: Image.Image, request: RenderRequest, index: int) -> Callab
 def _render_missing(
     cfg: PriorSection, inputs: ClassImagesInputs, store: Store, keys: list[str], missing: list[int]
 ) -> int:
-    """Load the base model and render the `missing` indexes; returns how many items this call created."""
+    """Load the base model and render the batches holding a `missing` index; returns how many items this call
+    created."""
     try:
         pipe = load_pipeline_for(inputs.model, cfg.dtype, cfg.vae_slicing)
         make_scheduler(pipe, cfg.scheduler)
@@ -115,10 +116,11 @@ def _render_missing(
         message = f"cannot load the base model ({type(err).__name__}: {err}); check model.id and its files"
         raise StageError(STAGE, message, str(inputs.model.path)) from err
 
-    index_of = {request_for(cfg, inputs, index): index for index in missing}
+    index_of = {request_for(cfg, inputs, index): index for index in range(len(keys))}
+    needed = [request_for(cfg, inputs, index) for index in missing]
     created = 0
     try:
-        for request, image in render(pipe, list(index_of), cfg.batch_size, "class images"):
+        for request, image in render(pipe, list(index_of), cfg.batch_size, "class images", needed):
             index = index_of[request]
             try:
                 entry = store.get_or_create(ITEMS, keys[index], _save_item(image, request, index), item_settings(cfg))

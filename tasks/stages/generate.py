@@ -290,12 +290,16 @@ def _save_item(image: Image.Image, text: dict[str, str]) -> Callable[[Path], dic
     return build
 
 
-def _render_set(cfg: GenerateSection, pipe: DiffusionPipeline, todo: list[Item], store: Store) -> int:
-    """Render one set of weights' missing images; returns how many items this call created."""
-    by_request = {item.request: item for item in todo}
+def _render_set(
+    cfg: GenerateSection, pipe: DiffusionPipeline, planned: list[Item], missing: list[Item], store: Store
+) -> int:
+    """Render one set of weights' batches that hold a missing image; returns how many items this call created."""
+    by_request = {item.request: item for item in planned}
+    needed = [item.request for item in missing]
     created = 0
     try:
-        for request, image in render(pipe, list(by_request), cfg.batch_size, f"generate ({todo[0].weights.name})"):
+        description = f"generate ({planned[0].weights.name})"
+        for request, image in render(pipe, list(by_request), cfg.batch_size, description, needed):
             item = by_request[request]
             try:
                 build = _save_item(image, png_text(item, cfg.scheduler))
@@ -312,14 +316,16 @@ def build(cfg: GenerateSection, inputs: GenerateInputs, store: Store, key: str) 
     """Render every prompt x seed (and checkpoint and base images), loading only weights with a missing image."""
     training = training_facts(inputs.train)
     items = plan(cfg, inputs, training)
-    missing = [item for item in items if store.get(ITEMS, item.key) is None]
     by_weights: dict[str, list[Item]] = {}
-    for item in missing:
+    for item in items:
         by_weights.setdefault(item.weights.name, []).append(item)
     pipeline = SharedPipeline(cfg, inputs.model, training["method"])
     created = 0
-    for todo in sorted(by_weights.values(), key=lambda todo: RENDER_ORDER[todo[0].weights.kind]):
-        created += _render_set(cfg, pipeline.wearing(todo[0].weights, todo[0]), todo, store)
+    for planned in sorted(by_weights.values(), key=lambda planned: RENDER_ORDER[planned[0].weights.kind]):
+        missing = [item for item in planned if store.get(ITEMS, item.key) is None]
+        if missing:  # weights whose images are all cached are never loaded
+            pipe = pipeline.wearing(missing[0].weights, missing[0])
+            created += _render_set(cfg, pipe, planned, missing, store)
 
     table = pd.DataFrame(
         [

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from tasks.core.atomic import link_or_copy
 from tasks.core.batching import batched
@@ -26,6 +25,7 @@ from tasks.core.progress import track
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, file_sha256, stage_key
 from tasks.sd.device import device, loaded
+from tasks.sd.latent_dist import save_latent
 from tasks.sd.models import ResolvedModel
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 STAGE = "latents"
 ITEMS = "latents-items"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: the size facts as one metadata entry, so a file's bytes do not vary run to run
 LATENT_FILE = "latent.safetensors"
 
 
@@ -214,7 +214,7 @@ def _encode_batch(vae: AutoencoderKL, batch: Sequence[Sample], flip: bool, dtype
 
 def _write_item(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Callable[[Path], dict[str, Any]]:
     def build(folder: Path) -> dict[str, Any]:
-        save_file(tensors, folder / LATENT_FILE, metadata=metadata)
+        save_latent(folder / LATENT_FILE, tensors, metadata)
         return {"shape": list(tensors["mean"].shape), **metadata}
 
     return build

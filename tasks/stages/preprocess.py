@@ -24,6 +24,7 @@ from tasks.sd import imaging
 
 STAGE = "preprocess"
 ITEMS = "preprocess-items"
+COLUMNS = ["source", "source_sha256", "item_key", "status", "reason", "original_size", "crop_box", "crop_mode"]
 CODE_VERSION = 1
 SIDECAR_SUFFIXES = {".txt"}
 
@@ -158,7 +159,7 @@ def build(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store, key: s
         cached += not entry.created
         rows.append({**row, "item_key": ikey, **entry.info})
 
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=COLUMNS)  # one column order, whether items were built now or cached
     usable = table[table["status"] == "ok"]
     rejected = table[table["status"] == "rejected"]
     if len(usable) < inputs.min_images:

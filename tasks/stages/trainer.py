@@ -31,16 +31,15 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, inject_adapter_in_model
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tasks.core.atomic import atomic_folder, link_or_copy
 from tasks.core.config import TrainSection
-from tasks.core.faults import fault
+from tasks.core.faults import fault, kill_if_injected
 from tasks.core.seeds import generator
 from tasks.sd import export, text
 from tasks.sd.device import release
-from tasks.sd.latent_dist import sample_latent, scale_latent
+from tasks.sd.latent_dist import read_sizes, sample_latent, scale_latent
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.objective import Objective
 from tasks.stages.checkpoints import (
@@ -81,8 +80,7 @@ class LatentData:
     def _time_ids(path: Path, suffix: str) -> torch.Tensor:
         """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w); the crop corner of a
         mirrored image is measured in the mirrored frame."""
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
+        meta = read_sizes(path)
         width, height = (int(v) for v in meta.get("original_size", "0,0").split(","))
         top, left = (int(v) for v in meta.get(f"crop_top_left{suffix}", meta.get("crop_top_left", "0,0")).split(","))
         target_w, target_h = (int(v) for v in meta.get("target_size", "0,0").split(","))
@@ -279,9 +277,12 @@ def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dic
         save_file({k: p.detach().contiguous() for k, p in params.items()}, Path(dump))
     if job.train.method == "full":
         text_encoder = encoders[0] if encoders else text.load_text_encoders(job.base, job.family)[0]
-        facts = export.save_sd15_outputs(job.base, unet, text_encoder, model, job.safety_checker, job.vae_path)
+        facts = export.save_sd15_outputs(
+            job.base, unet, text_encoder, model, job.safety_checker, job.vae_path, job.facts["base_model"]
+        )
     else:
         facts = export.save_sdxl_lora(*lora_states(unet, encoders), model)
+    kill_if_injected("train:mid-export", job.parent_pid)
     samples = step_folders(job.checkpoints_dir / "samples")
     for folder in samples:
         shutil.copytree(folder, out / "samples" / folder.name, copy_function=link_or_copy)
