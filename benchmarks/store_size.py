@@ -111,7 +111,8 @@ def measure(args: argparse.Namespace, env: dict[str, str], work: Path) -> dict:
     padding = Store(padded).path("train", key) / PADDING
     figures["flipped_at"] = padding.stat().st_size // 2
     flip_byte_keeping_mtime(padding, figures["flipped_at"])
-    figures["lookup_sees_flip"] = Store(padded).get("train", key) is None  # its ctime moved: the lookup re-hashed it
+    found_by_lookup = Store(padded).inspect("train", key)  # its ctime moved: a lookup re-hashes it (and sets it aside)
+    figures["lookup_sees_flip"] = isinstance(found_by_lookup, list)
     started = time.monotonic()
     verify = subprocess.run([BOOTHFLOW, "cache", "verify", "--artifacts", padded], cwd=REPO, env=env,
                             capture_output=True, text=True)  # fmt: skip
