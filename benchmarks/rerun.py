@@ -2,7 +2,7 @@
 
 Runs the real `boothflow run` CLI against a running Prefect server and in ephemeral mode, for the demo config and
 for the demo with longer training, and writes wall times, per-stage items processed and ratios to RESULTS.md.
-Usage: .venv/bin/python benchmarks/rerun.py [--config configs/demo.toml] [--out benchmarks/RESULTS.md]
+Usage: .venv/bin/python benchmarks/rerun.py [--config configs/demo.toml] [--quick] [--out benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ PROFILES = {
     "longer training": ["--set", "train.steps=1000", "--set", "train.checkpoint_every=250"],
 }
 RUNS = ("cold", "warm", "one new image")
+QUICK = {"quick": ["--set", "train.steps=4", "--set", "train.checkpoint_every=0", "--set", "generate.steps=2"]}
 
 
 def timed_run(command: list, env: dict[str, str], summary: Path) -> tuple[float, dict]:
@@ -38,14 +39,16 @@ def timed_run(command: list, env: dict[str, str], summary: Path) -> tuple[float,
     return time.monotonic() - started, json.loads(summary.read_text())
 
 
-def scenario(profile: str, mode: str, config: Path, env: dict[str, str], work: Path) -> list[dict]:
+def scenario(
+    profile: str, settings: list[str], mode: str, config: Path, env: dict[str, str], work: Path, runs: tuple[str, ...]
+) -> list[dict]:
     """Cold, warm and one-new-image runs on a fresh artifact root and a fresh copy of the demo images."""
     folder = work / profile.replace(" ", "-") / mode
     images = shutil.copytree(REPO / "data" / "demo", folder / "images")
     command = [BOOTHFLOW, "run", "--config", config, "--artifacts", folder / "artifacts",
-               "--set", f"data.instance_dir='{images}'", *PROFILES[profile]]  # fmt: skip
+               "--set", f"data.instance_dir='{images}'", *settings]  # fmt: skip
     rows = []
-    for run in RUNS:
+    for run in runs:
         if run == "one new image":
             Image.open(images / "toy_01_park.jpg").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(images / "new.png")
         seconds, summary = timed_run(command, env, folder / f"{run}.json")
@@ -56,9 +59,9 @@ def scenario(profile: str, mode: str, config: Path, env: dict[str, str], work: P
     return rows
 
 
-def write_results(rows: list[dict], out: Path, command: str) -> None:
+def write_results(rows: list[dict], profiles_run: dict[str, list[str]], out: Path, command: str) -> None:
     profiles = "; ".join(
-        f"{name}: `{' '.join(extra) or 'configs/demo.toml as is'}`" for name, extra in PROFILES.items()
+        f"{name}: `{' '.join(extra) or 'configs/demo.toml as is'}`" for name, extra in profiles_run.items()
     )
     lines = [
         "# Rerun benchmark",
@@ -95,24 +98,28 @@ def write_results(rows: list[dict], out: Path, command: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
+    parser.add_argument("--quick", action="store_true", help="a 4-step demo, cold and warm, temporary server only")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
+    profiles, runs = (QUICK, RUNS[:2]) if args.quick else (PROFILES, RUNS)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         base_env = {**os.environ, "PREFECT_HOME": str(work / "client-home")}
         base_env.pop("PREFECT_API_URL", None)
-        port, log = free_port(), work / "server.log"
-        server = start_server(port, work / "server-home", log)
-        try:
-            wait_healthy(server, api_url(port), 120, log)
-            for profile in PROFILES:
-                rows += scenario(profile, "server", args.config, {**base_env, "PREFECT_API_URL": api_url(port)}, work)
-        finally:
-            stop_server(server)
-        for profile in PROFILES:
-            rows += scenario(profile, "ephemeral", args.config, base_env, work)
-    write_results(rows, args.out, " ".join(["python", *sys.argv]))
+        if not args.quick:
+            port, log = free_port(), work / "server.log"
+            server = start_server(port, work / "server-home", log)
+            try:
+                wait_healthy(server, api_url(port), 120, log)
+                env = {**base_env, "PREFECT_API_URL": api_url(port)}
+                for profile, settings in profiles.items():
+                    rows += scenario(profile, settings, "server", args.config, env, work, runs)
+            finally:
+                stop_server(server)
+        for profile, settings in profiles.items():
+            rows += scenario(profile, settings, "ephemeral", args.config, base_env, work, runs)
+    write_results(rows, profiles, args.out, " ".join(["python", *sys.argv]))
     print(f"wrote {args.out}")
 
 
