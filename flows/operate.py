@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import urllib.parse
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -93,9 +95,23 @@ def recent_runs(limit: int) -> list[dict[str, Any]]:
     return rows
 
 
+class ArtifactFiles(SimpleHTTPRequestHandler):
+    """The artifact root's files and nothing else: not its internal dot-folders (`.prefect`, `.locks`) or
+    dot-files, and nothing a symlink inside it leads to outside it (404, as for a missing file)."""
+
+    def send_head(self):
+        root = Path(self.directory).resolve()
+        asked = Path(urllib.parse.unquote(urllib.parse.urlsplit(self.path).path))
+        target = Path(self.translate_path(self.path)).resolve()
+        if any(part.startswith(".") for part in asked.parts) or not target.is_relative_to(root):
+            self.send_error(HTTPStatus.NOT_FOUND)
+            return None
+        return super().send_head()
+
+
 def serve_files(root: Path, port: int) -> ThreadingHTTPServer:
     """Serve the artifact root over http on 127.0.0.1, so report links from the Prefect UI open."""
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler = functools.partial(ArtifactFiles, directory=str(root))
     server = ThreadingHTTPServer((HOST, port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
