@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from dataclasses import replace
@@ -23,8 +24,25 @@ from flows.gc import RunKeys
 from tasks.core.config import RunConfig
 from tasks.core.faults import ENV, fault
 from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Entry, Store
+from tasks.core.store import DiskFull, Entry, Store
 from tasks.sd.device import release
+
+EXPECTED = (StageError, DiskFull)  # failures the user acts on, each said in one line
+
+
+class ExpectedFailures(logging.Filter):
+    """Prefect logs a failed task or flow run with its traceback; for an expected failure the line (which holds
+    the error's one-line message) is all there is to say, so its traceback is dropped before any handler sees it.
+    Any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], EXPECTED):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _engine_logger in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_engine_logger).addFilter(ExpectedFailures())
 
 
 class PeakMemory:

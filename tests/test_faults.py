@@ -4,12 +4,17 @@ artifact root; the last rerun ends with exactly the outputs of an uninterrupted 
 from __future__ import annotations
 
 import json
+import logging
 import signal
+import sys
 from pathlib import Path
 
 import pandas as pd
 from filelock import FileLock
+from prefect_api import run_logs
 
+from flows.runner import ExpectedFailures
+from tasks.core.stage import StageError
 from tasks.core.store import MANIFEST, Store
 
 CONFIG = ["-c", "configs/demo.toml", "--set", "train.steps=4", "--set", "train.checkpoint_every=2",
@@ -45,7 +50,9 @@ def _losses(root: Path, key: str) -> list[tuple[int, float]]:
     return list(zip(table["step"], table["loss"], strict=True))
 
 
-def test_killed_anywhere_or_out_of_disk_the_rerun_ends_as_an_uninterrupted_run(boothflow, tmp_path: Path) -> None:
+def test_killed_anywhere_or_out_of_disk_the_rerun_ends_as_an_uninterrupted_run(
+    boothflow, prefect_server: str, tmp_path: Path
+) -> None:
     reference, root = tmp_path / "reference", tmp_path / "interrupted"
     boothflow("run", *CONFIG, "--artifacts", reference, "--summary", tmp_path / "reference.json")
     expected = json.loads((tmp_path / "reference.json").read_text())["stages"]
@@ -66,6 +73,9 @@ def test_killed_anywhere_or_out_of_disk_the_rerun_ends_as_an_uninterrupted_run(b
         assert "needed more than" in error["message"] and "GiB free now" in error["message"]
         last_line = proc.stderr.strip().splitlines()[-1]
         assert last_line.startswith("failed (generate, generate/") and ": no space left on the disk" in last_line
+        logs = run_logs(prefect_server, json.loads(summary.read_text())["run"]["flow_run_id"])
+        assert any("no space left on the disk" in line for line in logs), logs
+        assert not any("Traceback" in text for text in [proc.stdout, proc.stderr, *logs])  # one line, no traceback
         assert Store(root).verify().damaged == []  # the store stays valid
     faults.unlink()
     boothflow("run", *CONFIG, "--artifacts", root, "--summary", tmp_path / "final.json")
@@ -82,3 +92,17 @@ def test_killed_anywhere_or_out_of_disk_the_rerun_ends_as_an_uninterrupted_run(b
     assert [e for e in store.entries() if e["state"] != "complete"] == []  # no partial folder, no checkpoints
     for lock in (root / ".locks").rglob("*.lock"):
         FileLock(lock).acquire(timeout=0)  # none is left held
+
+
+def _record(error: BaseException) -> logging.LogRecord:
+    try:
+        raise error
+    except BaseException:
+        return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+
+
+def test_an_expected_failure_loses_its_traceback_and_any_other_keeps_it() -> None:
+    expected, unexpected = _record(StageError("train", "loss is nan", "step 4")), _record(ValueError("bug"))
+    assert ExpectedFailures().filter(expected) and ExpectedFailures().filter(unexpected)
+    assert expected.exc_info is None and unexpected.exc_info is not None
+    assert "Traceback" in logging.Formatter().format(unexpected)
