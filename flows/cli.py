@@ -78,13 +78,22 @@ def _report_to_server(root: Path) -> None:
 
 
 def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
+    from flows.preflight import check_before_start
+
     if stage is not None and stage not in cfg.stage_names():
         names = ", ".join(cfg.stage_names())
         console.print(f"[red]error:[/red] no stage {stage!r} in this config; stages are: {names}", highlight=False)
         raise typer.Exit(2)
+    try:
+        check_before_start(cfg)
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
     _report_to_server(cfg.run.artifacts_root)
     from flows.dreambooth import dreambooth, dreambooth_stage  # imports Prefect, which reads PREFECT_API_URL once
+    from flows.operate import mark_crashed_runs
 
+    mark_crashed_runs()
     started = time.monotonic()
     state = dreambooth(cfg, return_state=True) if stage is None else dreambooth_stage(cfg, stage, return_state=True)
     _finish(state, cfg.run.artifacts_root, summary, started)
@@ -235,7 +244,7 @@ def serve(
     device_memory: MemoryOpt = None,
 ):
     """Serve the nightly deployment: the config is frozen in now, so restart serve after editing it."""
-    from flows.operate import SERVED_DEPLOYMENT, local_timezone, serve_nightly
+    from flows.operate import SERVED_DEPLOYMENT, local_timezone, mark_crashed_runs, serve_nightly
 
     cfg = _config(config, set_, artifacts, device_memory)
     zone = timezone or local_timezone()
@@ -243,6 +252,7 @@ def serve(
     console.print(
         f"serving deployment dreambooth/{SERVED_DEPLOYMENT}: cron {cron!r} in time zone {zone}", highlight=False
     )
+    mark_crashed_runs()
     serve_nightly(cfg, cron, zone)
 
 

@@ -9,9 +9,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.preflight import check_before_start
 from flows.publish import publish
 from flows.runner import StageRunner
-from tasks.core.config import RunConfig
+from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
 from tasks.sd.memory import MemoryPlanError, preflight
 from tasks.sd.models import ModelUnavailable, ResolvedModel, resolve
@@ -26,7 +27,12 @@ def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
 
 
 def check_plan(config: RunConfig) -> None:
-    """Before any stage loads a model: precision the device can run, and the memory plan (when its size is known)."""
+    """Before any stage: paths, names and pairs (`check_before_start`), precision the device can run, and the memory
+    plan (when its size is known)."""
+    try:
+        check_before_start(config)
+    except ConfigError as err:
+        raise StageError("config", str(err)) from None
     try:
         for warning in preflight(config):
             get_run_logger().warning(warning)

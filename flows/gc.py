@@ -9,7 +9,9 @@ register a key, so every entry is either registered before gc looks (and kept) o
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from filelock import FileLock, Timeout
 from tasks.core.store import DAMAGED, MANIFEST, Store
 
 KEYS_FILE = "keys.json"
+PROCESS_FILE = "process.json"
 ITEMS_SUFFIX = "-items"
 CHECKPOINTS_SUFFIX = ".checkpoints"
 DAY = 86400.0
@@ -38,7 +41,8 @@ def _run_lock(root: Path, run_id: str) -> FileLock:
 
 
 class RunKeys:
-    """The keys one run uses, registered before each lookup; the run's lock says it is still running."""
+    """The keys one run uses, registered before each lookup; the run's lock says it is still running, and
+    `runs/<id>/process.json` which process on which host holds it."""
 
     def __init__(self, root: Path, run_id: str) -> None:
         self.root, self.run_id, self.keys = Path(root), run_id, []
@@ -46,6 +50,9 @@ class RunKeys:
 
     def __enter__(self) -> RunKeys:
         self.lock.acquire()
+        folder = self.root / "runs" / self.run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PROCESS_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -77,6 +84,18 @@ def _running(root: Path, run_id: str) -> bool:
         return True
     lock.release()
     return False
+
+
+def process_gone(root: Path, run_id: str) -> str | None:
+    """How a run's process is known to be gone: it ran on this host and no process holds its lock any more (the
+    kernel drops the lock of a killed process). None when it is alive, ran elsewhere, or never got that far."""
+    try:
+        process = json.loads((Path(root) / "runs" / run_id / PROCESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if process.get("host") != socket.gethostname() or _running(Path(root), run_id):
+        return None
+    return f"its boothflow process (pid {process.get('pid')} on {process.get('host')}) is gone"
 
 
 def runs(root: Path) -> list[Run]:

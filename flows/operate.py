@@ -17,14 +17,16 @@ from uuid import UUID
 
 import tzlocal
 from prefect import get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.flow_engine import run_flow
 from prefect.schedules import Cron
-from prefect.states import AwaitingRetry, State
+from prefect.states import AwaitingRetry, Crashed, State
 
 from flows.dreambooth import dreambooth, dreambooth_stage
+from flows.gc import process_gone
 from flows.runner import summary_path
 from flows.server import HOST
 from tasks.core.config import RunConfig
@@ -49,11 +51,35 @@ def serve_nightly(config: RunConfig, cron: str, timezone: str) -> None:
     )
 
 
+def artifacts_root(flow_run: FlowRun) -> Path:
+    return Path(flow_run.parameters.get("config", {}).get("run", {}).get("artifacts_root", "artifacts"))
+
+
+def mark_crashed(client: SyncPrefectClient, flow_run: FlowRun) -> FlowRun:
+    """A run Prefect still shows as running whose process is gone (killed, or its machine lost power) becomes
+    Crashed, with the reason; any other run is returned as it is."""
+    if flow_run.state is None or not flow_run.state.is_running():
+        return flow_run
+    if (reason := process_gone(artifacts_root(flow_run), str(flow_run.id))) is None:
+        return flow_run
+    client.set_flow_run_state(flow_run.id, Crashed(message=reason), force=True)
+    return client.read_flow_run(flow_run.id)
+
+
+def mark_crashed_runs(limit: int = 50) -> None:
+    """Check the latest runs: what `run`, `serve` and `runs` do first, so no dead run shows as Running."""
+    with get_client(sync_client=True) as client:
+        for flow_run in client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))), sort=FlowRunSort.START_TIME_DESC, limit=limit
+        ):
+            mark_crashed(client, flow_run)
+
+
 def rerun(run_id: str) -> tuple[FlowRun, State | None]:
     """Retry a finished run under the same id: ad-hoc runs execute here and now; deployment runs are handed back to
     their `serve` process or worker, as the UI's Retry does. Cached stages are skipped, the failed one resumes."""
     with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(UUID(run_id))
+        flow_run = mark_crashed(client, client.read_flow_run(UUID(run_id)))
         flow = FLOWS[client.read_flow(flow_run.flow_id).name]
         client.set_flow_run_state(flow_run.id, AwaitingRetry(message="boothflow rerun"), force=True)
         flow_run = client.read_flow_run(flow_run.id)
@@ -64,9 +90,12 @@ def rerun(run_id: str) -> tuple[FlowRun, State | None]:
 
 def run_summary(flow_run: FlowRun) -> dict[str, Any] | None:
     """The summary a run wrote under its own artifact root, if it got far enough to write one."""
-    root = flow_run.parameters.get("config", {}).get("run", {}).get("artifacts_root", "artifacts")
-    path = summary_path(Path(root), str(flow_run.id))
+    path = summary_path(artifacts_root(flow_run), str(flow_run.id))
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _crash_reason(flow_run: FlowRun) -> str:
+    return (flow_run.state.message or "") if flow_run.state and flow_run.state.is_crashed() else ""
 
 
 def recent_runs(limit: int) -> list[dict[str, Any]]:
@@ -76,6 +105,7 @@ def recent_runs(limit: int) -> list[dict[str, Any]]:
             sort=FlowRunSort.START_TIME_DESC,
             limit=limit,
         )
+        runs = [mark_crashed(client, flow_run) for flow_run in runs]
     rows = []
     for flow_run in runs:
         summary = run_summary(flow_run) or {}
@@ -89,7 +119,7 @@ def recent_runs(limit: int) -> list[dict[str, Any]]:
                 "started": flow_run.start_time.strftime("%Y-%m-%d %H:%M") if flow_run.start_time else "",
                 "attempts": flow_run.run_count,
                 "failed stage": error.get("stage") or "",
-                "cause": error.get("message") or "",
+                "cause": error.get("message") or _crash_reason(flow_run),
             }
         )
     return rows

@@ -130,43 +130,55 @@ def test_broken_and_unusual_files_are_recorded_never_fatal(boothflow, tmp_path: 
     assert again["items_processed"] == 0 and again["status"] == "cached"
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--set", "preprocess.resolution=100"], "preprocess.resolution = 100"),
-        (["--set", "preprocess.crop=sideways"], "preprocess.crop = 'sideways'"),
-        (["--set", "preprocess.colour=1"], "unknown setting 'preprocess.colour'; allowed in preprocess: resolution"),
-        (["--set", "data.min_images=few"], "data.min_images = 'few'"),
-        (["--set", "novalue"], "expected section.key=value"),
-        (["--config", "configs/missing.toml"], "config file 'configs/missing.toml' not found"),
-        (["--set", "generate.size=100"], "generate.size = 100"),
-        (["--set", "train.lr_scheduler=cosinus"], "train.lr_scheduler = 'cosinus'"),
-        (["--set", "generate.seeds=[]"], "generate.seeds = []"),
-        (["--set", "data.instance_prompt=''"], "data.instance_prompt = ''"),
-        (["--set", "generate.seeds=0"], "a seed count must be 1 to 10000"),
-        (["--set", "report.analyser='toy'"], "report.analyser is now evaluate.analyser"),
-    ],
-    ids=[
-        "bad-resolution",
-        "bad-crop",
-        "unknown-key",
-        "bad-int",
-        "malformed-set",
-        "missing-file",
-        "bad-size",
-        "bad-lr-scheduler",
-        "no-seeds",
-        "empty-prompt",
-        "no-seed-count",
-        "moved-setting",
-    ],
-)
-def test_config_errors_are_one_line_without_traceback(boothflow, args: list[str], message: str) -> None:
-    proc = boothflow("run", *args, check=False)
+BAD_INPUTS = {  # id: (arguments, what the one line must say); {tmp} is a fresh folder
+    "bad-resolution": (["--set", "preprocess.resolution=100"], "preprocess.resolution = 100"),
+    "absurd-resolution": (["--set", "preprocess.resolution=1000000"], "multiple of 8 from 64 to 4096"),
+    "bad-crop": (["--set", "preprocess.crop=sideways"], "preprocess.crop = 'sideways'"),
+    "unknown-key": (["--set", "preprocess.colour=1"], "unknown setting 'preprocess.colour'; allowed in preprocess: "),
+    "bad-int": (["--set", "data.min_images=few"], "data.min_images = 'few'"),
+    "malformed-set": (["--set", "novalue"], "expected section.key=value"),
+    "missing-file": (["--config", "configs/missing.toml"], "config file 'configs/missing.toml' not found"),
+    "bad-size": (["--set", "generate.size=100"], "generate.size = 100"),
+    "bad-lr-scheduler": (["--set", "train.lr_scheduler=cosinus"], "train.lr_scheduler = 'cosinus'"),
+    "no-seeds": (["--set", "generate.seeds=[]"], "generate.seeds = []"),
+    "empty-prompt": (["--set", "data.instance_prompt=''"], "data.instance_prompt = ''"),
+    "no-seed-count": (["--set", "generate.seeds=0"], "a seed count must be 1 to 10000"),
+    "moved-setting": (["--set", "report.analyser='toy'"], "report.analyser is now evaluate.analyser"),
+    "zero-steps": (["--set", "train.steps=0"], "train.steps = 0"),
+    "absurd-steps": (["--set", "train.steps=10000000000"], "train.steps = 10000000000"),
+    "absurd-batch": (["--set", "generate.batch_size=100000"], "generate.batch_size = 100000"),
+    "negative-guidance": (["--set", "generate.guidance=-1"], "generate.guidance = -1"),
+    "unknown-scheduler": (["--set", "generate.scheduler=Fastest"], "generate.scheduler = 'Fastest': 'Fastest' is not"),
+    "unknown-prior-scheduler": (
+        ["--set", "prior.enabled=true", "--set", "prior.scheduler=UNet2DModel"],
+        "prior.scheduler = 'UNet2DModel'",
+    ),
+    "unknown-model": (["--set", "model.id='no-such-org/no-such-model'"], "model.id = 'no-such-org/no-such-model'"),
+    "method-for-other-family": (
+        ["--set", "train.method=lora"],
+        "train.method = 'lora' is not supported for sd15 models (tiny-sd15); use full",
+    ),
+    "instance-dir-missing": (["--set", "data.instance_dir='{tmp}/none'"], "/none' does not exist; set it to a folder"),
+    "instance-dir-a-file": (["--set", "data.instance_dir='{tmp}/file.txt'"], "/file.txt' is a file; set it to a"),
+    "artifacts-a-file": (["--artifacts", "{tmp}/file.txt"], "/file.txt': cannot write there"),
+    "toml-syntax": (["--config", "{tmp}/broken.toml"], "broken.toml"),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_config_errors_are_one_line_without_traceback(boothflow, tmp_path: Path, args: list[str], message: str):
+    (tmp_path / "file.txt").write_text("not a folder")
+    (tmp_path / "broken.toml").write_text("[train\nsteps = 4\n")
+    artifacts = [] if "--artifacts" in args else ["--artifacts", str(tmp_path / "artifacts")]
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in [*args, *artifacts]]
+    proc = boothflow("run", "-c", "configs/demo.toml", *args, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message.replace("{tmp}", str(tmp_path)) in lines[0], (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "artifacts") == ["broken.toml", "file.txt"]
 
 
 def test_too_few_usable_images_fails_with_the_list_in_the_summary(boothflow, tmp_path: Path) -> None:

@@ -181,11 +181,11 @@ def test_sources_are_never_modified(user: Path, broken: Path) -> None:
     assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in files} == before
 
 
-@pytest.mark.parametrize("resolution", [0, 56, 100, 513])
-def test_resolution_must_be_a_multiple_of_8_from_64(resolution: int) -> None:
-    with pytest.raises(ValueError, match="must be a multiple of 8 and at least 64"):
+@pytest.mark.parametrize("resolution", [0, 56, 100, 513, 4104, 1_000_000])
+def test_resolution_must_be_a_multiple_of_8_from_64_to_4096(resolution: int) -> None:
+    with pytest.raises(ValueError, match="must be a multiple of 8 from 64 to 4096"):
         image_side(resolution)
-    assert (image_side(64), image_side(1024)) == (64, 1024)
+    assert (image_side(64), image_side(1024), image_side(4096)) == (64, 1024, 4096)
 
 
 def test_unknown_crop_mode_is_a_config_error(user: Path) -> None:

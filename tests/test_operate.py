@@ -175,3 +175,25 @@ def test_two_concurrent_runs_compute_each_key_once(cli_env: dict, tmp_path: Path
         total = a[name]["items_processed"] + a[name]["items_cached"]
         assert total == b[name]["items_processed"] + b[name]["items_cached"] > 0, name
         assert a[name]["items_processed"] + b[name]["items_processed"] == total, name  # each item computed once
+
+
+def test_a_killed_run_shows_as_crashed_and_boothflow_rerun_finishes_it(boothflow, prefect_server, tmp_path: Path):
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"kill_at": "train:mid-checkpoint-2"}))  # the flow process and its training child
+    base = [*_base(tmp_path), "--set", "train.checkpoint_every=2"]
+    killed = boothflow("run", *base, check=False, env={"BOOTHFLOW_FAULTS": str(faults)})
+    assert killed.returncode == -9
+    [run_id] = [folder.name for folder in (tmp_path / "a" / "runs").iterdir()]
+    with _client(prefect_server) as client:
+        assert client.read_flow_run(UUID(run_id)).state.name == "Running"  # nobody told the server
+
+    [row] = [line for line in boothflow("runs").stdout.splitlines() if run_id in line]
+    assert "Crashed" in row and "is gone" in row, row
+    with _client(prefect_server) as client:
+        assert client.read_flow_run(UUID(run_id)).state.name == "Crashed"
+
+    faults.unlink()
+    boothflow("rerun", run_id, "--summary", tmp_path / "2.json")
+    assert json.loads((tmp_path / "2.json").read_text())["error"] is None
+    with _client(prefect_server) as client:
+        assert client.read_flow_run(UUID(run_id)).state.name == "Completed"

@@ -43,10 +43,15 @@ def parse_memory(value: str) -> int:
 VAE_SLICING = "Decode one image at a time: a batch's decode memory over its size; pixels may move by 1 level"
 
 
+MAX_SIDE = 4096  # 16x the pixels of SDXL's 1024: beyond it no model here was trained, and memory runs out
+MAX_STEPS = 1_000_000
+MAX_BATCH = 1024
+
+
 def image_side(value: int, or_else: str = "") -> int:
     """The one rule for image sides (the VAE downsamples by 8; the tiniest presets need 64)."""
-    if value < 64 or value % 8:
-        raise ValueError(f"must be {or_else}a multiple of 8 and at least 64, e.g. 512 or 1024")
+    if value < 64 or value > MAX_SIDE or value % 8:
+        raise ValueError(f"must be {or_else}a multiple of 8 from 64 to {MAX_SIDE}, e.g. 512 or 1024")
     return value
 
 
@@ -97,11 +102,11 @@ class DataSection(Section):
     instance_prompt: str = Field(
         "a photo of {token} {class}", min_length=1, description="Training prompt; {token} and {class} are filled in"
     )
-    min_images: int = Field(3, ge=1, description="Fail when fewer usable instance images remain")
+    min_images: int = Field(3, ge=1, le=100_000, description="Fail when fewer usable instance images remain")
 
 
 class PreprocessSection(Section):
-    resolution: int = Field(512, description="Output side in pixels: a multiple of 8, at least 64")
+    resolution: int = Field(512, description="Output side in pixels: a multiple of 8 from 64 to 4096")
     crop: Literal["center", "face"] = Field("center", description="Square crop: centred, or around the largest face")
     min_side: int = Field(256, ge=1, description="Reject images whose shorter side is below this many pixels")
     max_pixels: int = Field(
@@ -118,7 +123,7 @@ class PreprocessSection(Section):
 class LatentsSection(Section):
     dtype: Dtype = Field("float32", description="VAE precision while encoding")
     flip: bool = Field(False, description="Also cache each image's mirror image; training picks one at random per step")
-    batch_size: int = no_key("Images per VAE forward pass", default=4, ge=1)
+    batch_size: int = no_key("Images per VAE forward pass", default=4, ge=1, le=MAX_BATCH)
 
 
 class PriorSection(Section):
@@ -127,28 +132,32 @@ class PriorSection(Section):
         "a photo of {class}", min_length=1, description="Prompt for class images; {class} is filled in"
     )
     negative_prompt: str = Field("", description="Negative prompt for class images")
-    num_images: int = Field(100, ge=1, description="Number of class images (more later generates only the extra ones)")
+    num_images: int = Field(
+        100, ge=1, le=100_000, description="Number of class images (more later generates only the extra ones)"
+    )
     loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss")
     scheduler: str = Field("DPMSolverMultistepScheduler", description="diffusers scheduler class used to render them")
-    steps: int = Field(25, ge=1, description="Inference steps per class image")
-    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale")
+    steps: int = Field(25, ge=1, le=1000, description="Inference steps per class image")
+    guidance: float = Field(7.5, ge=0, le=100, description="Classifier-free guidance scale")
     seed: int = Field(0, description="Base seed; image i is rendered with its own generator seeded by (seed, i)")
     dtype: Dtype = Field("float32", description="Rendering precision (float16 needs CUDA)")
     vae_slicing: bool = Field(True, description=VAE_SLICING)
-    batch_size: int = no_key("Class images rendered per batch", default=4, ge=1)
+    batch_size: int = no_key("Class images rendered per batch", default=4, ge=1, le=MAX_BATCH)
 
 
 class TrainSection(Section):
     method: Literal["full", "lora"] = Field("full", description="full: UNet (+ text encoder) weights; lora: adapters")
     train_text_encoder: bool = Field(True, description="Train the text encoder (full) or its LoRA (lora)")
-    steps: int = Field(400, ge=1, description="Optimizer steps")
-    batch_size: int = Field(1, ge=1, description="Images per micro-batch (instance; as many class images with prior)")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step")
+    steps: int = Field(400, ge=1, le=MAX_STEPS, description="Optimizer steps")
+    batch_size: int = Field(
+        1, ge=1, le=MAX_BATCH, description="Images per micro-batch (instance; as many class images with prior)"
+    )
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step")
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate")
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = Field("constant", description="Learning-rate schedule (diffusers.optimization.get_scheduler)")
-    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the LR schedule")
+    lr_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Warm-up steps of the LR schedule")
     optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs CUDA + bitsandbytes")
     adam_beta1: float = Field(0.9, description="Adam beta1")
     adam_beta2: float = Field(0.999, description="Adam beta2")
@@ -163,7 +172,9 @@ class TrainSection(Section):
     tf32: bool = Field(True, description="TF32 float32 matmuls and convolutions on CUDA; ignored (and unkeyed) on CPU")
     channels_last: bool = no_key("UNet weights in channels-last layout on CUDA (faster convolutions)", default=False)
     compile_unet: bool = no_key("torch.compile the UNet on CUDA: slower first steps, faster after", default=False)
-    lora_rank: int = Field(4, ge=1, description="LoRA rank; alpha equals the rank, as the saved formats assume")
+    lora_rank: int = Field(
+        4, ge=1, le=1024, description="LoRA rank; alpha equals the rank, as the saved formats assume"
+    )
     lora_targets: tuple[str, ...] = Field(
         ("to_q", "to_k", "to_v", "to_out.0"), description="UNet attention projections that get LoRA adapters"
     )
@@ -201,9 +212,9 @@ class GenerateSection(Section):
     )
     negative_prompt: str = Field("", description="Negative prompt for every image")
     scheduler: str = Field("DPMSolverMultistepScheduler", description="diffusers scheduler class name")
-    steps: int = Field(25, ge=1, description="Inference steps")
-    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale")
-    size: int = Field(0, ge=0, description="Image side in pixels: a multiple of 8, at least 64; 0: training resolution")
+    steps: int = Field(25, ge=1, le=1000, description="Inference steps")
+    guidance: float = Field(7.5, ge=0, le=100, description="Classifier-free guidance scale")
+    size: int = Field(0, ge=0, description="Image side (a multiple of 8 from 64 to 4096); 0: the training resolution")
     compare_base: bool = Field(False, description="Also render the prompts with the base model, for before/after")
     validation_prompts: tuple[str, ...] = Field(
         ("a photo of {token} {class}",),
@@ -214,7 +225,7 @@ class GenerateSection(Section):
     )
     vae_slicing: bool = Field(True, description=VAE_SLICING)
     vae_tiling: bool = Field(False, description="Decode large images tile by tile (less memory, seams possible)")
-    batch_size: int = no_key("Images per pipeline call", default=4, ge=1)
+    batch_size: int = no_key("Images per pipeline call", default=4, ge=1, le=MAX_BATCH)
 
     @field_validator("size")
     @classmethod

@@ -449,6 +449,15 @@ def resolve(model_id: str, vae_id: str, root: Path) -> ResolvedModel:
     return ResolvedModel(model_id, path, model_family(path), vae_path, identities)
 
 
+def available_family(model_id: str, vae_id: str, root: Path) -> str:
+    """The model's family, once the model (and a separate VAE) proved to be at hand: without building a preset or
+    hashing a file, so a run can check it before anything starts."""
+    family = PRESETS[model_id].family if model_id in PRESETS else model_family(resolve_model(model_id, root))
+    if vae_id:
+        _resolve_vae(vae_id)
+    return family
+
+
 def _resolve_vae(vae_id: str) -> Path:
     """A standalone AutoencoderKL: a local folder with config.json, or a hub repo such as sdxl-vae-fp16-fix."""
     return _folder_or_hub(vae_id, "config.json", "a diffusers AutoencoderKL", _download_vae, "")
