@@ -162,7 +162,29 @@ BAD_INPUTS = {  # id: (arguments, what the one line must say); {tmp} is a fresh 
     "instance-dir-a-file": (["--set", "data.instance_dir='{tmp}/file.txt'"], "/file.txt' is a file; set it to a"),
     "artifacts-a-file": (["--artifacts", "{tmp}/file.txt"], "/file.txt': cannot write there"),
     "toml-syntax": (["--config", "{tmp}/broken.toml"], "broken.toml"),
+    "unknown-section": (["--set", "nosuch.key=1"], "unknown setting 'nosuch'; allowed in top level: run, model"),
+    "prompts-not-a-list": (["--set", "generate.prompts=5"], "generate.prompts = 5"),
+    "empty-token": (["--set", "data.token=''"], "data.token = ''"),
+    "token-of-two-words": (["--set", "data.token='two words'"], "data.token = 'two words'"),
 }
+
+
+@pytest.mark.parametrize(
+    ("files", "usable"),
+    [({}, 0), ({".DS_Store": b"x", "._a.jpg": b"x", "a.jpg.xmp": b"<x/>", "notes.txt": b"hi"}, 0)],
+    ids=["empty-folder", "only-hidden-and-sidecar-files"],
+)
+def test_an_instance_folder_without_images_fails_in_one_line(boothflow, tmp_path: Path, files: dict, usable: int):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    proc = boothflow("run", "-c", "configs/demo.toml", "--artifacts", tmp_path / "a",
+                     "--set", f"data.instance_dir='{folder}'", check=False)  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"failed (preprocess, {folder}): only {usable} usable images"), last
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))

@@ -330,3 +330,25 @@ def test_bad_upstream_fails_naming_the_item(
     if damage == "truncated class image":
         assert err.value.item == str(broken)
     assert not (store.root / latents.STAGE).exists()
+
+
+def test_a_latent_that_comes_out_nan_fails_naming_the_images(
+    models: dict[str, ResolvedModel], folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the float16 VAE overflow is a constructed case: a NaN in the encoder's last bias."""
+    real = latents._load_vae
+
+    def overflowing(vae_path: Path, dtype: str) -> AutoencoderKL:
+        vae = real(vae_path, dtype)
+        with torch.no_grad():
+            vae.encoder.conv_out.bias[0] = float("nan")
+        return vae
+
+    monkeypatch.setattr(latents, "_load_vae", overflowing)
+    store = Store(tmp_path / "artifacts")
+    instance = _preprocess(folder, store)
+    with pytest.raises(StageError, match="the VAE gave NaN or inf in float32") as err:
+        _latents(models["tiny-sd15"], instance, store)
+    ids = pd.read_csv(instance.path / "items.csv")["source_sha256"].str[:16]
+    assert set(err.value.item.split(", ")) <= set(ids) and err.value.item
+    assert not (store.root / latents.ITEMS).exists()  # nothing non-finite is ever cached

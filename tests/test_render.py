@@ -135,3 +135,14 @@ def test_a_separate_vae_replaces_the_bases(models: dict[str, ResolvedModel], tmp
     shift = pipe.vae.decoder.conv_out.bias - AutoencoderKL.from_pretrained(base.vae_path).decoder.conv_out.bias
     assert torch.allclose(shift, torch.full_like(shift, 0.5))
     assert pipe.unet.device.type == "cpu" and pipe.unet.dtype == torch.float32
+
+
+def test_an_image_that_comes_out_nan_is_named_not_saved(models: dict[str, ResolvedModel]) -> None:
+    """On CPU the float16 VAE overflow is a constructed case: a NaN in the decoder's last bias."""
+    pipe = _pipe(models["tiny-sd15"])
+    requests = [_request(0), _request(1)]
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(render.RenderError, match="the image came out NaN or inf") as caught:
+        list(render.render(pipe, requests, 2, "test"))
+    assert caught.value.requests == (requests[0],)

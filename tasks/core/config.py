@@ -97,7 +97,9 @@ class RunSection(Section):
 
 class DataSection(Section):
     instance_dir: Path = no_key("Folder of instance images (subfolders included)", default=Path("data/demo"))
-    token: str = Field("sks", description="Rare identifier token that names the subject")
+    token: str = Field(
+        "sks", min_length=1, pattern=r"^\S+$", description="Rare identifier token that names the subject (one word)"
+    )
     class_name: str = Field("toy", description="Class noun of the subject, e.g. dog or person")
     instance_prompt: str = Field(
         "a photo of {token} {class}", min_length=1, description="Training prompt; {token} and {class} are filled in"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -38,7 +39,8 @@ class RenderRequest:
 
 
 class RenderError(Exception):
-    """The pipeline failed on a batch; `requests` are the images of that batch, for the caller to name."""
+    """The pipeline failed on a batch, or gave an image that is not finite; `requests` are the images concerned,
+    for the caller to name."""
 
     def __init__(self, requests: tuple[RenderRequest, ...], cause: Exception) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
@@ -163,9 +165,16 @@ def _render_batch(pipe: DiffusionPipeline, batch: tuple[RenderRequest, ...]) -> 
         width=first.width,
         height=first.height,
         generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
-        output_type="pil",
+        output_type="np",  # floats, where a NaN still shows; turned into 8-bit images exactly as "pil" does
     )
-    return output.images
+    for request, image in zip(batch, output.images, strict=True):
+        if not np.isfinite(image).all():
+            cause = ValueError(
+                "the image came out NaN or inf (a float16 VAE can overflow: render in float32, or use a VAE made "
+                "for float16 such as madebyollin/sdxl-vae-fp16-fix)"
+            )
+            raise RenderError((request,), cause)
+    return pipe.image_processor.numpy_to_pil(output.images)
 
 
 def render(
@@ -192,6 +201,8 @@ def render(
         for batch in batches:
             try:
                 rendered = _render_batch(pipe, batch)
+            except RenderError:
+                raise
             except Exception as err:
                 raise RenderError(batch, err) from err
             yield from zip(batch, rendered, strict=True)
