@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Annotated
 
@@ -242,18 +243,46 @@ def serve(
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
     device_memory: MemoryOpt = None,
+    notify: Annotated[
+        str | None, typer.Option("--notify", help="Webhook URL to POST to when a night fails or crashes")
+    ] = None,
 ):
     """Serve the nightly deployment: the config is frozen in now, so restart serve after editing it."""
-    from flows.operate import SERVED_DEPLOYMENT, local_timezone, mark_crashed_runs, serve_nightly
+    from flows.operate import SERVED_DEPLOYMENT, local_timezone, mark_crashed_runs, notify_failed_nights, serve_nightly
 
     cfg = _config(config, set_, artifacts, device_memory)
+    _check_webhook(notify)
     zone = timezone or local_timezone()
     console.print(_server_line(), highlight=False)
     console.print(
         f"serving deployment dreambooth/{SERVED_DEPLOYMENT}: cron {cron!r} in time zone {zone}", highlight=False
     )
     mark_crashed_runs()
+    if notify:
+        notify_failed_nights(notify)
+        console.print(f"a failed or crashed night posts to {notify}", highlight=False)
     serve_nightly(cfg, cron, zone)
+
+
+def _check_webhook(url: str | None) -> None:
+    if url is not None and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        console.print(f"[red]error:[/red] webhook {url!r}: expected an http(s) URL", highlight=False)
+        raise typer.Exit(2)
+
+
+@app.command()
+def notify(
+    url: Annotated[str, typer.Argument(help="Webhook URL to POST to")],
+    deployment: Annotated[
+        str, typer.Option("--deployment", help="Deployment name, e.g. nightly-worker from prefect.yaml")
+    ] = "nightly",
+):
+    """Post to a webhook when a run of a dreambooth deployment fails or crashes (a Prefect automation)."""
+    _check_webhook(url)
+    from flows.operate import notify_failed_nights
+
+    notify_failed_nights(url, deployment)
+    console.print(f"a failed or crashed run of dreambooth/{deployment} posts to {url}", highlight=False)
 
 
 @app.command()

@@ -17,6 +17,8 @@ from uuid import UUID
 
 import tzlocal
 from prefect import get_client
+from prefect.automations import Automation, EventTrigger, Posture, SendNotification
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import FlowRun
@@ -73,6 +75,38 @@ def mark_crashed_runs(limit: int = 50) -> None:
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))), sort=FlowRunSort.START_TIME_DESC, limit=limit
         ):
             mark_crashed(client, flow_run)
+
+
+NOTIFY_SUBJECT = "boothflow run {{ flow_run.name }} {{ flow_run.state.name }}"
+NOTIFY_BODY = (
+    "boothflow run {{ flow_run.name }} of {{ flow.name }}/{{ deployment.name }} ended {{ flow_run.state.name }}: "
+    "{{ flow_run.state.message }}"
+)
+
+
+def notify_failed_nights(url: str, deployment: str = SERVED_DEPLOYMENT) -> UUID:
+    """Through Prefect's API, an automation that posts to `url` when a run of the deployment named `deployment`
+    fails or crashes: JSON `{"subject": ..., "text": ...}` with the run's name and its final state's message, which
+    holds the failed stage and its one-line cause. Replaces the one an earlier call made for that deployment."""
+    name = f"boothflow: a night of {deployment} failed"
+    block = CustomWebhookNotificationBlock(
+        name="boothflow", url=url, method="POST", json_data={"subject": "{{subject}}", "text": "{{body}}"}
+    )
+    block_id = block.save(f"boothflow-{deployment}-failed", overwrite=True)
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(name):
+            client.delete_automation(old.id)
+    automation = Automation(
+        name=name,
+        trigger=EventTrigger(
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            match_related={"prefect.resource.role": "deployment", "prefect.resource.name": deployment},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[SendNotification(block_document_id=block_id, subject=NOTIFY_SUBJECT, body=NOTIFY_BODY)],
+    )
+    return automation.create().id
 
 
 def rerun(run_id: str) -> tuple[FlowRun, State | None]:

@@ -7,9 +7,12 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 from uuid import UUID
 
 from PIL import Image
@@ -96,6 +99,18 @@ def _state(api: str, run_id: str) -> str:
         return client.read_flow_run(UUID(run_id)).state.name
 
 
+class _Webhook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict]] = []  # what the webhook was sent, in order
+
+    def do_POST(self) -> None:
+        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def test_nightly_serve_schedules_in_local_time_caches_quiet_nights_and_retries_like_the_ui(
     cli_env: dict, prefect_server: str, tmp_path: Path
 ) -> None:
@@ -103,7 +118,11 @@ def test_nightly_serve_schedules_in_local_time_caches_quiet_nights_and_retries_l
     images = Path(base[5].split("=", 1)[1].strip("'"))
     faults = tmp_path / "faults.json"
     env = {**cli_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "BOOTHFLOW_FAULTS": str(faults)}
-    command = [BIN / "boothflow", "serve", "--cron", "0 3 * * *", "--timezone", "Europe/Berlin", *map(str, base)]
+    webhook = ThreadingHTTPServer(("127.0.0.1", 0), _Webhook)
+    threading.Thread(target=webhook.serve_forever, daemon=True).start()
+    notify = f"http://127.0.0.1:{webhook.server_address[1]}/hook"
+    command = [BIN / "boothflow", "serve", "--cron", "0 3 * * *", "--timezone", "Europe/Berlin", "--notify", notify,
+               *map(str, base)]  # fmt: skip
     serve = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with _client(prefect_server) as client:
@@ -127,6 +146,12 @@ def test_nightly_serve_schedules_in_local_time_caches_quiet_nights_and_retries_l
         Image.open(images / "toy_02_shelf.png").rotate(180).save(images / "another.png")  # so generate runs
         failed = _run_deployment(prefect_server, "dreambooth/nightly")
         assert _state(prefect_server, failed) == "Failed"
+        [posted] = _wait(lambda: _Webhook.received, 120, "the failed night's webhook")
+        with _client(prefect_server) as client:
+            name = client.read_flow_run(UUID(failed)).name
+        assert posted["subject"] == f"boothflow run {name} Failed", posted
+        assert f"boothflow run {name} of dreambooth/nightly ended Failed: " in posted["text"], posted
+        assert "generate: fault: injected fault" in posted["text"], posted  # the failed stage and its cause
         faults.unlink()
         with _client(prefect_server) as client:
             client.set_flow_run_state(UUID(failed), AwaitingRetry(message="Retry from the UI"), force=True)
@@ -137,6 +162,7 @@ def test_nightly_serve_schedules_in_local_time_caches_quiet_nights_and_retries_l
     finally:
         serve.terminate()
         serve.wait(30)
+        webhook.shutdown()
 
 
 def _deployment(client):
@@ -159,6 +185,16 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(cli_env: dict) -> None:
     assert deployment.entrypoint == "flows/dreambooth.py:dreambooth"
     assert deployment.work_pool_name == "boothflow-process"
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+
+    notified = subprocess.run([BIN / "boothflow", "notify", "https://hooks.example.com/x", "--deployment",
+                               "nightly-worker"], cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+    assert notified.returncode == 0, notified.stderr
+    with _client(env["PREFECT_API_URL"]) as client:
+        [automation] = client.read_automations_by_name("boothflow: a night of nightly-worker failed")
+    assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert automation.trigger.match_related.model_dump() == {"prefect.resource.role": "deployment",
+                                                "prefect.resource.name": "nightly-worker"}  # fmt: skip
+    assert [action.type for action in automation.actions] == ["send-notification"]
 
 
 def test_two_concurrent_runs_compute_each_key_once(cli_env: dict, tmp_path: Path) -> None:
