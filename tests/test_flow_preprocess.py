@@ -162,6 +162,7 @@ BAD_INPUTS = {  # id: (arguments, what the one line must say); {tmp} is a fresh 
     "instance-dir-a-file": (["--set", "data.instance_dir='{tmp}/file.txt'"], "/file.txt' is a file; set it to a"),
     "artifacts-a-file": (["--artifacts", "{tmp}/file.txt"], "/file.txt': cannot write there"),
     "toml-syntax": (["--config", "{tmp}/broken.toml"], "broken.toml"),
+    "config-a-folder": (["--config", "{tmp}"], "' is a folder, not a TOML file; shipped configs: demo"),
     "unknown-section": (["--set", "nosuch.key=1"], "unknown setting 'nosuch'; allowed in top level: run, model"),
     "prompts-not-a-list": (["--set", "generate.prompts=5"], "generate.prompts = 5"),
     "empty-token": (["--set", "data.token=''"], "data.token = ''"),

@@ -342,7 +342,8 @@ def _config_file(path: Path) -> tuple[Path, bool]:
     presets = shipped_configs()
     if len(path.parts) == 1 and path.name.removesuffix(".toml") in presets:
         return presets[path.name.removesuffix(".toml")], True
-    raise ConfigError(f"config file {str(path)!r} not found; shipped configs: {', '.join(presets)}")
+    problem = "is a folder, not a TOML file" if path.is_dir() else "not found"
+    raise ConfigError(f"config file {str(path)!r} {problem}; shipped configs: {', '.join(presets)}")
 
 
 def _read_config(path: Path) -> dict[str, Any]:
