@@ -130,9 +130,12 @@ def test_fp16_without_cuda_is_one_line_naming_the_setting(setting: str, tmp_path
 
 
 def test_a_config_that_cannot_fit_stops_before_any_model_loads(boothflow, tmp_path: Path) -> None:
-    """SD 1.5 full fine-tune + text encoder, fp32, no checkpointing, batch 8 at 1024 px on an 8 GiB device."""
+    """SD 1.5 full fine-tune + text encoder, fp32, no checkpointing, batch 8 at 1024 px on an 8 GiB device (the
+    full-size SD 1.5 architecture preset: a run checks its model is at hand before anything, and no SD 1.5 weights
+    are here)."""
     artifacts, summary = tmp_path / "artifacts", tmp_path / "summary.json"
-    too_big = ["-c", "configs/sd15.toml", "--set", "train.batch_size=8", "--set", "preprocess.resolution=1024"]
+    too_big = ["-c", "configs/sd15.toml", "--set", "model.id='sd15-arch'", "--set", "train.batch_size=8",
+               "--set", "preprocess.resolution=1024"]  # fmt: skip
     proc = boothflow("run", *too_big, "--device-memory", "8GiB", "--artifacts", artifacts, "--summary", summary,
                      check=False)  # fmt: skip
     assert proc.returncode == 1
