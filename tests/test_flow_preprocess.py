@@ -331,3 +331,21 @@ def test_a_stage_entry_is_looked_up_once_per_run(prefect_server: str, tmp_path: 
     served, served_lookups = preprocess_once()
     assert (served["stages"]["preprocess"]["status"], served_lookups) == ("cached", 1)
     assert task_states(prefect_server, served["run"]["flow_run_id"]) == {"preprocess": "Completed"}
+
+
+def test_a_flow_started_without_the_cli_checks_its_config_before_any_stage(prefect_server: str, tmp_path: Path):
+    """As a run from the UI or a deployment: the flow's own first step is the check the CLI makes."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    from flows.dreambooth import dreambooth
+    from tasks.core.config import load_config
+
+    root = tmp_path / "artifacts"
+    config = load_config(None, ["generate.scheduler='Fastest'"], root)
+    with temporary_settings({PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
+        state = dreambooth(config, return_state=True)
+    assert state.is_failed()
+    summary = json.loads(next((root / "runs").glob("*/summary.json")).read_text())
+    assert summary["error"]["stage"] == "config" and "generate.scheduler = 'Fastest'" in summary["error"]["message"]
+    assert {s["status"] for s in summary["stages"].values()} == {"skipped"}
+    assert not (root / "preprocess").exists()
