@@ -127,6 +127,16 @@ def _inodes(folder: Path) -> set[int]:
     return {f.stat().st_ino for f in folder.rglob("*") if f.is_file()}
 
 
+def _stale(recent: bool, age_days: float, keep_last: int | None, older_than_days: float | None) -> str | None:
+    """Why an entry goes, when every rule given says so; None when one of them keeps it."""
+    reasons = []
+    if keep_last is not None:
+        reasons.append(None if recent else f"not used by the last {keep_last} runs")
+    if older_than_days is not None:
+        reasons.append(f"last used {age_days:.1f} days ago" if age_days > older_than_days else None)
+    return None if None in reasons else "; ".join(reasons)
+
+
 def plan(
     root: Path, stages: list[str], keep_last: int | None, older_than_days: float | None, damaged: bool
 ) -> tuple[list[Removal], list[str]]:
@@ -161,17 +171,12 @@ def plan(
         if entry["stage"] not in stages or (keep_last is None and older_than_days is None):
             continue
         name = f"{entry['stage']}/{entry['key'].removesuffix(CHECKPOINTS_SUFFIX)}"
-        used = max(last_use.get(name, 0.0), _created(folder))
-        why = []
-        if recent is not None:
-            why.append(f"not used by the last {keep_last} runs" if name not in recent else "")
-        if older_than_days is not None:
-            age = (now - used) / DAY
-            why.append(f"last used {age:.1f} days ago" if age > older_than_days else "")
-        if name in protected or not all(why):
+        age_days = (now - max(last_use.get(name, 0.0), _created(folder))) / DAY
+        why = None if name in protected else _stale(name in (recent or ()), age_days, keep_last, older_than_days)
+        if why is None:
             kept_inodes |= _inodes(folder)
-            continue
-        removals.append(Removal(entry["stage"], entry["key"], entry["bytes"], "; ".join(why)))
+        else:
+            removals.append(Removal(entry["stage"], entry["key"], entry["bytes"], why))
     if items and running:
         notes.append(f"item entries kept: {len(running)} run(s) running")
     elif keep_last is not None or older_than_days is not None:
