@@ -9,14 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 from prefect import task
+from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
 from flows.caching import cache_options, forget_record
@@ -28,6 +32,8 @@ from tasks.core.store import DiskFull, Entry, Store
 from tasks.sd.device import release
 
 EXPECTED = (StageError, DiskFull)  # failures the user acts on, each said in one line
+MODEL_STAGES = frozenset({"class_images", "latents", "train", "generate", "evaluate"})  # what holds a GPU slot
+WORKER_ENV = "PREFECT__WORKER_NAME"  # set by a Prefect worker in the flow runs it starts
 
 
 class ExpectedFailures(logging.Filter):
@@ -95,6 +101,22 @@ def stage_task(stage: Stage, cfg: Any, inputs: Any, root: Path, key: str, found:
     return stage.serve(cfg, inputs, Store(root), key, found)
 
 
+@contextlib.contextmanager
+def accelerator_slot(limit: str, stage: str) -> Iterator[None]:
+    """A slot of the Prefect global concurrency limit `limit` while a stage that loads a model runs (none for the
+    others, or without a limit): workers that share GPUs never put two such stages on one."""
+    if not limit or stage not in MODEL_STAGES:
+        yield
+        return
+    try:
+        with concurrency(limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+            yield
+    except ConcurrencySlotAcquisitionError:  # raised only while acquiring: the limit does not exist
+        create = f"prefect global-concurrency-limit create {limit} --limit 1"
+        message = f"the Prefect server has no global concurrency limit {limit!r} (run.concurrency_limit); create it: "
+        raise StageError(stage, message + create) from None
+
+
 def summary_path(root: Path, flow_run_id: str) -> Path:
     return Path(root) / "runs" / flow_run_id / "summary.json"
 
@@ -112,7 +134,12 @@ class StageRunner:
         self.plan = plan
         self.current: str | None = None
         self.summary: dict[str, Any] = {
-            "run": {"name": config.run.name, "flow_run_id": str(flow_run.id), "stage": only},
+            "run": {
+                "name": config.run.name,
+                "flow_run_id": str(flow_run.id),
+                "stage": only,
+                "worker": os.environ.get(WORKER_ENV),
+            },
             "stages": {name: {"status": "skipped"} for name in stage_names},
             "outputs": {},
             "models_loaded": [],
@@ -173,7 +200,7 @@ class StageRunner:
         else:
             if found is None:
                 forget_record(self.root, name, key)
-            with PeakMemory() as memory:
+            with accelerator_slot(self.config.run.concurrency_limit, name), PeakMemory() as memory:
                 task = stage_task.with_options(name=name, **cache_options(name, self.root))
                 state = task(stage, cfg, inputs, self.root, key, found, return_state=True)
             release()  # the stage's models are gone: give their accelerator memory back before the next stage

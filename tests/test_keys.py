@@ -27,6 +27,7 @@ CHANGES = [
     ("model.safety_checker", True, TRAIN),
     ("run.name", "other", {"report"}),  # the report shows it
     ("run.device_memory", "24GiB", set()),
+    ("run.concurrency_limit", "boothflow-gpu", set()),
     ("data.token", "zwx", TRAIN),
     ("data.class_name", "dog", CLASS_SIDE),
     ("data.instance_prompt", "a {token}", TRAIN),

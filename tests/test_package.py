@@ -70,7 +70,11 @@ def test_the_wheel_holds_every_module_and_runs_the_toy_preset_from_an_empty_fold
 ) -> None:
     wheel = _wheel(tmp_path / "dist")
     modules = {p.relative_to(REPO).as_posix() for top in ("flows", "tasks") for p in (REPO / top).rglob("*.py")}
-    assert modules <= set(zipfile.ZipFile(wheel).namelist())  # pyproject.toml lists the packages by hand
+    listed = set(zipfile.ZipFile(wheel).namelist())
+    assert modules <= listed  # pyproject.toml lists the packages by hand
+    shipped = {f"boothflow_shipped/{p.relative_to(REPO).as_posix()}" for p in (REPO / "configs" / "sweeps").glob("*")}
+    shipped |= {f"boothflow_shipped/{p.relative_to(REPO).as_posix()}" for p in (REPO / "data").rglob("toy_sets/*/*")}
+    assert len(shipped) == 12 and shipped <= listed  # the sweep presets and the folders the toy sweep names
 
     bin_ = _venv_with(wheel, tmp_path / "venv")
     work = tmp_path / "work"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +85,13 @@ class RunSection(Section):
     device_memory: str = no_key(
         "Accelerator memory the plan checks against, e.g. 24GiB; empty: the CUDA device's (no check without CUDA)",
         default="",
+    )
+
+    concurrency_limit: str = no_key(
+        "Prefect global concurrency limit whose slot each stage that loads a model holds while it runs, so runs on"
+        " several workers share GPUs (sweeps on a work pool use boothflow-gpu); empty: none",
+        default="",
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9_.:-]{0,99})?$",
     )
 
     @field_validator("device_memory")
@@ -310,12 +317,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return name.strip().split("."), value
 
 
-def _apply(data: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+def _apply(data: dict[str, Any], path: list[str], value: Any, where: str) -> None:
+    """Set `section.key` in raw config data; `where` names the setting for an error (e.g. `--set 'x=1'`)."""
     node = data
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {text!r}: {part!r} is a value, not a section")
+            raise ConfigError(f"{where}: {part!r} is a value, not a section")
         node = child
     node[path[-1]] = value
 
@@ -334,22 +342,21 @@ def _describe(error: ValidationError, data: dict[str, Any]) -> str:
     return f"{loc} = {first.get('input')!r}: {first['msg']}"
 
 
-def _config_file(path: Path) -> tuple[Path, bool]:
-    """The file `--config` names and whether it is a shipped preset: an existing file, else a preset's name
-    (`toy`, `demo.toml`)."""
+def shipped_or_file(path: Path, presets: dict[str, Path], kind: str) -> tuple[Path, bool]:
+    """The file an argument names and whether it is shipped: an existing file, else a preset's name (`toy`,
+    `demo.toml`). `kind` names the files in the error, e.g. `config`."""
     if path.is_file():
         return path, False
-    presets = shipped_configs()
     if len(path.parts) == 1 and path.name.removesuffix(".toml") in presets:
         return presets[path.name.removesuffix(".toml")], True
     problem = "is a folder, not a TOML file" if path.is_dir() else "not found"
-    raise ConfigError(f"config file {str(path)!r} {problem}; shipped configs: {', '.join(presets)}")
+    raise ConfigError(f"{kind} file {str(path)!r} {problem}; shipped {kind}s: {', '.join(presets)}")
 
 
 def _read_config(path: Path) -> dict[str, Any]:
     """A config file's settings. A shipped preset's instance folder is relative to the shipped data (a user's file
     keeps its paths relative to the working directory), so `--config toy` works from any folder."""
-    file, shipped = _config_file(path)
+    file, shipped = shipped_or_file(path, shipped_configs(), "config")
     try:
         data = tomllib.loads(file.read_text())
     except tomllib.TOMLDecodeError as err:
@@ -359,12 +366,20 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: Path | None, overrides: list[str] = (), artifacts: Path | None = None) -> RunConfig:
-    """Read a TOML file or shipped preset, apply `--set` overrides and `--artifacts`, and validate it all at once."""
+def load_config(
+    path: Path | None,
+    overrides: list[str] = (),
+    artifacts: Path | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Read a TOML file or shipped preset, apply `--set` overrides, then `settings` (dotted name -> value, as a
+    sweep gives them) and `--artifacts`, and validate it all at once."""
     data = _read_config(path) if path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
-        _apply(data, keys, value, text)
+        _apply(data, keys, value, f"--set {text!r}")
+    for name, value in (settings or {}).items():
+        _apply(data, name.split("."), value, f"setting {name!r}")
     if artifacts is not None:
         _apply(data, ["run", "artifacts_root"], str(artifacts), "--artifacts")
     try:

@@ -27,3 +27,8 @@ def shipped_root() -> Path:
 def shipped_configs() -> dict[str, Path]:
     """The preset configs by name: `toy` for configs/toy.toml."""
     return dict(sorted((path.stem, path) for path in (shipped_root() / "configs").glob("*.toml")))
+
+
+def shipped_sweeps() -> dict[str, Path]:
+    """The preset sweeps by name: `toy` for configs/sweeps/toy.toml."""
+    return dict(sorted((path.stem, path) for path in (shipped_root() / "configs" / "sweeps").glob("*.toml")))

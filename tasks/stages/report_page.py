@@ -18,7 +18,7 @@ from tasks.core.tables import KIND_LABELS
 
 SECTIONS = ("summary", "settings", "stages", "inputs", "loss", "samples", "checkpoints", "metrics")
 """The id of every section element of report.html, in page order; links and tests rely on them."""
-TEMPLATE, CSS = "report.html.j2", "report.css"
+TEMPLATE, MACROS, CSS = "report.html.j2", "macros.html.j2", "report.css"
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,13 @@ def _templates() -> Any:
 def template_digest() -> str:
     """The template and stylesheet as the report's key sees them: editing either reruns the report alone."""
     h = hashlib.sha256()
-    for name in (TEMPLATE, CSS):
+    for name in (TEMPLATE, MACROS, CSS):
         h.update((_templates() / name).read_bytes())
     return h.hexdigest()
 
 
-def render(context: dict[str, Any]) -> str:
+def render(context: dict[str, Any], template: str = TEMPLATE, sections: tuple[str, ...] = SECTIONS) -> str:
+    """A page from one of the templates (the run report by default), with the shared stylesheet inlined."""
     environment = jinja2.Environment(
         loader=jinja2.FunctionLoader(lambda name: (_templates() / name).read_text(encoding="utf-8")),
         autoescape=True,
@@ -53,7 +54,7 @@ def render(context: dict[str, Any]) -> str:
         keep_trailing_newline=True,
     )
     css = Markup((_templates() / CSS).read_text(encoding="utf-8"))  # our stylesheet, not user text
-    return environment.get_template(TEMPLATE).render(**context, css=css, sections=SECTIONS)
+    return environment.get_template(template).render(**context, css=css, sections=sections)
 
 
 def number(value: Any, digits: int = 3) -> str:
@@ -75,12 +76,12 @@ def compact(values: Iterable[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _plain(value: Any) -> str:
+def plain(value: Any) -> str:
     """A settings value as a person reads it: integers as runs, other lists one item per line, empty values named."""
     if isinstance(value, list | tuple):
         if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return compact(value)
-        return "\n".join(_plain(v) for v in value) if value else "(none)"
+        return "\n".join(plain(v) for v in value) if value else "(none)"
     return "(empty)" if value is None or value == "" else str(value)
 
 
@@ -96,7 +97,7 @@ def settings(resolved: dict[str, Any]) -> list[dict[str, Any]]:
     groups = []
     for section, values in resolved.items():
         fields = values if isinstance(values, dict) else {section: values}
-        rows = [{"name": n, "meaning": _meaning(section, n), "value": _plain(v)} for n, v in fields.items()]
+        rows = [{"name": n, "meaning": _meaning(section, n), "value": plain(v)} for n, v in fields.items()]
         groups.append({"section": section, "rows": rows})
     return groups
 

@@ -1,0 +1,199 @@
+"""A sweep as one parent flow run: each cell is a `dreambooth` flow run under it, run here one after another or
+submitted as a deployment run that the workers of a work pool pick up; then one comparison of every cell.
+
+Cells share the artifact root, so what they have in common (a dataset's preprocessing and latents, the class images
+of a base model) is built once; on a pool, stages that load a model hold a slot of one Prefect concurrency limit.
+"""
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_client, get_run_logger
+from prefect.artifacts import (
+    aupdate_progress_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+)
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.objects import FlowRun, WorkerStatus
+from prefect.deployments import run_deployment
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.exceptions import ObjectNotFound
+from prefect.flow_runs import wait_for_flow_run
+from prefect.runtime import flow_run
+
+from flows.dreambooth import check_plan, dreambooth
+from flows.publish import report_link
+from flows.runner import summary_path
+from tasks.core.config import RunConfig
+from tasks.core.stage import StageError
+from tasks.core.sweeps import Cell, Sweep
+from tasks.stages import comparison
+
+GPU_LIMIT = "boothflow-gpu"  # the Prefect global concurrency limit: its slots are the pool's GPUs
+SWEEPS_FOLDER = "sweeps"  # <artifacts root>/sweeps/<sweep name>/comparison.html
+
+
+def deployment_name(pool: str) -> str:
+    return f"sweep-{pool}"
+
+
+def deploy_cells(pool: str) -> str:
+    """The deployment a pool's workers run cells from: the `dreambooth` flow by module path (every worker has
+    boothflow installed), no schedule. Returns `flow/deployment` for run_deployment."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise StageError("sweep", f"work pool {pool!r} not found; create it (prefect work-pool create {pool} "
+                             f"--type process) and start workers (prefect worker start --pool {pool} --limit 1)",
+                             ) from None  # fmt: skip
+        online = [w for w in client.read_workers_for_work_pool(pool) if w.status == WorkerStatus.ONLINE]
+    if not online:
+        get_run_logger().warning(f"no worker of pool {pool!r} is online: cells wait until one starts "
+                                 f"(prefect worker start --pool {pool} --limit 1)")  # fmt: skip
+    deployment = RunnerDeployment.from_flow(
+        dreambooth,
+        name=deployment_name(pool),
+        work_pool_name=pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        tags=["boothflow", "sweep"],
+        description="Cells of boothflow sweeps; `boothflow sweep FILE --pool POOL` submits runs of it.",
+    )
+    deployment.apply()
+    return f"{dreambooth.name}/{deployment_name(pool)}"
+
+
+def gpu_limit(slots: int | None) -> int:
+    """Make sure the limit exists (one slot unless told); with `slots`, set it. Returns its slots."""
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots or 1))
+            return slots or 1
+        if slots is not None and slots != limit.limit:
+            client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=slots))
+            return slots
+        return limit.limit
+
+
+def _on_pool(config: RunConfig) -> RunConfig:
+    """A cell's config on a pool holds the GPU limit's slots, unless it names its own limit."""
+    if config.run.concurrency_limit:
+        return config
+    return config.model_copy(update={"run": config.run.model_copy(update={"concurrency_limit": GPU_LIMIT})})
+
+
+def run_on_pool(spec: Sweep, pool: str, gpus: int | None) -> list[FlowRun]:
+    """Submit every cell as a run of the pool's deployment (each a flow run under this one), then wait for all."""
+    name = deploy_cells(pool)
+    slots = gpu_limit(gpus)
+    get_run_logger().info(f"{len(spec.cells)} cells on work pool {pool!r}; stages that load a model hold a slot of "
+                          f"concurrency limit {GPU_LIMIT!r} ({slots}); change it with "
+                          f"prefect global-concurrency-limit update {GPU_LIMIT} --limit N")  # fmt: skip
+    submitted = [
+        run_deployment(name, parameters={"config": _on_pool(cell.config).model_dump(mode="json")},
+                       flow_run_name=cell.name, timeout=0, tags=["boothflow", f"sweep:{spec.name}"])
+        for cell in spec.cells
+    ]  # fmt: skip
+    return asyncio.run(_wait([cell_run.id for cell_run in submitted], CellProgress(len(submitted))))
+
+
+class CellProgress:
+    """A log line and the sweep's progress artifact in the UI, updated as each cell finishes."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.artifact = create_progress_artifact(0.0, key="sweep-progress", description=f"0 of {total} cells")
+
+    async def finished(self, name: str, state: str) -> None:
+        self.done += 1
+        get_run_logger().info(f"cell {self.done} of {self.total} finished: {name}: {state}")
+        await aupdate_progress_artifact(
+            self.artifact, 100 * self.done / self.total, f"{self.done} of {self.total} cells"
+        )
+
+
+async def _wait(ids: list[UUID], progress: CellProgress) -> list[FlowRun]:
+    """Every cell's run once it has finished, in cell order."""
+    finished = {}
+    for done in asyncio.as_completed([wait_for_flow_run(flow_run_id, timeout=None) for flow_run_id in ids]):
+        cell_run = await done
+        finished[cell_run.id] = cell_run
+        await progress.finished(cell_run.name, cell_run.state.name)
+    return [finished[flow_run_id] for flow_run_id in ids]
+
+
+def run_here(cells: list[Cell]) -> list[tuple[str, str]]:
+    """Each cell as a subflow run of this one, in turn; their run ids and final states (a failed cell stops no
+    other)."""
+    progress, ran = CellProgress(len(cells)), []
+    for cell in cells:
+        state = dreambooth.with_options(flow_run_name=cell.name)(cell.config, return_state=True)
+        ran.append((str(state.state_details.flow_run_id), state.name))
+        asyncio.run(progress.finished(cell.name, state.name))
+    return ran
+
+
+def _summary(root: Path, flow_run_id: str) -> dict[str, Any] | None:
+    path = summary_path(root, flow_run_id)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@flow(name="dreambooth-sweep")
+def sweep(spec: Sweep, pool: str = "", gpus: int | None = None) -> dict[str, Any]:
+    """A matrix of DreamBooth runs and their comparison; with `pool`, cells run on that work pool's workers."""
+    for cell in spec.cells:
+        try:
+            check_plan(cell.config)
+        except StageError as err:
+            raise StageError("config", f"cell {cell.name!r}: {err.message}") from None
+    root = spec.base.run.artifacts_root
+    if pool:
+        ran = [(str(cell_run.id), cell_run.state.name) for cell_run in run_on_pool(spec, pool, gpus)]
+    else:
+        ran = run_here(spec.cells)
+    cells = [
+        comparison.CellRun(cell.name, cell.config.model_dump(mode="json"), state, _summary(root, flow_run_id))
+        for cell, (flow_run_id, state) in zip(spec.cells, ran, strict=True)
+    ]
+    facts = comparison.write(spec.name, spec.base.model_dump(mode="json"), cells, root / SWEEPS_FOLDER / spec.name)
+    publish(facts, root)
+    record = {
+        "sweep": spec.name,
+        "comparison": str(facts["html"]),
+        "cells": [{"cell": cell.name, "flow_run_id": flow_run_id, "state": cell.state, "summary": cell.summary}
+                  for cell, (flow_run_id, _) in zip(cells, ran, strict=True)],
+    }  # fmt: skip
+    sweep_record(root, str(flow_run.id)).write_text(json.dumps(record, indent=1, default=str))
+    failed = [row["cell"] for row in facts["cells"] if row["failed"]]
+    if failed:
+        raise StageError("sweep", f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}; "
+                         f"the comparison shows why: {facts['html']}")  # fmt: skip
+    return record
+
+
+def sweep_record(root: Path, flow_run_id: str) -> Path:
+    """What a sweep run did, cell by cell (each cell's run summary included): the CLI's table and --summary."""
+    path = summary_path(root, flow_run_id).with_name("sweep.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def publish(facts: dict[str, Any], root: Path) -> None:
+    """The comparison in the Prefect UI: a table of cells and a link to the page."""
+    rows = [{"cell": row["cell"], "status": row["status"], "worker": row["worker"], **row["settings"],
+             "training_seconds": row["training_seconds"], "final_loss": row["final_loss"], **row["metrics"]}
+            for row in facts["cells"]]  # fmt: skip
+    link = report_link(Path(facts["html"]), root)
+    lines = [f"# boothflow sweep `{facts['name']}`", "", f"{len(rows)} cells; comparison: [{facts['html']}]({link})"]
+    create_markdown_artifact("\n".join(lines), key="sweep-summary", description="boothflow sweep")
+    create_table_artifact(rows, key="sweep-cells", description="One row per cell of the sweep")
+    create_link_artifact(link, link_text=f"comparison: {facts['html']}", key="sweep-comparison",
+                         description="Sweep comparison page")  # fmt: skip
