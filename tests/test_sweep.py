@@ -104,6 +104,7 @@ BAD_SWEEPS = [
     ('name = "x"\nmatrixx = { "train.steps" = [1, 2] }', "allowed at the top level: name, config, set, matrix, runs"),
     ('name = "x"\nconfig = "nope"\nmatrix = { "train.steps" = [1, 2] }', "config file 'nope' not found"),
     ('name = "x\nmatrix', "is not valid TOML"),
+    ('name = "x"\nmatrix = { config = ["toy", 3] }', "cell 'config=3': config = 3: expected a config file or preset"),
 ]
 
 

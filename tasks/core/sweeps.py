@@ -167,6 +167,8 @@ def load_sweep(path: Path, overrides: list[str] = (), artifacts: Path | None = N
 
 def _config(where: str, what: str, config: str, settings: dict[str, Any], artifacts: Path | None,
             run_name: str) -> RunConfig:  # fmt: skip
+    if not isinstance(config, str):
+        raise ConfigError(f"{where}, {what}: config = {config!r}: expected a config file or preset name, e.g. 'sd15'")
     try:
         return load_config(Path(config) if config else None, [], artifacts, {**settings, "run.name": run_name})
     except ConfigError as err:
