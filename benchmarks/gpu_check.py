@@ -30,6 +30,7 @@ NEEDS = {
 OPTIONAL = {"bitsandbytes": "8-bit Adam", "xformers": "the xformers attention case"}
 SD15 = {"method": "full", "train_text_encoder": True}
 SDXL = {"method": "lora", "train_text_encoder": False}
+PROMPT = "a photo of sks dog"
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def synthetic_latents(folder: Path, arch, side: int, count: int = 4) -> Path:
     return folder
 
 
-def synthetic_embeddings(folder: Path, arch) -> dict[str, Path]:
+def synthetic_embeddings(folder: Path, arch, prompt: str) -> dict[str, Path]:
     """Cached prompt embeddings of the right shapes, as the train stage leaves them for frozen text encoders."""
     import torch
     from safetensors.torch import save_file
@@ -118,7 +119,7 @@ def synthetic_embeddings(folder: Path, arch) -> dict[str, Path]:
         pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
         tensors["pooled"] = torch.randn(1, pooled)
     save_file(tensors, folder / "embeds.safetensors")
-    return {"instance": folder / "embeds.safetensors"}
+    return {prompt: folder / "embeds.safetensors"}
 
 
 def train_case(case: Case, root: Path, steps: int) -> dict:
@@ -137,8 +138,8 @@ def train_case(case: Case, root: Path, steps: int) -> dict:
     job = TrainJob(
         family=arch.family, base=path, vae_path=path / "vae", out_dir=work / "out", checkpoints_dir=work / "ckpt",
         latents_dir=synthetic_latents(work / "latents", arch, case.resolution), train=cfg,
-        optimizer=resolved_optimizer(cfg), instance_prompt="a photo of sks dog", class_prompt=None, prior_weight=0.0,
-        text_embeds=None if cfg.train_text_encoder else synthetic_embeddings(work, arch), safety_checker=False,
+        optimizer=resolved_optimizer(cfg), instance_prompt=PROMPT, class_prompt=None, prior_weight=0.0,
+        text_embeds=None if cfg.train_text_encoder else synthetic_embeddings(work, arch, PROMPT), safety_checker=False,
         parent_pid=0, facts={},
     )  # fmt: skip
     training = build_training(job)

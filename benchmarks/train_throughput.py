@@ -70,7 +70,7 @@ def prepare(overrides: list[str], root: Path) -> tuple[RunConfig, Path, TrainJob
     model = resolve(config.model.id, "", config.run.artifacts_root)
     prepared = preprocess.run(config.preprocess, preprocess.PreprocessInputs.of(config), store)
     encoded = latents.run(config.latents, latents.LatentsInputs(model, prepared, None), store)
-    inputs = train.TrainInputs.of(config, model, encoded)
+    inputs = train.TrainInputs.of(config, model, encoded, prepared)
     job = train.make_job(config.train, inputs, root / "out", root / "ckpt", embeds=None)  # the text encoder trains
     return config, prepared.path / "images", job
 

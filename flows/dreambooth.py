@@ -51,7 +51,7 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
         if config.prior.enabled:
             classes = stages.run(class_images.stage, class_images.ClassImagesInputs.of(config, model))
         encoded = stages.run(latents.stage, latents.LatentsInputs(model, instance, classes))
-        trained = stages.run(train.stage, train.TrainInputs.of(config, model, encoded))
+        trained = stages.run(train.stage, train.TrainInputs.of(config, model, encoded, instance))
         generated = stages.run(generate.stage, generate.GenerateInputs.of(config, model, trained))
         scored = stages.run(evaluate.stage, evaluate.EvaluateInputs.of(config, instance, generated))
         results = (instance, classes, trained, generated, scored)

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.core.config import ConfigError, RunConfig
+from tasks.core.stage import StageError
 from tasks.sd.models import ModelUnavailable, available_family
 from tasks.sd.render import scheduler_class
-from tasks.stages.train import SUPPORTED
+from tasks.stages.train import SUPPORTED, read_captions
 
 
 def _writable_root(root: Path) -> None:
@@ -80,3 +81,13 @@ def check_before_start(config: RunConfig) -> None:
     _instance_folder(config.data.instance_dir)
     _schedulers(config)
     _model_and_method(config)
+    _captions(config)
+
+
+def _captions(config: RunConfig) -> None:
+    """Every caption file reads as text, before a run spends its preprocessing on the way to training."""
+    if config.data.captions == "sidecar":
+        try:
+            read_captions(config.data)
+        except StageError as err:
+            raise ConfigError(f"data.captions = 'sidecar': {err.item}: {err.message}") from None

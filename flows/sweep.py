@@ -163,7 +163,8 @@ def sweep(spec: Sweep, pool: str = "", gpus: int | None = None) -> dict[str, Any
         comparison.CellRun(cell.name, cell.config.model_dump(mode="json"), state, _summary(root, flow_run_id))
         for cell, (flow_run_id, state) in zip(spec.cells, ran, strict=True)
     ]
-    facts = comparison.write(spec.name, spec.base.model_dump(mode="json"), cells, root / SWEEPS_FOLDER / spec.name)
+    target = root / SWEEPS_FOLDER / spec.name
+    facts = comparison.write(spec.name, spec.base.model_dump(mode="json"), cells, target, spec.reference)
     publish(facts, root)
     record = {
         "sweep": spec.name,
@@ -193,6 +194,9 @@ def publish(facts: dict[str, Any], root: Path) -> None:
             for row in facts["cells"]]  # fmt: skip
     link = report_link(Path(facts["html"]), root)
     lines = [f"# boothflow sweep `{facts['name']}`", "", f"{len(rows)} cells; comparison: [{facts['html']}]({link})"]
+    if facts["reference"]:
+        lines += ["", "| | DINO | CLIP-I | CLIP-T |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['name']} | {r['dino']} | {r['clip_i']} | {r['clip_t']} |" for r in facts["reference"]]
     create_markdown_artifact("\n".join(lines), key="sweep-summary", description="boothflow sweep")
     create_table_artifact(rows, key="sweep-cells", description="One row per cell of the sweep")
     create_link_artifact(link, link_text=f"comparison: {facts['html']}", key="sweep-comparison",

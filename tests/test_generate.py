@@ -184,8 +184,14 @@ def test_checkpoint_samples_come_from_each_sample_step(sd15: tuple[ResolvedModel
     checkpoints = table[table["kind"] == "checkpoint"]
     assert sorted(set(checkpoints["step"])) == training["sample_steps"]
     assert set(checkpoints["seed"]) == {5}
-    assert sorted(checkpoints["prompt"]) == sorted(["a photo of sks toy", "a toy on the beach"] * 3)
-    assert list(checkpoints["model"]) == [f"train:{sd15[1].key}@step-{s}" for s in checkpoints["step"]]
+    more = _run(Store(tmp_path / "artifacts"), sd15, prompts=(SUBJECT,), seeds=(5, 6),
+                validation_prompts=(SUBJECT, BEACH), validation_seeds=3)  # fmt: skip
+    assert (more.items_processed, more.items_cached) == (3 * 2 * 3, 2)  # seeds 0-2 at every step; the final's cached
+    extra = _samples(more)
+    at_steps = extra[extra["kind"] == "checkpoint"]
+    seeds_at = {step: sorted(set(group["seed"])) for step, group in at_steps.groupby("step")}
+    assert seeds_at == {step: [0, 1, 2] for step in training["sample_steps"]}
+    assert len(at_steps) == 3 * 2 * 3
 
     images = _files(result)
     final = images[("finetuned", 4, "a photo of sks toy", 5)]

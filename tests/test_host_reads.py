@@ -142,7 +142,7 @@ def test_the_training_loop_reads_the_device_only_at_log_steps(
     model, _, lat = _encoded(workspace, model_id, workspace / "images")
     cfg = TrainSection(**settings, steps=STEPS, log_every=LOG_EVERY, learning_rate=1e-3, checkpoint_every=0,
                        checkpoint_minutes=0, cpu_threads=1)  # fmt: skip
-    prompts = {"instance": INSTANCE_PROMPT, "class": CLASS_PROMPT}
+    prompts = [INSTANCE_PROMPT, CLASS_PROMPT]
     embeds = None if cfg.train_text_encoder else train.cache_text_embeddings(model, prompts, Store(workspace))
     job = _job(model, lat, cfg, tmp_path, embeds).model_copy(
         update={"latents_dir": _with_class_images(lat.path, tmp_path / "latents"), "class_prompt": CLASS_PROMPT,

@@ -28,6 +28,8 @@ CHANGES = [
     ("run.name", "other", {"report"}),  # the report shows it
     ("run.device_memory", "24GiB", set()),
     ("run.concurrency_limit", "boothflow-gpu", set()),
+    ("data.captions", "sidecar", TRAIN),  # no .txt in the folder: every image keeps the prompt, and says so
+    ("generate.validation_seeds", [0, 1], GENERATE),
     ("data.token", "zwx", TRAIN),
     ("data.class_name", "dog", CLASS_SIDE),
     ("data.instance_prompt", "a {token}", TRAIN),

@@ -10,11 +10,13 @@ import os
 import signal
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 from browser import chromium
+from metric_models import build_clip, build_dino
 from prefect import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -28,9 +30,11 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from tasks.core.config import ConfigError
 from tasks.core.shipped import shipped_root
 from tasks.core.sweeps import MAX_CELLS, load_sweep
+from tasks.sd.models import resolve
 from tasks.stages.comparison import SECTIONS
 
-BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / ".venv" / "bin"
 QUICK = ["train.steps=40", "generate.seeds=4", "prior.num_images=8"]  # short cells: 40 steps, 4 seeds, 8 classes
 CLOSE_UP, TOY, AMONG = "data/toy_sets/close_up", "data/toy", "data/toy_sets/among_shapes"
 
@@ -123,7 +127,7 @@ def test_the_sweep_command_checks_every_cell_before_any_runs(boothflow, tmp_path
     assert "Traceback" not in missing.stderr
     assert not (tmp_path / "runs").exists()
     unknown = boothflow("sweep", tmp_path / "none.toml", check=False)
-    assert unknown.returncode == 2 and "not found; shipped sweeps: toy, writeup" in unknown.stderr
+    assert unknown.returncode == 2 and "not found; shipped sweeps: dreambench, toy, writeup" in unknown.stderr
     alone = boothflow("sweep", "toy", "--gpus", "2", check=False)
     assert alone.returncode == 2 and "it needs --pool" in alone.stderr
 
@@ -201,7 +205,8 @@ def test_the_comparison_opens_in_chromium_without_horizontal_overflow(two_by_two
     with chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(page_file.as_uri(), wait_until="load")
-        texts = {section: page.inner_text(f"#{section}") for section in SECTIONS}
+        texts = {section: page.inner_text(f"#{section}") for section in SECTIONS if section != "reference"}
+        assert page.query_selector("#reference") is None  # the toy sweep names no published figures
         widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
         images = page.eval_on_selector_all("img", "elements => elements.map(e => [e.complete, e.naturalWidth])")
         links = page.eval_on_selector_all("#cells a", "elements => elements.map(e => e.href)")
@@ -251,3 +256,49 @@ def test_a_sweep_on_a_process_pool_uses_both_workers_one_training_at_a_time(
     assert len(trainings) == 4
     for (_, end), (start, _) in itertools.pairwise(trainings):
         assert end <= start, trainings  # the limit held: one training at a time
+
+
+def _toml(sweep: dict) -> str:
+    """A sweep as TOML (JSON's strings, numbers, booleans and arrays are TOML's too)."""
+    lines = [f"{key} = {json.dumps(sweep[key])}" for key in ("name", "config", "root")]
+    lines += ["[set]", *(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in sweep["set"].items())]
+    for name, figures in sweep["reference"].items():
+        lines += [f"[reference.{json.dumps(name)}]", *(f"{k} = {v}" for k, v in figures.items())]
+    for run in sweep["runs"]:
+        lines += ["[[runs]]", *(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in run.items())]
+    return "\n".join(lines) + "\n"
+
+
+def test_the_dreambench_preset_runs_its_shape_on_toy_sd_beside_the_papers_figures(
+    boothflow, root: Path, tmp_path: Path
+) -> None:
+    preset = tomllib.loads((REPO / "configs" / "sweeps" / "dreambench.toml").read_text())
+    tokenizer = resolve("tiny-sd15", "", tmp_path / "models").path / "tokenizer"
+    clip, dino = build_clip(tmp_path / "clip", tokenizer), build_dino(tmp_path / "dino")
+    runs = {run["name"]: run for run in preset["runs"]}
+    assert len(runs) == 30 and len(runs["cat"]["generate.prompts"]) == len(preset["set"]["generate.prompts"]) == 25
+    subjects = [{**runs["backpack"], "data.instance_dir": "toy"},  # an object subject and a live one, on toy images
+                {**runs["cat"], "data.instance_dir": "toy_sets/close_up"}]  # fmt: skip
+    small = {"evaluate.clip_model": str(clip), "evaluate.dino_model": str(dino), "train.steps": 10,
+             "generate.seeds": 2, "generate.steps": 4, "prior.num_images": 4, "prior.steps": 4}  # fmt: skip
+    shape = {**preset, "config": "toy", "root": str(REPO / "data"), "set": {**preset["set"], **small}, "runs": subjects}
+    (tmp_path / "dreambench.toml").write_text(_toml(shape))
+    summary = tmp_path / "summary.json"
+    boothflow("sweep", tmp_path / "dreambench.toml", "--artifacts", root, "--summary", summary)
+    result = json.loads(summary.read_text())
+    assert [(c["cell"], c["state"]) for c in result["cells"]] == [("backpack", "Completed"), ("cat", "Completed")]
+    page = Path(result["comparison"])
+    rows = json.loads((page.parent / "comparison.json").read_text())["reference"]
+    finetuned = [json.loads((Path(c["summary"]["outputs"]["metrics_csv"]).parent / "metrics.json").read_text())
+                 for c in result["cells"]]  # fmt: skip
+    for metric in ("dino", "clip_i", "clip_t"):
+        scores = [next(r[metric] for r in m["rows"] if r["kind"] == "finetuned") for m in finetuned]
+        assert rows[0][metric] == pytest.approx(sum(scores) / 2), metric  # the cells' mean, as the paper averages
+    assert rows[2] == {"name": "DreamBooth (Stable Diffusion), paper", "dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}
+    with chromium() as browser:
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.goto(page.as_uri(), wait_until="load")
+        shown = tab.inner_text("#reference")
+    assert "this sweep: fine-tuned (mean of 2 cells)" in shown and "real images (mean of 2 cells)" in shown
+    assert "DreamBooth (Stable Diffusion), paper\t0.668\t0.803\t0.305" in shown
+    assert f"{rows[0]['dino']:.3f}\t{rows[0]['clip_i']:.3f}\t{rows[0]['clip_t']:.3f}" in shown

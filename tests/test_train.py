@@ -13,11 +13,13 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
-from tasks.core.config import LatentsSection, PreprocessSection, TrainSection
+from flows.preflight import check_before_start
+from tasks.core.config import ConfigError, DataSection, LatentsSection, PreprocessSection, TrainSection, load_config
 from tasks.core.faults import ENV as FAULTS_ENV
 from tasks.core.seeds import generator
 from tasks.core.stage import StageError
 from tasks.core.store import Store
+from tasks.core.tables import read_rows
 from tasks.sd import text
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import resolve
@@ -281,3 +283,47 @@ def test_bf16_mixed_precision_trains_on_a_cpu(workspace: Path, tmp_path: Path, m
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
     peaks = json.loads((result.path / "memory.json").read_text())
     assert peaks["kind"] == "cpu_rss" and 100 < peaks["peak_mib"]["train"] <= peaks["peak_mib"]["export"]
+
+
+def test_a_sidecar_caption_reaches_the_training_batch_for_its_image(tmp_path: Path) -> None:
+    images = _images(tmp_path / "images")
+    (images / "img1.txt").write_text("  a {class} drawing\nof {token}  \n")
+    (images / "img2.txt").write_text("\n")  # empty: its image keeps the instance prompt
+    model, pre, lat = _encoded(tmp_path, "tiny-sd15", images)
+    captions = train.read_captions(DataSection(instance_dir=images, captions="sidecar", class_name="toy"))
+    assert captions == {"img1": "a toy drawing of sks"}
+    inputs = train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False, pre, captions)
+    job = train.make_job(TrainSection(batch_size=3), inputs, tmp_path / "out", tmp_path / "ckpt", None)
+    [row] = [r for r in read_rows(pre.path / "items.csv", "preprocess", "test") if r["source"] == "img1.png"]
+    captioned = Path(row["image"]).stem
+    assert job.captions == {captioned: "a toy drawing of sks"}
+    assert job.facts["captions"] == {"sidecar": 1, "instance prompt": 2}
+
+    data = trainer.LatentData(lat.path)
+    objective = Objective(DDPMScheduler.from_pretrained(model.path, subfolder="scheduler"), 0.1, 0.0, 0.0)
+    batch = trainer.make_batch(data, objective, job, step=0, micro=0)
+    drawn = [data.pick("instance", slot, 0) for slot in range(3)]
+    assert sorted(drawn) == data.ids["instance"] and captioned in drawn
+    assert batch.prompts == ["a toy drawing of sks" if s == captioned else INSTANCE_PROMPT for s in drawn]
+    encoders = text.load_text_encoders(model.path, model.family)
+    with torch.no_grad():
+        hidden = trainer.Conditioner(job, encoders, torch.device("cpu"))(batch.prompts).hidden
+        tokenizers = text.load_tokenizers(model.path, model.family)
+        alone = {p: text.encode(model.family, encoders, text.tokenize(tokenizers, p)).hidden for p in job.prompts()}
+    row_of = drawn.index(captioned)
+    assert torch.equal(hidden[row_of], alone["a toy drawing of sks"][0])  # the caption's tokens, for its image
+    assert not torch.allclose(hidden[row_of], alone[INSTANCE_PROMPT][0])
+    other = (row_of + 1) % 3
+    assert torch.equal(hidden[other], alone[INSTANCE_PROMPT][0])
+    plain = train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False, pre)
+    assert train.stage_key_for(job.train, inputs) != train.stage_key_for(job.train, plain)
+
+
+def test_a_caption_file_that_is_not_text_stops_the_run_before_it_starts(tmp_path: Path) -> None:
+    images = _images(tmp_path / "images", 1)
+    (images / "img0.txt").write_bytes(b"\xff\xfe not utf-8")
+    config = load_config(None, [f"data.instance_dir='{images}'", "data.captions='sidecar'"], tmp_path / "a")
+    with pytest.raises(ConfigError) as caught:
+        check_before_start(config)
+    assert str(caught.value) == (f"data.captions = 'sidecar': {images / 'img0.txt'}: caption file is not UTF-8 "
+                                 "text; fix or remove it")  # fmt: skip

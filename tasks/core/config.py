@@ -112,6 +112,11 @@ class DataSection(Section):
         "a photo of {token} {class}", min_length=1, description="Training prompt; {token} and {class} are filled in"
     )
     min_images: int = Field(3, ge=1, le=100_000, description="Fail when fewer usable instance images remain")
+    captions: Literal["", "sidecar"] = Field(
+        "",
+        description="sidecar: a .txt beside an image is its training prompt ({token} and {class} filled in; an image"
+        " without one uses the instance prompt); empty: the instance prompt for every image",
+    )
 
 
 class PreprocessSection(Section):
@@ -227,7 +232,12 @@ class GenerateSection(Section):
     compare_base: bool = Field(False, description="Also render the prompts with the base model, for before/after")
     validation_prompts: tuple[str, ...] = Field(
         ("a photo of {token} {class}",),
-        description="Prompts rendered (first seed) from each train.sample_every checkpoint",
+        description="Prompts rendered from each train.sample_every checkpoint (with the validation seeds)",
+    )
+    validation_seeds: tuple[int, ...] = Field(
+        (),
+        description="Seeds of the validation prompts at each checkpoint (a list, or a count n for 0 to n-1), so the"
+        " evaluate stage scores every checkpoint on as many images; empty: the first of generate.seeds",
     )
     dtype: Dtype = Field(
         "float32", description="Rendering precision; float16 needs CUDA (and, for SDXL, an fp16-safe VAE to keep it)"
@@ -241,7 +251,7 @@ class GenerateSection(Section):
     def _image_side(cls, value: int) -> int:
         return value and image_side(value, "0 (the training resolution) or ")
 
-    @field_validator("seeds", mode="before")
+    @field_validator("seeds", "validation_seeds", mode="before")
     @classmethod
     def _seed_count(cls, value: Any) -> Any:
         """A count n stands for the seeds 0 to n-1; it resolves here, so keys see the same list either way."""

@@ -29,7 +29,8 @@ from tasks.core.shipped import shipped_root, shipped_sweeps
 CONFIG_AXIS = "config"  # the one key that is not a setting: the config file a cell starts from
 PER_CELL = ("run.name", "run.artifacts_root")  # the sweep names each cell; all cells share one artifact root
 MAX_CELLS = 256
-RELATIVE_TO_SHIPPED = ("data.instance_dir",)  # a shipped sweep's folders lie beside it, wherever it is installed
+FOLDERS = ("data.instance_dir",)  # a sweep file's relative folders lie in its `root`, or beside a shipped sweep
+ROOT = "root"  # the one `--set` name that is the sweep's own, not a run setting
 
 
 class Cell(BaseModel):
@@ -50,6 +51,7 @@ class Sweep(BaseModel):
     name: str
     base: RunConfig
     cells: list[Cell]
+    reference: dict[str, dict[str, float]] = {}
 
 
 class SweepFile(BaseModel):
@@ -60,6 +62,12 @@ class SweepFile(BaseModel):
     shared: dict[str, Any] = Field(default_factory=dict, alias="set", description="Settings every cell shares")
     matrix: dict[str, Any] = Field(default_factory=dict, description="Setting -> values; a cell per combination")
     runs: list[dict[str, Any]] = Field(default_factory=list, description="Cells named one by one")
+    root: str = Field(
+        "", description="Folder the file's relative instance folders lie in; empty: a shipped sweep's data, else cwd"
+    )
+    reference: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Published figures shown beside the cells' means: name -> metric -> value"
+    )
 
 
 def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -124,11 +132,13 @@ def _check_names(values: dict[str, Any], where: str) -> None:
                               "root (set it with --artifacts)")  # fmt: skip
 
 
-def _shipped_paths(values: dict[str, Any]) -> dict[str, Any]:
-    def place(value: Any) -> Any:
-        return value if not isinstance(value, str) or Path(value).is_absolute() else str(shipped_root() / value)
+def _placed(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The folder settings among `values`, relative ones moved into `folder`."""
 
-    return {n: ([place(v) for v in x] if isinstance(x, list) else place(x)) if n in RELATIVE_TO_SHIPPED else x
+    def place(value: Any) -> Any:
+        return value if not isinstance(value, str) or Path(value).is_absolute() else str(folder / value)
+
+    return {n: ([place(v) for v in x] if isinstance(x, list) else place(x)) if n in FOLDERS else x
             for n, x in values.items()}  # fmt: skip
 
 
@@ -139,11 +149,12 @@ def load_sweep(path: Path, overrides: list[str] = (), artifacts: Path | None = N
     where = f"sweep {str(file)!r}"
     spec = _read(file)
     shared, axes, runs = flatten(spec.shared), flatten(spec.matrix), [flatten(run) for run in spec.runs]
-    if shipped:  # the file's folders are shipped data; folders given with --set stay relative to the working dir
-        shared, axes, runs = _shipped_paths(shared), _shipped_paths(axes), [_shipped_paths(r) for r in runs]
-    for text in overrides:
-        keys, value = parse_override(text)
-        name = ".".join(keys)
+    given = {".".join(keys): value for keys, value in map(parse_override, overrides)}
+    root = str(given.pop(ROOT, spec.root))
+    folder = Path(root).expanduser().resolve() if root else shipped_root() if shipped else None
+    if folder is not None:  # the file's folders; folders given with --set stay relative to the working directory
+        shared, axes, runs = _placed(shared, folder), _placed(axes, folder), [_placed(r, folder) for r in runs]
+    for name, value in given.items():
         (axes if name in axes else shared)[name] = value
     _check_axes(axes, where)
     for values in (shared, axes, *runs):
@@ -162,7 +173,7 @@ def load_sweep(path: Path, overrides: list[str] = (), artifacts: Path | None = N
     base = _config(where, "shared settings", base_config, shared, artifacts, spec.name)
     cells = [_cell(where, spec.name, name, values, base_config, shared, artifacts) for name, values in named]
     _no_twins(where, cells)
-    return Sweep(name=spec.name, base=base, cells=cells)
+    return Sweep(name=spec.name, base=base, cells=cells, reference=spec.reference)
 
 
 def _config(where: str, what: str, config: str, settings: dict[str, Any], artifacts: Path | None,

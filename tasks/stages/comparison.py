@@ -20,7 +20,8 @@ from tasks.stages import report_page
 from tasks.stages.report import read_losses, report_facts
 
 TEMPLATE = "comparison.html.j2"
-SECTIONS = ("cells", "loss", "samples")
+SECTIONS = ("cells", "reference", "loss", "samples")
+REFERENCE_METRICS = ("dino", "clip_i", "clip_t")  # the DreamBooth paper's table
 PAGE = "comparison.html"
 FACTS = "comparison.json"
 SAMPLES_SHOWN = 4  # seeds per cell and prompt; each cell's own report shows them all
@@ -41,9 +42,9 @@ class CellRun:
 def differing(base: dict[str, Any], cells: list[CellRun]) -> list[str]:
     """Settings (section.key) that differ between cells or from the base config; the run section never counts."""
     flat = [_settings(cell.settings) for cell in cells]
-    reference = _settings(base)
+    base_settings = _settings(base)
     names = dict.fromkeys(name for settings in flat for name in settings)
-    return [n for n in names if len({repr(s.get(n)) for s in flat} | {repr(reference.get(n))}) > 1]
+    return [n for n in names if len({repr(s.get(n)) for s in flat} | {repr(base_settings.get(n))}) > 1]
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -128,11 +129,29 @@ def _number(value: Any, digits: int) -> str:
     return report_page.number(value, digits) if value is not None else "—"
 
 
-def write(name: str, base: dict[str, Any], cells: list[CellRun], target: Path) -> dict[str, Any]:
+def reference_rows(facts: list[dict[str, Any] | None], reference: dict[str, dict[str, float]]) -> list[dict]:
+    """The cells' mean scores (fine-tuned samples, and the instance images against each other) beside published
+    figures, as the DreamBooth paper's table has them."""
+    scored = [found for found in facts if found is not None]
+    rows = []
+    for kind, label in (("finetuned", "fine-tuned"), ("instance", "real images")):
+        groups = [row for found in scored for row in found["metrics"]["rows"] if row["kind"] == kind]
+        means = {}
+        for metric in REFERENCE_METRICS:
+            values = [row[metric] for row in groups if row.get(metric) is not None]
+            means[metric] = sum(values) / len(values) if values else None
+        rows.append({"name": f"this sweep: {label} (mean of {len(scored)} cells)", **means})
+    return rows + [{"name": name, **{m: figures.get(m) for m in REFERENCE_METRICS}} for name, figures in
+                   reference.items()]  # fmt: skip
+
+
+def write(
+    name: str, base: dict[str, Any], cells: list[CellRun], target: Path, reference: dict[str, dict[str, float]]
+) -> dict[str, Any]:
     """Write `target/comparison.html` (+ assets/ and comparison.json), replacing an earlier comparison whole; return
-    the facts the Prefect artifacts show."""
+    the facts the Prefect artifacts show. `reference`: published figures to show beside the cells' means."""
     columns = differing(base, cells)
-    reference = _settings(base)
+    base_settings = _settings(base)
     with atomic_folder(target, replace=True) as folder:
         facts = [report_facts(path) if (path := _outputs(cell, "report_html")) else None for cell in cells]
         trains = [_outputs(cell, "model_dir") for cell in cells]
@@ -149,7 +168,7 @@ def write(name: str, base: dict[str, Any], cells: list[CellRun], target: Path) -
                     "failed": cell.state != "Completed" or bool((cell.summary or {}).get("error")),
                     "worker": (cell.summary or {}).get("run", {}).get("worker") or "",
                     "settings": {c: settings.get(c) for c in columns},
-                    "differs": [c for c in columns if repr(settings.get(c)) != repr(reference.get(c))],
+                    "differs": [c for c in columns if repr(settings.get(c)) != repr(base_settings.get(c))],
                     "training_seconds": float(losses["seconds"].iloc[-1]) if losses is not None else None,
                     "final_loss": float(losses["loss"].iloc[-1]) if losses is not None else None,
                     "metrics": _metrics(found),
@@ -157,6 +176,7 @@ def write(name: str, base: dict[str, Any], cells: list[CellRun], target: Path) -
                 }
             )
         shown = [m for m in (*METRICS, LEAK) if any(row["metrics"].get(m) is not None for row in rows)]
+        means = reference_rows(facts, reference) if reference else []
         loss_plot = None
         if curves:
             (folder / "assets").mkdir(exist_ok=True)
@@ -170,12 +190,14 @@ def write(name: str, base: dict[str, Any], cells: list[CellRun], target: Path) -
                 "rows": [_page_row(row, columns, shown) for row in rows],
                 "loss_plot": loss_plot,
                 "samples": _samples(cells, facts, folder),
+                "reference": [[row["name"], *(_number(row[m], 3) for m in REFERENCE_METRICS)] for row in means],
+                "reference_headers": ["", *(METRICS[m] for m in REFERENCE_METRICS)],
             },
             TEMPLATE,
             SECTIONS,
         )
         (folder / PAGE).write_text(page, encoding="utf-8")
-        record = {"name": name, "columns": columns, "cells": rows}
+        record = {"name": name, "columns": columns, "cells": rows, "reference": means}
         (folder / FACTS).write_text(json.dumps(record, indent=1, default=str, ensure_ascii=False), encoding="utf-8")
     return {**record, "html": target / PAGE}
 

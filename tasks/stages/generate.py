@@ -186,7 +186,7 @@ def plan(cfg: GenerateSection, inputs: GenerateInputs, training: dict[str, Any])
     planned: dict[str, Item] = {}
     for weights in weights_sources(cfg, inputs, training):
         if weights.kind == "checkpoint":
-            found = items(weights, cfg.validation_prompts, cfg.seeds[:1])
+            found = items(weights, cfg.validation_prompts, cfg.validation_seeds or cfg.seeds[:1])
         else:
             found = items(weights, cfg.prompts, cfg.seeds)
         for item in found:

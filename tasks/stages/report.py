@@ -184,10 +184,12 @@ def summary_facts(
     """The facts a reader wants first, keyed by their label on the page."""
     kinds = [s.kind for s in samples]
     template = inputs.settings.get("data", {}).get("instance_prompt", "")
+    captions = training.get("captions")
     return {
         "run name": inputs.run_name,
         "base model": inputs.settings.get("model", {}).get("id", "—"),
         "instance prompt": fill_prompt(template, inputs.token, inputs.class_name),
+        **({"captions": _captions_text(captions)} if captions else {}),
         "token / class": f"{inputs.token} / {inputs.class_name}",
         "training": f"{training.get('method', '—')} fine-tune ({training.get('family', '—')})",
         "steps": training.get("steps"),
@@ -197,6 +199,12 @@ def summary_facts(
         "class images": class_count if inputs.class_images else "none (prior preservation off)",
         "samples": ", ".join(f"{kinds.count(k)} {KIND_LABELS.get(k, k)}" for k in dict.fromkeys(kinds)) or "none",
     }
+
+
+def _captions_text(captions: dict[str, int]) -> str:
+    """How many images trained on their own caption, and how many fell back to the instance prompt."""
+    return (f"{captions['sidecar']} images with their .txt caption, "
+            f"{captions['instance prompt']} with the instance prompt (no caption file)")  # fmt: skip
 
 
 def _global_batch(training: dict[str, Any]) -> str:

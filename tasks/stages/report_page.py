@@ -158,8 +158,10 @@ def checkpoints(shown: list[Shown], steps: Any) -> dict[str, Any] | None:
     if not found:
         return None
     templates = list(dict.fromkeys(s.template for s in found))
-    at = {(s.step, s.template): s for s in found}
-    seeds = {s.template: s.seed for s in found}
+    at: dict[tuple[int | None, str], Shown] = {}
+    for sample in found:  # the first validation seed of each step and prompt; the metrics score them all
+        at.setdefault((sample.step, sample.template), sample)
+    seeds = {template: sample.seed for (_, template), sample in reversed(at.items())}
     final = {s.template: s for s in shown if s.kind == "finetuned" and seeds.get(s.template) == s.seed}
 
     def row(label: str, cells: list[Shown | None]) -> dict[str, Any]:

@@ -24,11 +24,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from tasks.core.config import RunConfig, TrainSection
+from tasks.core.config import DataSection, RunConfig, TrainSection, fill_prompt
 from tasks.core.lifeline import die_with_parent
 from tasks.core.progress import LOG_EVERY_SECONDS, Reporter, run_logger
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
+from tasks.core.tables import read_rows
 from tasks.sd import device, text
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel, hub_repo
@@ -49,13 +50,49 @@ class TrainInputs:
     class_prompt: str | None
     prior_weight: float
     safety_checker: bool
+    instances: StageResult | None = None  # preprocess: which image each instance latent is, for captions
+    captions: dict[str, str] | None = None  # image path in the instance folder, no suffix -> its caption
 
     @classmethod
-    def of(cls, config: RunConfig, model: ResolvedModel, latents: StageResult) -> TrainInputs:
-        """The prompts filled in; the class prompt and its loss weight only with prior preservation."""
+    def of(cls, config: RunConfig, model: ResolvedModel, latents: StageResult, instances: StageResult) -> TrainInputs:
+        """The prompts filled in; the class prompt and its loss weight only with prior preservation; the sidecar
+        captions when `data.captions` asks for them."""
         prior = config.prior.enabled
+        captions = read_captions(config.data) if config.data.captions == "sidecar" else None
         return cls(model, latents, config.instance_prompt(), config.class_prompt() if prior else None,
-                   config.prior.loss_weight if prior else 0.0, config.model.safety_checker)  # fmt: skip
+                   config.prior.loss_weight if prior else 0.0, config.model.safety_checker, instances,
+                   captions)  # fmt: skip
+
+
+def read_captions(data: DataSection) -> dict[str, str]:
+    """Every `.txt` in the instance folder (subfolders included), filled in and keyed by its path without suffix, so
+    `dog/a.txt` captions `dog/a.jpg`. An empty one captions nothing: its image keeps the instance prompt."""
+    captions = {}
+    for path in sorted(data.instance_dir.rglob("*.txt")):
+        relative = path.relative_to(data.instance_dir)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        try:
+            caption = " ".join(path.read_text(encoding="utf-8").split())
+        except (UnicodeDecodeError, OSError) as err:
+            why = "is not UTF-8 text" if isinstance(err, UnicodeDecodeError) else f"cannot be read ({err.strerror})"
+            raise StageError(STAGE, f"caption file {why}; fix or remove it", item=str(path)) from None
+        if caption:
+            captions[relative.with_suffix("").as_posix()] = fill_prompt(caption, data.token, data.class_name)
+    return captions
+
+
+def sample_captions(inputs: TrainInputs) -> tuple[dict[str, str], int]:
+    """Each instance latent's caption by its sample id, and how many usable images have none."""
+    if inputs.captions is None or inputs.instances is None:
+        return {}, 0
+    rows = [r for r in read_rows(inputs.instances.path / "items.csv", "preprocess", STAGE) if r["status"] == "ok"]
+    found = {}
+    for row in rows:
+        caption = inputs.captions.get(Path(row["source"]).with_suffix("").as_posix())
+        if caption is not None:
+            found[Path(row["image"]).stem] = caption
+    return found, len(rows) - len(found)
 
 
 def _model_components(inputs: TrainInputs) -> list[str]:
@@ -74,6 +111,7 @@ def stage_key_for(cfg: TrainSection, inputs: TrainInputs) -> str:
         prior_weight=inputs.prior_weight,
         safety_checker=inputs.safety_checker,
         model=inputs.model.identity(*_model_components(inputs)),
+        **({"captions": inputs.captions} if inputs.captions is not None else {}),  # their text, not their files
     )
 
 
@@ -95,7 +133,7 @@ def _check_supported(cfg: TrainSection, inputs: TrainInputs) -> None:
         run_logger().warning("train.optimizer=adamw8bit needs CUDA and bitsandbytes; using AdamW instead")
 
 
-def cache_text_embeddings(model: ResolvedModel, prompts: dict[str, str], store: Store) -> dict[str, Path]:
+def cache_text_embeddings(model: ResolvedModel, prompts: list[str], store: Store) -> dict[str, Path]:
     """Embeddings of each prompt from the frozen encoders, cached by prompt and encoder identity."""
     family = model.family
     identity = model.identity(*text.text_components(family))
@@ -118,9 +156,9 @@ def cache_text_embeddings(model: ResolvedModel, prompts: dict[str, str], store: 
         return write
 
     paths = {}
-    for name, prompt in prompts.items():
+    for prompt in prompts:
         key = stage_key(EMBEDS, CODE_VERSION, {"prompt": prompt}, family=family, model=identity)
-        paths[name] = store.get_or_create(EMBEDS, key, build(prompt)).path / "embeds.safetensors"
+        paths[prompt] = store.get_or_create(EMBEDS, key, build(prompt)).path / "embeds.safetensors"
     return paths
 
 
@@ -202,7 +240,9 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
 def make_job(
     cfg: TrainSection, inputs: TrainInputs, out_dir: Path, checkpoints: Path, embeds: dict[str, Path] | None
 ) -> TrainJob:
-    """All the child needs: paths, settings, prompts and the facts its model card states."""
+    """All the child needs: paths, settings, prompts (and captions) and the facts its model card states."""
+    captions, uncaptioned = sample_captions(inputs)
+    counted = {"captions": {"sidecar": len(captions), "instance prompt": uncaptioned}} if inputs.captions else {}
     return TrainJob(
         family=inputs.model.family,
         base=inputs.model.path,
@@ -214,6 +254,7 @@ def make_job(
         optimizer=resolved_optimizer(cfg),
         instance_prompt=inputs.instance_prompt,
         class_prompt=inputs.class_prompt,
+        captions=captions,
         prior_weight=inputs.prior_weight,
         text_embeds=embeds,
         safety_checker=inputs.safety_checker,
@@ -224,6 +265,7 @@ def make_job(
             "family": inputs.model.family,
             "instance_prompt": inputs.instance_prompt,
             "safety_checker": inputs.safety_checker,
+            **counted,
             "settings": {
                 **cfg.model_dump(mode="json"),
                 "class_prompt": inputs.class_prompt,
@@ -244,9 +286,9 @@ def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> Sta
     def write(folder: Path) -> dict[str, Any]:
         ckpt = checkpoints_dir(store, key)
         ckpt.mkdir(parents=True, exist_ok=True)
-        prompts = {"instance": inputs.instance_prompt} | ({"class": inputs.class_prompt} if inputs.class_prompt else {})
-        embeds = None if cfg.train_text_encoder else cache_text_embeddings(inputs.model, prompts, store)
-        job = make_job(cfg, inputs, folder, ckpt, embeds)
+        job = make_job(cfg, inputs, folder, ckpt, None)
+        if not cfg.train_text_encoder:
+            job = job.model_copy(update={"text_embeds": cache_text_embeddings(inputs.model, job.prompts(), store)})
         job_path = ckpt / "job.json"
         job_path.write_text(job.model_dump_json(indent=1))
         restored, final_loss = launch(job_path, cfg)

@@ -29,11 +29,17 @@ class TrainJob(BaseModel):
     optimizer: str
     instance_prompt: str
     class_prompt: str | None
+    captions: dict[str, str] = {}  # instance sample id -> its own training prompt (sidecar captions)
     prior_weight: float
-    text_embeds: dict[str, Path] | None
+    text_embeds: dict[str, Path] | None  # prompt -> its cached embeddings, when the text encoders are frozen
     safety_checker: bool
     parent_pid: int
     facts: dict[str, Any]
+
+    def prompts(self) -> list[str]:
+        """Every prompt a batch can hold: the instance prompt, the captions, the class prompt."""
+        found = [self.instance_prompt, *self.captions.values(), self.class_prompt]
+        return list(dict.fromkeys(p for p in found if p is not None))
 
 
 def resolved_optimizer(cfg: TrainSection) -> str:

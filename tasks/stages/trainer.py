@@ -136,11 +136,11 @@ def make_batch(data: LatentData, objective: Objective, job: TrainJob, step: int,
             rng = generator(cfg.seed, "sample", step, micro, slot, kind, sample_id)
             latent, time_ids = data.draw(sample_id, rng)
             noise, timestep = objective.draw(latent, rng)
-            rows.append((latent, noise, timestep, kind == "class", time_ids))
-    latents, noise, timesteps, is_class, time_ids = zip(*rows, strict=True)
-    prompts = [job.class_prompt if c else job.instance_prompt for c in is_class]
+            prompt = job.class_prompt if kind == "class" else job.captions.get(sample_id, job.instance_prompt)
+            rows.append((latent, noise, timestep, prompt, time_ids))
+    latents, noise, timesteps, prompts, time_ids = zip(*rows, strict=True)
     return Batch(torch.cat(latents), torch.cat(noise), torch.cat(timesteps), objective.kind_weights(len(kinds)),
-                 prompts, torch.cat(time_ids))  # fmt: skip
+                 list(prompts), torch.cat(time_ids))  # fmt: skip
 
 
 class Conditioner:
@@ -148,12 +148,9 @@ class Conditioner:
 
     def __init__(self, job: TrainJob, encoders: list[torch.nn.Module] | None, device: torch.device) -> None:
         self.family, self.encoders = job.family, encoders
-        prompts = [p for p in (job.instance_prompt, job.class_prompt) if p is not None]
+        prompts = job.prompts()
         if encoders is None:
-            cached = {
-                p: {name: t.to(device) for name, t in load_file(job.text_embeds[k]).items()}
-                for k, p in zip(("instance", "class"), prompts, strict=False)
-            }
+            cached = {p: {name: t.to(device) for name, t in load_file(job.text_embeds[p]).items()} for p in prompts}
             self.cached = {p: text.Conditioning(t["hidden"], t.get("pooled")) for p, t in cached.items()}
         else:
             tokenizers = text.load_tokenizers(job.base, job.family)
@@ -290,7 +287,8 @@ def write_outputs(job: TrainJob, unet, encoders, params: dict, metrics: list[dic
     training = {"family": job.family, "method": cfg.method, "steps": cfg.steps,
                 "sample_steps": [int(f.name.removeprefix("step-")) for f in samples],
                 "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": processes,
-                "global_batch": cfg.batch_size * cfg.grad_accum * processes}  # fmt: skip
+                "global_batch": cfg.batch_size * cfg.grad_accum * processes,
+                **({"captions": job.facts["captions"]} if "captions" in job.facts else {})}  # fmt: skip
     (out / "training.json").write_text(json.dumps(training, indent=1))
     with (out / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "seconds"])
