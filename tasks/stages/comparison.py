@@ -25,6 +25,7 @@ REFERENCE_METRICS = ("dino", "clip_i", "clip_t")  # the DreamBooth paper's table
 PAGE = "comparison.html"
 FACTS = "comparison.json"
 SAMPLES_SHOWN = 4  # seeds per cell and prompt; each cell's own report shows them all
+LIST_SHOWN = 3  # list settings (prompts, seeds) longer than this fold in the cells table
 METRICS = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO", "subject": "subject"}
 LEAK = "leak"  # the toy analyser's subject rate on prompts without the identifier
 
@@ -207,8 +208,14 @@ def _relative(path: Path, target: Path) -> str:
     return Path(os.path.relpath(path, target)).as_posix()
 
 
+def _setting(value: Any, differs: bool) -> dict[str, Any]:
+    """A setting's cell: a list longer than a few items folds behind its length, so one row stays one line high."""
+    folded = f"{len(value)} items" if isinstance(value, list) and len(value) > LIST_SHOWN else None
+    return {"text": report_page.plain(value), "folded": folded, "differs": differs}
+
+
 def _page_row(row: dict[str, Any], columns: list[str], shown: list[str]) -> dict[str, Any]:
-    settings = [{"text": report_page.plain(row["settings"][c]), "differs": c in row["differs"]} for c in columns]
+    settings = [_setting(row["settings"][c], c in row["differs"]) for c in columns]
     numbers = [_number(row["training_seconds"], 1), _number(row["final_loss"], 4)]
     numbers += [report_page.percent(row["metrics"].get(m)) if m in ("subject", LEAK) else
                 _number(row["metrics"].get(m), 3) for m in shown]  # fmt: skip
