@@ -469,7 +469,8 @@ def cache_gc(
         console.print("[red]error:[/red] say what to remove: --keep-last N, --older-than DAYS and/or --damaged")
         raise typer.Exit(2)
     root = _config(config, set_, artifacts).run.artifacts_root
-    stages = RunConfig.model_validate({"prior": {"enabled": True}}).stage_names()
+    every = {"prior": {"enabled": True}, "train": {"pick": "best:dino", "sample_every": 1}}  # every stage there is
+    stages = [name for name in RunConfig.model_validate(every).stage_names() if name not in ("validate", "score")]
     removals, notes, freed = collect(root, stages, keep_last, older_than, damaged, dry_run)
     out = Console(soft_wrap=True)
     for removal in removals:

@@ -13,10 +13,10 @@ from flows.preflight import check_before_start
 from flows.publish import publish
 from flows.runner import StageRunner
 from tasks.core.config import ConfigError, RunConfig
-from tasks.core.stage import StageError
+from tasks.core.stage import StageError, StageResult
 from tasks.sd.memory import MemoryPlanError, preflight
 from tasks.sd.models import ModelUnavailable, ResolvedModel, resolve
-from tasks.stages import class_images, evaluate, generate, latents, preprocess, report, train
+from tasks.stages import class_images, evaluate, generate, latents, preprocess, report, select, train
 
 
 def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
@@ -52,10 +52,20 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
             classes = stages.run(class_images.stage, class_images.ClassImagesInputs.of(config, model))
         encoded = stages.run(latents.stage, latents.LatentsInputs(model, instance, classes))
         trained = stages.run(train.stage, train.TrainInputs.of(config, model, encoded, instance))
-        generated = stages.run(generate.stage, generate.GenerateInputs.of(config, model, trained))
+        picked = pick(config, stages, model, instance, trained) if config.train.pick != "last" else None
+        generated = stages.run(generate.stage, generate.GenerateInputs.of(config, model, picked or trained))
         scored = stages.run(evaluate.stage, evaluate.EvaluateInputs.of(config, instance, generated))
         results = (instance, classes, trained, generated, scored)
-        stages.run(report.stage, report.ReportInputs.of(config, stages.summary["stages"], *results))
+        stages.run(report.stage, report.ReportInputs.of(config, stages.summary["stages"], *results, selection=picked))
+
+
+def pick(config: RunConfig, stages: StageRunner, model: ResolvedModel, instance: StageResult, trained: StageResult):
+    """`train.pick = best:<metric>`: render the validation prompts x seeds from every kept step and the final weights,
+    score them, and export the best; generate then renders from the pick."""
+    view = generate.validation_view(config.generate)
+    checked = stages.run(generate.stage, generate.GenerateInputs.of(config, model, trained), "validate", view)
+    steps_scored = stages.run(evaluate.stage, evaluate.EvaluateInputs.of(config, instance, checked), "score")
+    return stages.run(select.stage, select.SelectInputs.of(config, model, trained, steps_scored))
 
 
 def planned_keys(config: RunConfig) -> dict[str, dict]:

@@ -82,6 +82,25 @@ def check_before_start(config: RunConfig) -> None:
     _schedulers(config)
     _model_and_method(config)
     _captions(config)
+    _pick(config)
+
+
+PICK_NEEDS = {"clip_t": "clip_model", "clip_i": "clip_model", "dino": "dino_model", "analyser": "analyser"}
+
+
+def _pick(config: RunConfig) -> None:
+    """A best pick needs validation prompts to render at each kept step, and the scorer its metric comes from."""
+    if config.train.pick == "last":
+        return
+    needed = PICK_NEEDS[config.train.pick.removeprefix("best:")]
+    if not config.train.sample_every:
+        raise ConfigError(f"train.pick = {config.train.pick!r} chooses among kept steps: set train.sample_every, "
+                          "e.g. 100")  # fmt: skip
+    if not config.generate.validation_prompts:
+        raise ConfigError(f"train.pick = {config.train.pick!r} scores the validation prompts: set "
+                          "generate.validation_prompts")  # fmt: skip
+    if not getattr(config.evaluate, needed):
+        raise ConfigError(f"train.pick = {config.train.pick!r} needs evaluate.{needed} to score the steps")
 
 
 def _captions(config: RunConfig) -> None:

@@ -176,12 +176,14 @@ class StageRunner:
         path.write_text(json.dumps(self.summary, indent=1, default=str))
         return path
 
-    def run(self, stage: Stage, inputs: Any) -> StageResult:
+    def run(self, stage: Stage, inputs: Any, label: str | None = None, cfg: Any = None) -> StageResult:
         """Run one stage as its Prefect task (a cache hit shows as `Cached` in Prefect) and record its outcome,
         with the folders of its entry that it publishes listed as absolute paths. The store entry is looked up
-        (and its files checked) once, here."""
-        name, cfg, store = stage.name, stage.config(self.config), Store(self.root)
-        self.current = name
+        (and its files checked) once, here. A stage run twice in one pipeline (generate and evaluate over the
+        validation renders) is `label`led there, with its own `cfg`; its entries stay the stage's."""
+        name, store = stage.name, Store(self.root)
+        label, cfg = label or name, cfg if cfg is not None else stage.config(self.config)
+        self.current = label
         started, peak_memory = time.monotonic(), None
         key = stage.key(cfg, inputs)
         if not self.plan:
@@ -189,19 +191,19 @@ class StageRunner:
         found = store.get(name, key)
         if self.plan:
             result = StageResult(name, key, store.path(name, key), status="cached" if found else "to run")
-        elif self.only is not None and name != self.only:
+        elif self.only is not None and label != self.only:
             if found is None:
                 raise StageError(
                     self.only,
-                    f"upstream stage {name!r} has no cached output for this config; "
-                    f"run `boothflow run` (or `boothflow stage {name}`) first",
+                    f"upstream stage {label!r} has no cached output for this config; "
+                    f"run `boothflow run` (or `boothflow stage {label}`) first",
                 )
             result = StageResult(name, key, found.path, status="cached")
         else:
             if found is None:
                 forget_record(self.root, name, key)
             with accelerator_slot(self.config.run.concurrency_limit, name), PeakMemory() as memory:
-                task = stage_task.with_options(name=name, **cache_options(name, self.root))
+                task = stage_task.with_options(name=label, **cache_options(name, self.root))
                 state = task(stage, cfg, inputs, self.root, key, found, return_state=True)
             release()  # the stage's models are gone: give their accelerator memory back before the next stage
             if state.is_failed():
@@ -209,8 +211,8 @@ class StageRunner:
             result, peak_memory = state.result(), memory.mib
             if state.name == "Cached":  # the record may come from a run whose artifact root lived elsewhere
                 result = replace(result.as_cached(), path=store.path(name, result.key))
-            self.summary["models_loaded"] += [f"{name}: {model}" for model in result.models_loaded]
-        self.summary["stages"][name] = {
+            self.summary["models_loaded"] += [f"{label}: {model}" for model in result.models_loaded]
+        self.summary["stages"][label] = {
             "status": result.status,
             "key": result.key,
             "seconds": round(time.monotonic() - started, 3),
@@ -222,6 +224,6 @@ class StageRunner:
         for output, relative in stage.outputs.items():
             self.summary["outputs"][output] = str((result.path / relative).resolve())
         self.current = None
-        if self.only == name:
+        if self.only == label:
             raise StopAfterStage
         return result

@@ -167,6 +167,15 @@ BAD_INPUTS = {  # id: (arguments, what the one line must say); {tmp} is a fresh 
     "prompts-not-a-list": (["--set", "generate.prompts=5"], "generate.prompts = 5"),
     "empty-token": (["--set", "data.token=''"], "data.token = ''"),
     "token-of-two-words": (["--set", "data.token='two words'"], "data.token = 'two words'"),
+    "unknown-pick": (["--set", "train.pick='best:fid'"], "train.pick = 'best:fid'"),
+    "pick-without-kept-steps": (
+        ["--set", "train.pick='best:dino'", "--set", "train.sample_every=0"],
+        "chooses among kept steps: set train.sample_every",
+    ),
+    "pick-without-its-scorer": (
+        ["--set", "train.pick='best:dino'", "--set", "train.sample_every=2"],
+        "train.pick = 'best:dino' needs evaluate.dino_model to score the steps",
+    ),
 }
 
 

@@ -30,6 +30,7 @@ CHANGES = [
     ("run.concurrency_limit", "boothflow-gpu", set()),
     ("data.captions", "sidecar", TRAIN),  # no .txt in the folder: every image keeps the prompt, and says so
     ("generate.validation_seeds", [0, 1], GENERATE),
+    ("train.pick", "best:analyser", {"validate", "score", "select", *GENERATE}),  # three more stages; train stays
     ("data.token", "zwx", TRAIN),
     ("data.class_name", "dog", CLASS_SIDE),
     ("data.instance_prompt", "a {token}", TRAIN),

@@ -72,9 +72,9 @@ def test_the_wheel_holds_every_module_and_runs_the_toy_preset_from_an_empty_fold
     modules = {p.relative_to(REPO).as_posix() for top in ("flows", "tasks") for p in (REPO / top).rglob("*.py")}
     listed = set(zipfile.ZipFile(wheel).namelist())
     assert modules <= listed  # pyproject.toml lists the packages by hand
-    shipped = {f"boothflow_shipped/{p.relative_to(REPO).as_posix()}" for p in (REPO / "configs" / "sweeps").glob("*")}
-    shipped |= {f"boothflow_shipped/{p.relative_to(REPO).as_posix()}" for p in (REPO / "data").rglob("toy_sets/*/*")}
-    assert len(shipped) == 12 and shipped <= listed  # the sweep presets and the folders the toy sweep names
+    sweeps = {f"boothflow_shipped/configs/sweeps/{name}.toml" for name in ("toy", "writeup", "dreambench")}
+    sets = {f"boothflow_shipped/{p.relative_to(REPO).as_posix()}" for p in (REPO / "data").rglob("toy_sets/*/*")}
+    assert len(sets) == 10 and sweeps | sets <= listed  # the sweep presets and the folders the toy sweep names
 
     bin_ = _venv_with(wheel, tmp_path / "venv")
     work = tmp_path / "work"

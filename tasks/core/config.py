@@ -196,6 +196,12 @@ class TrainSection(Section):
     sample_every: int = Field(
         0, ge=0, description="Keep weights every N steps so generate renders validation samples from them (0: off)"
     )
+    pick: str = Field(
+        "last",
+        pattern=r"^(last|best:(clip_t|clip_i|dino|analyser))$",
+        description="The weights the run exports and renders: last, or best:<clip_t|clip_i|dino|analyser> (the kept"
+        " step or final weights scoring highest on the validation prompts x seeds; needs sample_every)",
+    )
     checkpoint_every: int = no_key("Save a resumable checkpoint every N steps (0: not by steps)", default=100, ge=0)
     checkpoint_minutes: float = no_key(
         "Also save one when this many minutes passed since the last (checked at log steps; 0: not by time)",
@@ -211,8 +217,9 @@ class TrainSection(Section):
 
     def keyed(self, without: Collection[str] = ()) -> dict[str, Any]:
         """The batch is keyed as the global micro-batch (batch_size x num_processes), which is what is drawn: two
-        processes of batch 1 are the same training as one of batch 2, and share its key."""
-        return {**super().keyed(without), "batch_size": self.batch_size * self.num_processes}
+        processes of batch 1 are the same training as one of batch 2, and share its key. The pick is the select
+        stage's: it never retrains."""
+        return {**super().keyed((*without, "pick")), "batch_size": self.batch_size * self.num_processes}
 
 
 class GenerateSection(Section):
@@ -305,9 +312,11 @@ class RunConfig(Section):
         return fill_prompt(self.prior.class_prompt, self.data.token, self.data.class_name)
 
     def stage_names(self) -> list[str]:
-        """The stages this config runs, in order; class images only with prior preservation."""
+        """The stages this config runs, in order; class images only with prior preservation; with a best pick,
+        the validation renders (generate), their scores (evaluate) and the selection before generate."""
         classes = ["class_images"] if self.prior.enabled else []
-        return ["preprocess", *classes, "latents", "train", "generate", "evaluate", "report"]
+        picking = ["validate", "score", "select"] if self.train.pick != "last" else []
+        return ["preprocess", *classes, "latents", "train", *picking, "generate", "evaluate", "report"]
 
 
 def fill_prompt(template: str, token: str, class_name: str) -> str:

@@ -112,6 +112,14 @@ def stage_key_for(cfg: GenerateSection, inputs: GenerateInputs) -> str:
     )
 
 
+def validation_view(cfg: GenerateSection) -> GenerateSection:
+    """What a best pick scores: the validation prompts x seeds, rendered from the final weights as from every kept
+    step (the same images it would render for them as checkpoints), no base model."""
+    seeds = cfg.validation_seeds or cfg.seeds[:1]
+    update = {"prompts": cfg.validation_prompts, "seeds": seeds, "validation_seeds": seeds, "compare_base": False}
+    return cfg.model_copy(update=update)
+
+
 def training_facts(train: StageResult) -> dict[str, Any]:
     """training.json of the train entry: family, method, steps and the steps whose weights were kept for samples."""
     try:

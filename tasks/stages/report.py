@@ -48,13 +48,15 @@ class ReportInputs:
     evaluate: StageResult
     token: str
     class_name: str
+    selection: StageResult | None = None  # the select stage, when train.pick chose the weights by a metric
 
     @classmethod
-    def of(cls, config: RunConfig, stages: dict[str, Any], *results: StageResult | None) -> ReportInputs:
+    def of(cls, config: RunConfig, stages: dict[str, Any], *results: StageResult | None,
+           selection: StageResult | None = None) -> ReportInputs:  # fmt: skip
         """`results`: preprocess, class images (None without prior preservation), train, generate and evaluate."""
         data = config.data
         return cls(config.run.name, config.model_dump(mode="json"), copy.deepcopy(stages), data.instance_dir,
-                   *results, data.token, data.class_name)  # fmt: skip
+                   *results, data.token, data.class_name, selection)  # fmt: skip
 
 
 def stage_key_for(cfg: ReportSection, inputs: ReportInputs) -> str:
@@ -70,6 +72,7 @@ def stage_key_for(cfg: ReportSection, inputs: ReportInputs) -> str:
         generate=inputs.generate.key,
         evaluate=inputs.evaluate.key,
         run_name=inputs.run_name,
+        **({"selection": inputs.selection.key} if inputs.selection else {}),
     )
 
 
@@ -190,6 +193,7 @@ def summary_facts(
         "base model": inputs.settings.get("model", {}).get("id", "—"),
         "instance prompt": fill_prompt(template, inputs.token, inputs.class_name),
         **({"captions": _captions_text(captions)} if captions else {}),
+        **({"picked weights": _picked_text(inputs.selection)} if inputs.selection else {}),
         "token / class": f"{inputs.token} / {inputs.class_name}",
         "training": f"{training.get('method', '—')} fine-tune ({training.get('family', '—')})",
         "steps": training.get("steps"),
@@ -199,6 +203,14 @@ def summary_facts(
         "class images": class_count if inputs.class_images else "none (prior preservation off)",
         "samples": ", ".join(f"{kinds.count(k)} {KIND_LABELS.get(k, k)}" for k in dict.fromkeys(kinds)) or "none",
     }
+
+
+def _picked_text(selection: StageResult) -> str:
+    """Which step won, by which metric and by how much against the last step; every candidate's score."""
+    picked = _read_json(selection.path / "selection.json", "select")
+    every = ", ".join(f"{step}: {value:.3f}" for step, value in picked["candidates"].items())
+    return (f"step {picked['step']} of {picked['last_step']} by {picked['metric']}: {picked['value']:.3f} against "
+            f"{picked['last_value']:.3f} at the last step (every candidate: {every})")  # fmt: skip
 
 
 def _captions_text(captions: dict[str, int]) -> str:
