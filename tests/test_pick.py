@@ -59,6 +59,7 @@ def test_a_best_pick_holds_on_held_out_seeds_and_exports_that_steps_weights(boot
     assert all(exported[name].equal(original[name]) for name in original)  # that step's weights, bit for bit
     page = Path(first["outputs"]["report_html"]).read_text()
     assert f"step {step} of 400 by analyser" in page
+    assert "rendered and scored by the validate and score stages" in page  # the checkpoints section says where
 
     # A step before the last, picked by scores that favour it: exported from its kept weights into a pipeline that
     # diffusers loads, with a card that says so.

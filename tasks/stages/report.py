@@ -260,6 +260,7 @@ def _writer(cfg: ReportSection, inputs: ReportInputs, key: str) -> Callable[[Pat
                 "loss": loss,
                 "samples": report_page.samples(samples, cfg.seeds_shown),
                 "checkpoints": report_page.checkpoints(samples, training.get("steps")),
+                "picked": summary.get("picked weights"),
                 "metrics": report_page.metrics(scores),
             }
         )
