@@ -1,8 +1,11 @@
 """The GPU check: training steps/s, rendering images/s and peak CUDA memory of the full-size presets, one setting
-toggled at a time, each beside the memory plan's estimate. It imports no Prefect, and on a bare CUDA machine with
-Python and torch it names the packages it still needs. Each case runs in its own process (a clean peak).
+toggled at a time, each beside the memory plan's estimate, and per training case the compute floor (a) and, for the
+baselines, the re-encoding reference (c) of benchmarks/train_throughput.py beside the cached loop (b). It imports no
+Prefect, and on a bare CUDA machine with Python and torch it names the packages it still needs. Each case runs in
+its own process (a clean peak), most telling first; results are rewritten after every case, and with `--budget`
+the cases that would start after it are listed as not run.
 
-    python benchmarks/gpu_check.py --out DIR           # 10 cases on sd15-arch and sdxl-arch (one large GPU: minutes)
+    python benchmarks/gpu_check.py --out DIR           # 11 training and 4 rendering cases (one large GPU: minutes)
     python benchmarks/gpu_check.py --smoke --out DIR   # the tiny presets, seconds; the suite runs it on CPU
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import re
 import resource
 import subprocess
@@ -42,23 +46,50 @@ class Case:
     resolution: int
     settings: dict = field(default_factory=dict)
     requires: str = ""  # an optional package the case needs; skipped without it
+    reference: bool = False  # also time the re-encoding reference (c)
 
 
-FULL = [
-    Case("sd15 fp32", "sd15-arch", 512, SD15),
-    Case("sd15 fp16", "sd15-arch", 512, SD15 | {"mixed_precision": "fp16"}),
+@dataclass(frozen=True)
+class Render:
+    """One rendering case: `batch` images of a preset in one call."""
+
+    preset: str
+    side: int
+    batch: int
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset} generate batch {self.batch}"
+
+
+SD15_FULL = [
+    Case("sd15 fp32", "sd15-arch", 512, SD15, reference=True),
     Case("sd15 bf16", "sd15-arch", 512, SD15 | {"mixed_precision": "bf16"}),
+    Case("sd15 fp16", "sd15-arch", 512, SD15 | {"mixed_precision": "fp16"}),
+    Case("sd15 fp32 without TF32", "sd15-arch", 512, SD15 | {"tf32": False}),
+    Case("sd15 channels-last", "sd15-arch", 512, SD15 | {"channels_last": True}),
+]
+SDXL_FULL = [
+    Case("sdxl bf16", "sdxl-arch", 1024, SDXL | {"mixed_precision": "bf16"}, reference=True),
+    Case("sdxl fp32", "sdxl-arch", 1024, SDXL),
+]
+LATER = [
+    Case("sd15 torch.compile", "sd15-arch", 512, SD15 | {"compile_unet": True}),
     Case("sd15 checkpointing", "sd15-arch", 512, SD15 | {"gradient_checkpointing": True}),
+    Case("sdxl checkpointing", "sdxl-arch", 1024, SDXL | {"gradient_checkpointing": True}),
     Case("sd15 8-bit Adam", "sd15-arch", 512, SD15 | {"optimizer": "adamw8bit"}, requires="bitsandbytes"),
     Case("sd15 xformers", "sd15-arch", 512, SD15 | {"attention": "xformers"}, requires="xformers"),
-    Case("sd15 torch.compile", "sd15-arch", 512, SD15 | {"compile_unet": True}),
-    Case("sd15 channels-last", "sd15-arch", 512, SD15 | {"channels_last": True}),
-    Case("sd15 fp32 without TF32", "sd15-arch", 512, SD15 | {"tf32": False}),
-    Case("sdxl fp32", "sdxl-arch", 1024, SDXL),
-    Case("sdxl bf16", "sdxl-arch", 1024, SDXL | {"mixed_precision": "bf16"}),
-    Case("sdxl checkpointing", "sdxl-arch", 1024, SDXL | {"gradient_checkpointing": True}),
 ]
-SMOKE = [Case("sd15 fp32", "tiny-sd15", 64, SD15), Case("sdxl fp32", "tiny-sdxl", 64, SDXL)]
+RENDERS = [Render(preset, side, batch, 20) for preset, side in (("sd15-arch", 512), ("sdxl-arch", 1024))
+           for batch in (1, 4)]  # fmt: skip
+FULL = [*SD15_FULL, *SDXL_FULL, *RENDERS, *LATER]
+CHILD_LIMIT = 240  # seconds one case may take: a stuck compilation leaves the later cases their time
+SMOKE = [
+    Case("sd15 fp32", "tiny-sd15", 64, SD15, reference=True),
+    Case("sdxl fp32", "tiny-sdxl", 64, SDXL),
+    *[Render(preset, 64, batch, 2) for preset in ("tiny-sd15", "tiny-sdxl") for batch in (1, 2)],
+]
 
 
 def missing_packages() -> list[str]:
@@ -122,14 +153,34 @@ def synthetic_embeddings(folder: Path, arch, prompt: str) -> dict[str, Path]:
     return {prompt: folder / "embeds.safetensors"}
 
 
+def reference_images(latents: Path, side: int) -> Path:
+    """A random PNG per synthetic sample, for the reference mode to decode and encode at every draw."""
+    import numpy as np
+    from PIL import Image
+
+    folder = latents.parent / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for line in (latents / "index.csv").read_text().splitlines()[1:]:
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{line.split(',')[0]}.png")
+    return folder
+
+
 def train_case(case: Case, root: Path, steps: int) -> dict:
-    """`steps` timed optimizer steps of the real training loop (after one warm-up step), in this process."""
+    """Milliseconds per optimizer step of the train stage's own loop (b), the compute floor (a) and, for a
+    reference case, the re-encoding reference (c): each the slope between step 1 and step 1 + `steps` of one run
+    (the first step warms the allocator, kernels and compilation), in that order, twice, medians reported."""
+    import statistics
+
+    from diffusers import AutoencoderKL
+    from train_throughput import ReencodedData, floor_step, per_step
 
     from tasks.core.config import TrainSection
     from tasks.sd.memory import architecture, estimate_train
     from tasks.sd.models import resolve_model
     from tasks.stages.train_job import TrainJob, resolved_optimizer
-    from tasks.stages.trainer import build_training, optimizer_step
+    from tasks.stages.trainer import build_training, make_batch, optimizer_step, optimizer_step_on_device
 
     path = resolve_model(case.preset, root)
     arch = architecture(case.preset, root)
@@ -144,18 +195,36 @@ def train_case(case: Case, root: Path, steps: int) -> dict:
     )  # fmt: skip
     training = build_training(job)
     training.prepare()
-    optimizer_step(training, 0)  # warm-up: allocator, kernels, compilation
+    device = training.accelerator.device
+    losses = []
+
+    def cached(step: int) -> None:
+        losses.append(optimizer_step_on_device(training, step))
+
+    fixed = make_batch(training.data, training.objective, job, 0, 0).to(device)
+    cached_data = training.data
+    modes = {"cached": cached, "floor": floor_step(training, fixed)} | ({"reference": cached} if case.reference else {})
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     synchronize()
     started = time.perf_counter()
-    losses = [optimizer_step(training, step) for step in range(1, steps + 1)]
-    synchronize()
-    seconds = time.perf_counter() - started
+    first = optimizer_step(training, 0)  # warm-up: allocator, kernels, compilation
+    first_step = time.perf_counter() - started
+    peak = None
+    for mode in [*modes, *modes]:
+        if mode == "reference" and peak is None:
+            peak = peak_mib()  # the training loop's own peak, before the reference's VAE joins it
+            vae = AutoencoderKL.from_pretrained(job.vae_path).to(device)
+            reference = ReencodedData(job.latents_dir, reference_images(job.latents_dir, case.resolution), vae)
+        training.data = reference if mode == "reference" else cached_data
+        times[mode].append(per_step(modes[mode], device, 1, 1 + steps))
+    ms = {mode: 1e3 * statistics.median(values) for mode, values in times.items()}
     plan = estimate_train(arch, cfg, case.resolution, prior=False).total / 2**20
-    return {"rate": steps / seconds, "unit": "steps/s", "peak_mib": peak_mib(), "plan_mib": plan,
-            "optimizer": job.optimizer, "finite": all(loss == loss for loss in losses)}  # fmt: skip
+    finite = all(math.isfinite(loss) for loss in [first, *[loss.item() for loss in losses]])
+    return {"rate": 1e3 / ms["cached"], "unit": "steps/s", "peak_mib": peak or peak_mib(), "plan_mib": plan, "ms": ms,
+            "first_step_s": first_step, "optimizer": job.optimizer, "finite": finite}  # fmt: skip
 
 
-def generate_case(preset: str, side: int, batch: int, steps: int, root: Path) -> dict:
+def generate_case(case: Render, root: Path) -> dict:
     """Render `batch` images in one call through boothflow's renderer (after a one-step warm-up call)."""
     import torch
 
@@ -163,27 +232,33 @@ def generate_case(preset: str, side: int, batch: int, steps: int, root: Path) ->
     from tasks.sd.models import ResolvedModel, model_family, resolve_model
     from tasks.sd.render import RenderRequest, load_pipeline_for, make_scheduler, render
 
-    path = resolve_model(preset, root)
+    path = resolve_model(case.preset, root)
     dtype = "float16" if torch.cuda.is_available() else "float32"
-    pipe = load_pipeline_for(ResolvedModel(preset, path, model_family(path), path / "vae", {}), dtype)
+    pipe = load_pipeline_for(ResolvedModel(case.preset, path, model_family(path), path / "vae", {}), dtype)
     make_scheduler(pipe, "DPMSolverMultistepScheduler")
-    requests = [RenderRequest("a photo of sks dog", "", seed, steps, 7.5, side, side) for seed in range(batch)]
+    side = case.side
+    requests = [RenderRequest(PROMPT, "", seed, case.steps, 7.5, side, side) for seed in range(case.batch)]
     list(render(pipe, [RenderRequest("warm-up", "", 0, 1, 7.5, side, side)], 1, "warm-up"))
     synchronize()
     started = time.perf_counter()
-    images = [image for _, image in render(pipe, requests, batch, "check")]
+    images = [image for _, image in render(pipe, requests, case.batch, "check")]
     synchronize()
     seconds = time.perf_counter() - started
-    plan = estimate_render(architecture(preset, root), "generate", dtype, batch, side, 7.5, slicing=True, tiling=False)
+    plan = estimate_render(
+        architecture(case.preset, root), "generate", dtype, case.batch, side, 7.5, slicing=True, tiling=False
+    )
     return {"rate": len(images) / seconds, "unit": "images/s", "peak_mib": peak_mib(), "plan_mib": plan.total / 2**20,
             "dtype": dtype}  # fmt: skip
 
 
-def in_child(kind: str, spec: dict, root: Path, steps: int) -> dict:
+def in_child(kind: str, spec: dict, root: Path, steps: int, timeout: float) -> dict:
     """Run one case in a fresh process, so each peak is that case's alone."""
     command = [sys.executable, __file__, "--child", json.dumps({"kind": kind, "spec": spec}),
                "--root", str(root), "--steps", str(steps)]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after {timeout:.0f} s"}
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": last[:300]}
@@ -195,9 +270,17 @@ def run_child(payload: str, root: Path, steps: int) -> None:
     if request["kind"] == "train":
         result = train_case(Case(**request["spec"]), root, steps)
     else:
-        result = generate_case(**request["spec"], root=root)
+        result = generate_case(Render(**request["spec"]), root=root)
     result["prefect_imported"] = "prefect" in sys.modules
     print(json.dumps(result))
+
+
+def run_case(case: Case | Render, root: Path, steps: int, seconds_left: float) -> dict:
+    if isinstance(case, Render):
+        return {"case": case.name, **in_child("generate", asdict(case), root, steps, seconds_left)}
+    if case.requires and importlib.util.find_spec(case.requires) is None:
+        return {"case": case.name, "skipped": f"{case.requires} not installed ({OPTIONAL[case.requires]})"}
+    return {"case": case.name, **in_child("train", asdict(case), root, steps, seconds_left)}
 
 
 def markdown(rows: list[dict], device: str, command: str) -> list[str]:
@@ -205,19 +288,34 @@ def markdown(rows: list[dict], device: str, command: str) -> list[str]:
         "# GPU check",
         "",
         f"Device: {device}. Command: `{command}` ({time.strftime('%Y-%m-%d')}).",
+        "Training: ms per optimizer step, each the slope over the timed steps, median of two interleaved runs.",
         "",
-        "| case | rate | peak MiB | plan MiB | plan error | notes |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| case | rate | peak MiB | plan MiB | plan error | floor (a) ms | cached (b) ms | reference (c) ms |"
+        " (b)/(a) | (c)/(b) | notes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         if "error" in row or "skipped" in row:
-            lines.append(f"| {row['case']} | | | | | {row.get('error') or row.get('skipped')} |")
+            lines.append(f"| {row['case']} | | | | | | | | | | {row.get('error') or row.get('skipped')} |")
             continue
         error = 100 * (row["plan_mib"] - row["peak_mib"]) / row["peak_mib"]
+        ms = row.get("ms", {})
+        times = [f"{ms[mode]:.1f}" if mode in ms else "" for mode in ("floor", "cached", "reference")]
+        ratios = [f"{ms[top] / ms[bottom]:.3f}" if top in ms else "" for top, bottom in
+                  (("cached", "floor"), ("reference", "cached"))]  # fmt: skip
         notes = ", ".join(f"{k} {row[k]}" for k in ("optimizer", "dtype") if k in row)
+        notes += f", first step {row['first_step_s']:.1f} s" if "first_step_s" in row else ""
         lines.append(f"| {row['case']} | {row['rate']:.3f} {row['unit']} | {row['peak_mib']:.0f} |"
-                     f" {row['plan_mib']:.0f} | {error:+.0f}% | {notes} |")  # fmt: skip
+                     f" {row['plan_mib']:.0f} | {error:+.0f}% | {' | '.join(times)} | {' | '.join(ratios)} |"
+                     f" {notes} |")  # fmt: skip
     return lines
+
+
+def write_results(out: Path, rows: list[dict], device: str, versions: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"device": device, "versions": versions, "rows": rows}, indent=1))
+    table = markdown(rows, device, " ".join(["python", *sys.argv]))
+    (out / "results.md").write_text("\n".join(table) + "\n")
 
 
 def main() -> None:
@@ -226,6 +324,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny presets, two steps: seconds, runs on a CPU")
     parser.add_argument("--root", type=Path, default=None, help="where presets are built (default: <out>/models)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 5, smoke 2)")
+    parser.add_argument("--budget", type=float, default=3600, help="seconds after which no further case starts")
+    parser.add_argument("--only", action="append", help="run only the case of this name (repeatable)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if importlib.util.find_spec("torch") is None:
@@ -237,32 +337,31 @@ def main() -> None:
     if args.child:
         return run_child(args.child, args.root, steps)
 
+    import diffusers
     import torch
+    import transformers
 
     from tasks.sd.models import resolve_model
 
+    deadline = time.monotonic() + args.budget
     root = (args.root or args.out / "artifacts").resolve()
-    cases = SMOKE if args.smoke else FULL
+    cases = [case for case in (SMOKE if args.smoke else FULL) if not args.only or case.name in args.only]
+    if not cases:
+        sys.exit(f"gpu_check: no case is named {', '.join(args.only)}")
     for preset in dict.fromkeys(case.preset for case in cases):  # built once, before the timed children
         resolve_model(preset, root)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA): peaks are RSS"
+    versions = {module.__name__: module.__version__ for module in (torch, diffusers, transformers)}
     rows = []
     for case in cases:
-        if case.requires and importlib.util.find_spec(case.requires) is None:
-            rows.append({"case": case.name, "skipped": f"{case.requires} not installed ({OPTIONAL[case.requires]})"})
+        seconds_left = deadline - time.monotonic()
+        if seconds_left < 10:
+            rows.append({"case": case.name, "skipped": f"not run: the {args.budget:.0f} s budget was spent"})
         else:
-            rows.append({"case": case.name, **in_child("train", asdict(case), root, steps)})
+            rows.append(run_case(case, root, steps, min(seconds_left, CHILD_LIMIT)))
         print(json.dumps(rows[-1]), flush=True)
-    for preset, side in dict.fromkeys((case.preset, case.resolution) for case in cases):
-        for batch in (1, 2) if args.smoke else (1, 4):
-            spec = {"preset": preset, "side": side, "batch": batch, "steps": 2 if args.smoke else 20}
-            rows.append({"case": f"{preset} generate batch {batch}", **in_child("generate", spec, root, steps)})
-            print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA): peaks are RSS"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
-    table = markdown(rows, device, " ".join(["python", *sys.argv]))
-    (args.out / "results.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
+        write_results(args.out, rows, device, versions)
+    print((args.out / "results.md").read_text())
 
 
 if __name__ == "__main__":

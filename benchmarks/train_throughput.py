@@ -94,7 +94,8 @@ def per_step(run_step: Callable[[int], None], device: torch.device, first: int, 
 
 def floor_step(t: trainer.Training, batch: trainer.Batch) -> Callable[[int], None]:
     def run_step(step: int) -> None:
-        loss = trainer.training_step(t.unet, t.conditioner, t.objective, batch)
+        with t.accelerator.autocast():
+            loss = trainer.training_step(t.unet, t.conditioner, t.objective, batch)
         t.accelerator.backward(loss)
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)

@@ -34,6 +34,12 @@ def test_smoke_mode_measures_every_case_beside_the_plan(tmp_path: Path) -> None:
         assert row["rate"] > 0 and row["peak_mib"] > 100 and row["plan_mib"] > 0, row
         assert row["prefect_imported"] is False
     assert rows["sd15 fp32"]["finite"] and rows["sdxl fp32"]["finite"]
+    assert set(rows["sd15 fp32"]["ms"]) == {"floor", "cached", "reference"} and set(rows["sdxl fp32"]["ms"]) == {
+        "floor",
+        "cached",
+    }
+    assert rows["sd15 fp32"]["rate"] == pytest.approx(1e3 / rows["sd15 fp32"]["ms"]["cached"])
+    assert min(rows["sd15 fp32"]["ms"].values()) > 0 and rows["sd15 fp32"]["first_step_s"] > 0
     assert (rows["sd15 fp32"]["unit"], rows["tiny-sd15 generate batch 2"]["unit"]) == ("steps/s", "images/s")
     assert "| sdxl fp32 |" in (out / "results.md").read_text()
 
@@ -49,3 +55,16 @@ def test_a_bare_machine_is_told_what_to_install(monkeypatch: pytest.MonkeyPatch)
     )
     pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split() if "==" in line)
     assert gpu_check.missing_packages() == [f"diffusers=={pins['diffusers']}", f"pyyaml=={pins['PyYAML']}"]
+
+
+def test_a_spent_budget_lists_the_cases_it_did_not_start(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", out, "--budget", "0", "--only", "sdxl fp32",
+                           "--only", "tiny-sd15 generate batch 2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(row["case"], row["skipped"]) for row in rows] == [
+        ("sdxl fp32", "not run: the 0 s budget was spent"),
+        ("tiny-sd15 generate batch 2", "not run: the 0 s budget was spent"),
+    ]
