@@ -275,12 +275,12 @@ def run_child(payload: str, root: Path, steps: int) -> None:
     print(json.dumps(result))
 
 
-def run_case(case: Case | Render, root: Path, steps: int, seconds_left: float) -> dict:
+def run_case(case: Case | Render, root: Path, steps: int, timeout: float) -> dict:
     if isinstance(case, Render):
-        return {"case": case.name, **in_child("generate", asdict(case), root, steps, seconds_left)}
+        return {"case": case.name, **in_child("generate", asdict(case), root, steps, timeout)}
     if case.requires and importlib.util.find_spec(case.requires) is None:
         return {"case": case.name, "skipped": f"{case.requires} not installed ({OPTIONAL[case.requires]})"}
-    return {"case": case.name, **in_child("train", asdict(case), root, steps, seconds_left)}
+    return {"case": case.name, **in_child("train", asdict(case), root, steps, timeout)}
 
 
 def markdown(rows: list[dict], device: str, command: str) -> list[str]:

@@ -112,12 +112,11 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def _add_lora(module: torch.nn.Module, targets: tuple[str, ...], rank: int) -> int:
     """Inject LoRA adapters as training does (on the meta device); returns their parameter count."""
-    from accelerate import init_empty_weights
     from peft import LoraConfig, inject_adapter_in_model
 
     before = count_parameters(module)
     module.requires_grad_(False)
-    with init_empty_weights():
+    with torch.device("meta"):
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets)), module)
     return count_parameters(module) - before
 
