@@ -3,7 +3,8 @@ reloaded in separate processes, and every measured peak beside the memory plan's
 
 Run by hand with nothing else running (SD 1.5 peaks near 17 GiB, SDXL near 14 GiB); never in the suite:
     .venv/bin/python benchmarks/real_size.py [--artifacts DIR] [--only sd15-arch|sdxl-arch] [--out RESULTS.md]
-`--quick` runs the same path on the tiny presets at 64 px (seconds); the suite runs it so the script never rots.
+`--quick` runs the same path on the tiny presets at 64 px, its checks in this process (seconds); the suite runs it so
+the script never rots.
 """
 
 from __future__ import annotations
@@ -77,15 +78,18 @@ def stages(cfg: RunConfig, store: Store) -> tuple:
     return model, train.run(cfg.train, inputs, store)
 
 
-def child(args: list[str]) -> dict:
-    """Run this script's `args` in a fresh process; its last stdout line is JSON."""
+def child(args: list[str], quick: bool) -> dict:
+    """Run this script's `args` in a fresh process, so the peak is the check's own; its last stdout line is JSON.
+    Quick mode runs the check in this process: there, process starts would be most of the time."""
+    if quick:
+        return check(parser().parse_args([*args, "--quick"]))
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def generate_child(case: str, root: Path, quick: bool) -> None:
+def generate_child(case: str, root: Path, quick: bool) -> dict:
     """Render one image from the trained model in this (fresh) process and report its peak memory."""
     cfg = config(case, root, quick)
     store = Store(root)
@@ -94,10 +98,10 @@ def generate_child(case: str, root: Path, quick: bool) -> None:
     side = cfg.preprocess.resolution
     inputs = generate.GenerateInputs(model, trained, cfg.data.token, cfg.data.class_name, side)
     generate.run(cfg.generate, inputs, store)
-    print(json.dumps({"peak_mib": peak_rss_mib(), "seconds": time.monotonic() - started}))
+    return {"peak_mib": peak_rss_mib(), "seconds": time.monotonic() - started}
 
 
-def reload_sd15(model: Path) -> None:
+def reload_sd15(model: Path) -> dict:
     """The single-file checkpoint loads through from_single_file with the pipeline folder's exact weights."""
     from diffusers import StableDiffusionPipeline
 
@@ -109,10 +113,10 @@ def reload_sd15(model: Path) -> None:
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
         equal[name] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    print(json.dumps({"equal": equal, "peak_mib": peak_rss_mib()}))
+    return {"equal": equal, "peak_mib": peak_rss_mib()}
 
 
-def fuse_sdxl(model: Path, base: Path, trained: Path) -> None:
+def fuse_sdxl(model: Path, base: Path, trained: Path) -> dict:
     """The kohya file loads with load_lora_weights and fuses to base + B @ A of the trained adapters."""
     from diffusers import StableDiffusionXLPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -130,7 +134,7 @@ def fuse_sdxl(model: Path, base: Path, trained: Path) -> None:
     update = max((w - layers[n].base_layer.weight.detach()).abs().max().item() for n, w in expected.items())
     pipe.fuse_lora(components=["unet"])
     error = max((layers[n].base_layer.weight.detach() - w).abs().max().item() for n, w in expected.items())
-    print(json.dumps({"layers": len(layers), "max_update": update, "max_abs_error": error, "peak_mib": peak_rss_mib()}))
+    return {"layers": len(layers), "max_update": update, "max_abs_error": error, "peak_mib": peak_rss_mib()}
 
 
 def measure(case: str, root: Path, quick: bool) -> dict:
@@ -158,20 +162,21 @@ def measure(case: str, root: Path, quick: bool) -> dict:
     plan_generate = (
         estimate_render(arch, "generate", gen.dtype, 1, side, gen.guidance, True, gen.vae_tiling).total / 2**20
     )
-    generated = child(["--generate-child", case, str(root), *(["--quick"] if quick else [])])
+    generated = child(["--generate-child", case, str(root)], quick)
     if cfg.train.method == "full":
-        check = child(["--reload-sd15", str(trained.path / MODEL_DIR)])
-        verdict = f"from_single_file == diffusers folder: {check['equal']}"
+        checked = child(["--reload-sd15", str(trained.path / MODEL_DIR)], quick)
+        verdict = f"from_single_file == diffusers folder: {checked['equal']}"
     else:
         base = arch and resolve(cfg.model.id, "", root).path
-        check = child(["--fuse-sdxl", str(trained.path / MODEL_DIR), str(base), str(dump)])
-        verdict = (f"kohya file fused on {check['layers']} layers: largest trained change {check['max_update']:.2e},"
-                   f" largest difference from base + B @ A {check['max_abs_error']:.2e}")  # fmt: skip
+        checked = child(["--fuse-sdxl", str(trained.path / MODEL_DIR), str(base), str(dump)], quick)
+        verdict = (f"kohya file fused on {checked['layers']} layers: largest trained change "
+                   f"{checked['max_update']:.2e}, largest difference from base + B @ A "
+                   f"{checked['max_abs_error']:.2e}")  # fmt: skip
     return {
         "case": case, "built_s": built, "train_s": train_seconds, "steps": metrics,
         "train_peak": memory["train"], "export_peak": memory["export"], "plan_train": plan_train,
         "generate_peak": generated["peak_mib"], "generate_s": generated["seconds"], "plan_generate": plan_generate,
-        "check_peak": check["peak_mib"], "verdict": verdict,
+        "check_peak": checked["peak_mib"], "verdict": verdict,
     }  # fmt: skip
 
 
@@ -205,7 +210,7 @@ def report(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=None, help="artifact root (default: a temporary folder)")
     parser.add_argument("--only", choices=sorted(CASES), action="append", help="run only this case (repeatable)")
@@ -214,13 +219,26 @@ def main() -> None:
     parser.add_argument("--generate-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--reload-sd15", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--fuse-sdxl", nargs=3, type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def check(args: argparse.Namespace) -> dict | None:
+    """The check a child process was started for, if any."""
     if args.generate_child:
         return generate_child(args.generate_child[0], Path(args.generate_child[1]), args.quick)
     if args.reload_sd15:
         return reload_sd15(args.reload_sd15)
     if args.fuse_sdxl:
         return fuse_sdxl(*args.fuse_sdxl)
+    return None
+
+
+def main() -> None:
+    args = parser().parse_args()
+    result = check(args)
+    if result is not None:
+        print(json.dumps(result))
+        return
     root = (args.artifacts or Path(tempfile.mkdtemp(prefix="real-size-"))).resolve()
     measured = args.out.with_name("real_size.json")  # every case's latest figures; --only replaces some
     rows = json.loads(measured.read_text()) if measured.is_file() else {}

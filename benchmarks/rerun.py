@@ -105,7 +105,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base_env = {**os.environ, "PREFECT_HOME": str(work / "client-home")}
+        base_env = {"PREFECT_HOME": str(work / "client-home"), **os.environ}  # the user's, when set
         base_env.pop("PREFECT_API_URL", None)
         if not args.quick:
             port, log = free_port(), work / "server.log"

@@ -8,7 +8,8 @@ re-hash of the padded one (what every lookup cost before stat memos). Then one b
 its mtime put back and `boothflow cache verify` must name it. Reports to $PREFECT_API_URL when set, else to a
 private server.
 Usage: .venv/bin/python benchmarks/store_size.py [--pad-gib 2] [--repeats 5] [--out benchmarks/RESULTS.md]
-`--quick` pads 4 MiB and runs everything once (the suite runs it so the script never rots).
+`--quick` does the same with `boothflow stage preprocess` and its entry, padded by 4 MiB, once each: no training,
+seconds (the suite runs it so the script never rots).
 """
 
 from __future__ import annotations
@@ -32,18 +33,16 @@ from flows.server import api_url, free_port, start_server, stop_server, wait_hea
 from tasks.core.atomic import link_or_copy
 from tasks.core.store import MANIFEST, STAT_MEMO, Store
 
-QUICK = ["--set", "train.steps=2", "--set", "train.checkpoint_every=0", "--set", "train.sample_every=0",
-         "--set", "generate.steps=2", "--set", "generate.seeds=1", "--set", "generate.compare_base=false",
-         "--set", 'generate.prompts=["a photo of {token} {class}"]']  # fmt: skip
+RUN, QUICK = (["run"], "train"), (["stage", "preprocess"], "preprocess")  # the command and the entry it pads
 PADDING = "padding.bin"
 CHUNK = 64 * 2**20
 
 
-def pad_train_entry(store: Store, key: str, pad_bytes: int, aside: Path) -> None:
-    """Recommit train entry `key` with its own files (hard links to the original, moved to `aside`) plus `pad_bytes`
-    of random bytes: an entry the flow's train stage looks up like the one it made, only bigger."""
-    made = store.get("train", key)
-    store.path("train", key).rename(aside)
+def pad_entry(store: Store, stage: str, key: str, pad_bytes: int, aside: Path) -> None:
+    """Recommit `stage`'s entry `key` with its own files (hard links to the original, moved to `aside`) plus
+    `pad_bytes` of random bytes: an entry the flow's stage looks up like the one it made, only bigger."""
+    made = store.get(stage, key)
+    store.path(stage, key).rename(aside)
 
     def build(folder: Path) -> dict:
         skip = shutil.ignore_patterns(MANIFEST, f"{STAT_MEMO}*")
@@ -53,7 +52,7 @@ def pad_train_entry(store: Store, key: str, pad_bytes: int, aside: Path) -> None
                 f.write(os.urandom(min(CHUNK, left)))
         return made.info
 
-    store.get_or_create("train", key, build, made.manifest["config"])
+    store.get_or_create(stage, key, build, made.manifest["config"])
 
 
 def flip_byte_keeping_mtime(file: Path, offset: int) -> None:
@@ -67,12 +66,12 @@ def flip_byte_keeping_mtime(file: Path, offset: int) -> None:
     os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
-def lookup_ms(store: Store, key: str, repeats: int = 20) -> float:
-    """Median wall time of `Store.get` of the train entry, in ms."""
+def lookup_ms(store: Store, stage: str, key: str, repeats: int = 20) -> float:
+    """Median wall time of `Store.get` of the padded stage's entry, in ms."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        assert store.get("train", key) is not None
+        assert store.get(stage, key) is not None
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
 
@@ -85,33 +84,36 @@ def warm_run(command: list, env: dict[str, str], summary: Path) -> float:
 
 
 def measure(args: argparse.Namespace, env: dict[str, str], work: Path) -> dict:
-    """The demo's store and a copy whose train entry is padded, warm runs over them taken in turns (so a change of
-    load hits both), then the flipped byte."""
+    """The demo's store and a copy whose entry of the padded stage is padded, warm runs over them taken in turns (so a
+    change of load hits both), then the flipped byte."""
     demo, padded = work / "demo", work / "padded"
-    run = [BOOTHFLOW, "run", "--config", "configs/demo.toml", *(QUICK if args.quick else []), "--artifacts"]
+    command, stage = QUICK if args.quick else RUN
+    run = [BOOTHFLOW, *command, "--config", "configs/demo.toml", "--artifacts"]
     took, cold = timed_run([*run, demo], env, work / "cold.json")
     print(f"cold run: {took:.2f} s", flush=True)
-    key = cold["stages"]["train"]["key"]
+    key = cold["stages"][stage]["key"]
     shutil.copytree(demo, padded)
     assert Store(padded).verify().damaged == []  # new inodes: the copy's memos, refreshed once, as a lookup would
-    pad_train_entry(Store(padded), key, int(args.pad_gib * 2**30), work / "train-as-made")
-    sizes = {name: sum(m["size"] for m in Store(root).get("train", key).manifest["files"].values())
-             for name, root in (("demo", demo), ("padded", padded))}  # fmt: skip
+    pad_entry(Store(padded), stage, key, int(args.pad_gib * 2**30), work / "as-made")
+    stores = {"demo": demo, "padded": padded}
+    sizes = {name: sum(m["size"] for m in Store(root).get(stage, key).manifest["files"].values())
+             for name, root in stores.items()}  # fmt: skip
     started = time.monotonic()
-    assert Store(padded).verify("train").damaged == []
-    figures = {"key": key, "sizes": sizes, "full_check_s": time.monotonic() - started, "load_before": os.getloadavg()}
-    figures["lookup_ms"] = {name: lookup_ms(Store(root), key) for name, root in (("demo", demo), ("padded", padded))}
+    assert Store(padded).verify(stage).damaged == []
+    figures = {"stage": stage, "command": " ".join(command), "key": key, "sizes": sizes,
+               "full_check_s": time.monotonic() - started, "load_before": os.getloadavg()}  # fmt: skip
+    figures["lookup_ms"] = {name: lookup_ms(Store(root), stage, key) for name, root in stores.items()}
     figures["warm"] = {"demo": [], "padded": []}
     for n in range(args.repeats):
-        for name, root in (("demo", demo), ("padded", padded)):
+        for name, root in stores.items():
             figures["warm"][name].append(warm_run([*run, root], env, work / f"{name}-{n}.json"))
             print(f"warm over the {name} store: {figures['warm'][name][-1]:.2f} s", flush=True)
     figures["load_after"] = os.getloadavg()
 
-    padding = Store(padded).path("train", key) / PADDING
+    padding = Store(padded).path(stage, key) / PADDING
     figures["flipped_at"] = padding.stat().st_size // 2
     flip_byte_keeping_mtime(padding, figures["flipped_at"])
-    found_by_lookup = Store(padded).inspect("train", key)  # its ctime moved: a lookup re-hashes it (and sets it aside)
+    found_by_lookup = Store(padded).inspect(stage, key)  # its ctime moved: a lookup re-hashes it (and sets it aside)
     figures["lookup_sees_flip"] = isinstance(found_by_lookup, list)
     started = time.monotonic()
     verify = subprocess.run([BOOTHFLOW, "cache", "verify", "--artifacts", padded], cwd=REPO, env=env,
@@ -136,10 +138,11 @@ def write_results(f: dict, out: Path, command: str) -> None:
     gaps = {"the difference of the medians": padded - demo, "the paired median": statistics.median(pairs)}
     held = [name for name, gap in gaps.items() if gap <= 1.0]
     verdict = f"it holds by {' and by '.join(held)}" if held else "it does not hold"
+    stage, boothflow = f["stage"], f"`boothflow {f['command']}`"
     rows = [
         f"| {label} | {f['sizes'][name]:,} B | {f['lookup_ms'][name]:.2f} | "
         f"{statistics.median(f['warm'][name]):.2f} | {_seconds(f['warm'][name])} |"
-        for name, label in (("demo", "demo's"), ("padded", "train entry padded"))
+        for name, label in (("demo", "demo's"), ("padded", f"{stage} entry padded"))
     ]
     lines = [
         "# Warm rerun over a big store, and `cache verify`",
@@ -147,19 +150,19 @@ def write_results(f: dict, out: Path, command: str) -> None:
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
         f"load average (1, 5, 15 min) {load}.",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d')}). `configs/demo.toml` runs cold once; a copy of its",
-        f"store has the train entry recommitted under the same key with its own files plus {pad:,} random bytes in",
-        f"`{PADDING}`, so the flow's train stage looks up a {f['sizes']['padded'] / 2**30:.2f} GiB entry there.",
-        "Warm runs: fresh `boothflow run` processes against a running Prefect server, over the two stores in turns;",
+        f"store has the {stage} entry recommitted under the same key with its own files plus {pad:,} random bytes in",
+        f"`{PADDING}`, so the flow's {stage} stage looks up a {f['sizes']['padded'] / 2**30:.2f} GiB entry there.",
+        f"Warm runs: fresh {boothflow} processes against a running Prefect server, over the two stores in turns;",
         f"medians of {runs}.",
         "",
-        "| store | train entry | `Store.get` of it (median ms) | warm `boothflow run` (median s) | each run (s) |",
+        f"| store | {stage} entry | `Store.get` of it (median ms) | warm {boothflow} (median s) | each run (s) |",
         "| --- | ---: | ---: | ---: | --- |",
         *rows,
         "",
         f"Difference of the medians: {padded - demo:+.2f} s. Paired differences (each padded run minus the demo run",
         f"just before it, which shares its load): {_seconds(pairs)}; median {statistics.median(pairs):+.2f} s.",
         f"The figure allows +1 s: {verdict}.",
-        "A full re-hash of the padded entry (`Store.verify('train')`, what every lookup cost before stat memos, its",
+        f"A full re-hash of the padded entry (`Store.verify('{stage}')`, what every lookup cost before stat memos, its",
         f"file fresh in the page cache): {f['full_check_s']:.1f} s.",
         f"Byte {f['flipped_at']:,} of `{PADDING}` flipped, mtime put back with os.utime:",
         f"a plain lookup {seen}; `boothflow cache verify` exits {f['verify_rc']} in {f['verify_s']:.1f} s",
@@ -170,9 +173,9 @@ def write_results(f: dict, out: Path, command: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pad-gib", type=float, default=2.0, help="Random bytes added to the train entry, GiB")
+    parser.add_argument("--pad-gib", type=float, default=2.0, help="Random bytes added to the entry, GiB")
     parser.add_argument("--repeats", type=int, default=5, help="Warm runs per store")
-    parser.add_argument("--quick", action="store_true", help="4 MiB, one warm run each, a 2-step one-image demo")
+    parser.add_argument("--quick", action="store_true", help="the preprocess entry, 4 MiB, one warm run each")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
@@ -188,7 +191,7 @@ def main() -> None:
             env |= {"PREFECT_API_URL": api_url(port), "PREFECT_HOME": str(work / "client-home")}
         figures = measure(args, env, work)
     write_results(figures, args.out, " ".join(["python", *sys.argv]))
-    found = [f"damaged: train {figures['key']} {PADDING}: bytes differ from the manifest's sha256"]
+    found = [f"damaged: {figures['stage']} {figures['key']} {PADDING}: bytes differ from the manifest's sha256"]
     print(f"wrote {args.out}")
     sys.exit(0 if figures["verify_rc"] == 1 and figures["verify_lines"] == found else 1)
 

@@ -104,8 +104,9 @@ def floor_step(t: trainer.Training, batch: trainer.Batch) -> Callable[[int], Non
 
 
 def cli_per_step(config_overrides: list[str], root: Path, seed: int, first: int, last: int) -> float:
-    """`boothflow stage train` in ephemeral mode; the slope of the child's own step clock (metrics.csv seconds)."""
-    env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    """`boothflow stage train` in ephemeral mode (in $PREFECT_HOME when set, as the user's runs are, else a private
+    home); the slope of the child's own step clock (metrics.csv seconds)."""
+    env = {"PREFECT_HOME": str(root / "prefect-home"), **os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("PREFECT_API_URL", None)
     summary = root / f"cli-{seed}.json"
     command = [BOOTHFLOW, "stage", "train", "--artifacts", root / "artifacts", "--summary", summary,

@@ -9,8 +9,11 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 import urllib.parse
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -60,40 +63,45 @@ def _server_line() -> str:
     return f"reporting to Prefect server {url}" if url else "no PREFECT_API_URL: using a temporary local Prefect server"
 
 
-def _report_to_server(root: Path) -> None:
-    """PREFECT_API_URL's server, or a temporary one that lives exactly as long as this process."""
+def _report_to_server() -> Callable[[], None]:
+    """PREFECT_API_URL's server, or a temporary one that lives exactly as long as this process. That one boots while
+    the caller checks the config and imports the flow; the returned function waits until it answers."""
     from flows.server import start_temporary_server
 
     if os.environ.get("PREFECT_API_URL"):
-        console.print(_server_line(), highlight=False)
-        return
-    console.print("no PREFECT_API_URL: starting a temporary local Prefect server for this run", highlight=False)
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / f".prefect-server-{os.getpid()}.log"
-    try:
-        start_temporary_server(log)
-    except RuntimeError:
-        console.print(f"[red]error:[/red] the temporary Prefect server did not start (its log: {log}); "
-                      "set PREFECT_API_URL to a running server", highlight=False)  # fmt: skip
-        raise typer.Exit(1) from None
+        return partial(console.print, _server_line(), highlight=False)
+    log = Path(tempfile.gettempdir()) / f"boothflow-prefect-server-{os.getpid()}.log"
+    wait = start_temporary_server(log)
+
+    def ready() -> None:
+        console.print("no PREFECT_API_URL: starting a temporary local Prefect server for this run", highlight=False)
+        try:
+            wait()
+        except RuntimeError:
+            console.print(f"[red]error:[/red] the temporary Prefect server did not start (its log: {log}); "
+                          "set PREFECT_API_URL to a running server", highlight=False)  # fmt: skip
+            raise typer.Exit(1) from None
+
+    return ready
 
 
 def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
-    from flows.preflight import check_before_start
-
     if stage is not None and stage not in cfg.stage_names():
         names = ", ".join(cfg.stage_names())
         console.print(f"[red]error:[/red] no stage {stage!r} in this config; stages are: {names}", highlight=False)
         raise typer.Exit(2)
+    server_ready = _report_to_server()
+    from flows.preflight import check_before_start
+
     try:
         check_before_start(cfg)
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None
-    _report_to_server(cfg.run.artifacts_root)
     from flows.dreambooth import dreambooth, dreambooth_stage  # imports Prefect, which reads PREFECT_API_URL once
     from flows.operate import mark_crashed_runs
 
+    server_ready()
     mark_crashed_runs()
     started = time.monotonic()
     state = dreambooth(cfg, return_state=True) if stage is None else dreambooth_stage(cfg, stage, return_state=True)
@@ -199,11 +207,12 @@ def sweep(
         console.print(f"[red]error:[/red] {err}", highlight=False)
         raise typer.Exit(2) from None
     root = spec.base.run.artifacts_root
-    _report_to_server(root)
+    server_ready = _report_to_server()
     from flows.operate import mark_crashed_runs
     from flows.sweep import sweep as sweep_flow
     from flows.sweep import sweep_record
 
+    server_ready()
     mark_crashed_runs()
     started = time.monotonic()
     state = sweep_flow(spec, pool or "", gpus, return_state=True)

@@ -1,21 +1,17 @@
 """Everything a run can check before its first stage: paths, names and pairs that would otherwise fail hours in.
 
-`boothflow run` and `stage` call it before starting anything (a failure is one line and exit code 2), and the flow
+`boothflow run` and `stage` call it before any stage starts (a failure is one line and exit code 2), and the flow
 calls it first, so a run started from the UI or a deployment fails the same way before any stage.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
 from tasks.sd.models import ModelUnavailable, available_family
-from tasks.sd.render import scheduler_class
 from tasks.stages.train import SUPPORTED, read_captions
 
 
@@ -38,33 +34,9 @@ def _instance_folder(folder: Path) -> None:
         raise ConfigError(f"data.instance_dir = {str(folder)!r} {what}; set it to a folder of images")
 
 
-def _schedulers(config: RunConfig) -> None:
-    settings = {"generate.scheduler": config.generate.scheduler}
-    if config.prior.enabled:
-        settings["prior.scheduler"] = config.prior.scheduler
-    for setting, name in settings.items():
-        try:
-            scheduler_class(name)
-        except ValueError as err:
-            raise ConfigError(f"{setting} = {name!r}: {err}") from None
-
-
-@contextlib.contextmanager
-def _errors_only(logger_name: str) -> Iterator[None]:
-    """diffusers warns on its own when the hub is out of reach; the one line below says all of it."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _model_and_method(config: RunConfig) -> None:
     try:
-        with _errors_only("diffusers"):
-            family = available_family(config.model.id, config.model.vae, config.run.artifacts_root)
+        family = available_family(config.model.id, config.model.vae, config.run.artifacts_root)
     except (ModelUnavailable, ValueError, OSError) as err:
         raise ConfigError(f"model.id = {config.model.id!r}: {err}") from None
     if (family, config.train.method) not in SUPPORTED:
@@ -79,7 +51,6 @@ def check_before_start(config: RunConfig) -> None:
     """Raise ConfigError (one line naming the setting or path and what to do) for anything a stage would trip on."""
     _writable_root(config.run.artifacts_root)
     _instance_folder(config.data.instance_dir)
-    _schedulers(config)
     _model_and_method(config)
     _captions(config)
     _pick(config)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from tasks.core.lifeline import die_with_parent
@@ -80,14 +81,23 @@ def stop_server(server: subprocess.Popen) -> None:
         server.kill()
 
 
-def start_temporary_server(log: Path) -> str:
+def start_temporary_server(log: Path) -> Callable[[], None]:
     """Without PREFECT_API_URL, a temporary server for this process's runs: PREFECT_API_URL points at it from here
     on, and it stops at exit, after Prefect has sent its last logs. Prefect starts one by itself otherwise, but that
-    one outlives a killed process. Call it before importing Prefect, which reads its settings once. Returns the URL."""
+    one outlives a killed process. Call it before importing Prefect, which reads its settings once. The server boots
+    while this process checks and imports; the returned function waits until it answers (a RuntimeError if it
+    never does, its log then kept)."""
     port = free_port()
     server = start_server(port, None, log, temporary=True)
-    wait_healthy(server, api_url(port), START_TIMEOUT, log)
     os.environ["PREFECT_API_URL"] = api_url(port)
     atexit.register(log.unlink, missing_ok=True)
     atexit.register(stop_server, server)  # runs first: atexit is last in, first out
-    return api_url(port)
+
+    def wait() -> None:
+        try:
+            wait_healthy(server, api_url(port), START_TIMEOUT, log)
+        except RuntimeError:
+            atexit.unregister(log.unlink)
+            raise
+
+    return wait

@@ -1,8 +1,10 @@
-"""Session fixtures: one real Prefect server on 127.0.0.1, and a helper to run the `boothflow` CLI against it."""
+"""Session fixtures: one real Prefect server on 127.0.0.1, a helper to run the `boothflow` CLI against it, and an
+environment for runs that start their own temporary server."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -62,3 +64,25 @@ def boothflow(cli_env: dict[str, str]):
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Prefect database with every migration applied: creating one takes seconds, copying it none."""
+    home = tmp_path_factory.mktemp("migrated-prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    subprocess.run([BIN / "prefect", "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True,
+                   timeout=SERVER_START_TIMEOUT)  # fmt: skip
+    return home / "prefect.db"
+
+
+@pytest.fixture
+def ephemeral_env(migrated_database: Path, tmp_path: Path) -> dict[str, str]:
+    """No PREFECT_API_URL: boothflow starts its own temporary server, in a private home whose database exists, as a
+    user's does after their first run."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    shutil.copy(migrated_database, home / "prefect.db")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    return env

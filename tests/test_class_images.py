@@ -156,8 +156,9 @@ def test_a_rendering_failure_names_the_image_and_commits_nothing(model: Resolved
         _run(store, model, resolution=60)
     assert (err.value.stage, err.value.item) == ("class_images", "class image 0")
     assert not (tmp_path / "artifacts" / class_images.STAGE).exists()
+    unknown = PriorSection(**FAST).model_copy(update={"scheduler": "Nope"})  # as the Python API can pass it
     with pytest.raises(StageError, match="not a diffusers scheduler") as err:
-        _run(store, model, scheduler="Nope")
+        class_images.run(unknown, ClassImagesInputs(model, PROMPT, 64), store)
     assert err.value.item == "prior.scheduler"
 
 

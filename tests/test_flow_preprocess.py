@@ -148,7 +148,7 @@ BAD_INPUTS = {  # id: (arguments, what the one line must say); {tmp} is a fresh 
     "absurd-steps": (["--set", "train.steps=10000000000"], "train.steps = 10000000000"),
     "absurd-batch": (["--set", "generate.batch_size=100000"], "generate.batch_size = 100000"),
     "negative-guidance": (["--set", "generate.guidance=-1"], "generate.guidance = -1"),
-    "unknown-scheduler": (["--set", "generate.scheduler=Fastest"], "generate.scheduler = 'Fastest': 'Fastest' is not"),
+    "unknown-scheduler": (["--set", "generate.scheduler=Fastest"], "generate.scheduler = 'Fastest': Input should be"),
     "unknown-prior-scheduler": (
         ["--set", "prior.enabled=true", "--set", "prior.scheduler=UNet2DModel"],
         "prior.scheduler = 'UNet2DModel'",
@@ -350,11 +350,11 @@ def test_a_flow_started_without_the_cli_checks_its_config_before_any_stage(prefe
     from tasks.core.config import load_config
 
     root = tmp_path / "artifacts"
-    config = load_config(None, ["generate.scheduler='Fastest'"], root)
+    config = load_config(None, [f"data.instance_dir='{tmp_path / 'missing'}'"], root)
     with temporary_settings({PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
         state = dreambooth(config, return_state=True)
     assert state.is_failed()
     summary = json.loads(next((root / "runs").glob("*/summary.json")).read_text())
-    assert summary["error"]["stage"] == "config" and "generate.scheduler = 'Fastest'" in summary["error"]["message"]
+    assert summary["error"]["stage"] == "config" and "data.instance_dir = " in summary["error"]["message"]
     assert {s["status"] for s in summary["stages"].values()} == {"skipped"}
     assert not (root / "preprocess").exists()

@@ -34,10 +34,12 @@ def test_rerun_is_all_cached_and_one_changed_image_costs_one_image(boothflow, pr
         "generate: base pipeline: tiny-sd15", "generate: weights: step-2", "generate: weights: finetuned"
     ]  # fmt: skip
 
-    boothflow("run", *base, "--summary", tmp_path / "2.json")
+    warm = boothflow("run", *base, "--summary", tmp_path / "2.json", env={"PYTHONPROFILEIMPORTTIME": "1"})
     summary = json.loads((tmp_path / "2.json").read_text())
     assert [(s["status"], s["items_processed"]) for s in summary["stages"].values()] == [("cached", 0)] * len(first)
     assert summary["models_loaded"] == []
+    imported = {line.split("|")[-1].strip() for line in warm.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and not {"diffusers", "transformers"} & imported  # seconds a cached run has no use for
     assert task_states(prefect_server, summary["run"]["flow_run_id"]) == dict.fromkeys(summary["stages"], "Cached")
     model_dir = Path(summary["outputs"]["model_dir"])  # loads as it is, as a hub repository would
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)

@@ -343,8 +343,9 @@ def test_failures_name_the_image_and_commit_nothing(sd15: tuple[ResolvedModel, S
     assert (err.value.stage, err.value.item) == ("generate", "a photo of sks toy seed 7")
     assert not (store.root / generate.STAGE).exists() and not (store.root / generate.ITEMS).exists()
 
+    unknown = GenerateSection(**FAST).model_copy(update={"scheduler": "Nope"})  # as the Python API can pass it
     with pytest.raises(StageError, match="not a diffusers scheduler") as err:
-        _run(store, sd15, scheduler="Nope")
+        generate.run(unknown, GenerateInputs(model, trained, TOKEN, CLASS, 64), store)
     assert err.value.item == "generate.scheduler"
 
     with pytest.raises(StageError, match="cannot load the finetuned weights") as err:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-import pytest
 from conftest import BIN, REPO
 
 GRACE_SECONDS = 5.0
@@ -54,14 +53,6 @@ def _kill_and_expect_no_survivors(proc: subprocess.Popen, started: list[psutil.P
     for survivor in alive:
         survivor.kill()
     assert not alive, "still running after a SIGKILL of boothflow: " + "; ".join(commands[p.pid] for p in alive)
-
-
-@pytest.fixture
-def ephemeral_env(tmp_path: Path) -> dict[str, str]:
-    """No PREFECT_API_URL: boothflow starts its own temporary server."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
-    return env
 
 
 def test_a_killed_run_leaves_neither_its_temporary_server_nor_its_training_child(ephemeral_env, tmp_path: Path):

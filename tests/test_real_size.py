@@ -1,22 +1,17 @@
 """The real-size benchmark never rots: its quick mode runs both families' path (train stage, export reload or LoRA
-fuse, a one-image generate child, the memory plan beside each peak) on the tiny presets."""
+fuse, a one-image generate, the memory plan beside each peak) on the tiny presets."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "real_size.py"
+from benchmark_quick import run_quick
 
 
 def test_quick_mode_trains_reloads_and_plans_both_families(tmp_path: Path) -> None:
     out = tmp_path / "RESULTS.md"
-    command = [sys.executable, SCRIPT, "--quick", "--artifacts", tmp_path / "artifacts", "--out", out]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_quick("real_size.py", "--artifacts", tmp_path / "artifacts", "--out", out)
     rows = json.loads((tmp_path / "real_size.json").read_text())
     assert sorted(rows) == ["sd15-arch", "sdxl-arch"]
     for row in rows.values():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
+from tasks.core.config import Scheduler
 from tasks.sd import render
 from tasks.sd.models import ResolvedModel, resolve
 from tasks.sd.render import RenderRequest
@@ -105,6 +107,16 @@ def test_make_scheduler_swaps_the_class_and_keeps_the_base_config(models: dict[s
     default = _pixels(pipe_fresh, [_request(0)], 1)
     swapped = _pixels(pipe, [_request(0)], 1)
     assert np.abs(swapped[_request(0)] - default[_request(0)]).mean() > 1  # the sampler really changed
+
+
+def test_the_config_offers_the_samplers_sd_pipelines_list_as_compatible() -> None:
+    """The config names them without importing diffusers; this keeps the list in step with the installed diffusers."""
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+
+    offered = set(get_args(Scheduler))
+    left_out = {"LMSDiscreteScheduler", "DPMSolverSDEScheduler", "EDMEulerScheduler"}
+    assert offered == {s.name for s in KarrasDiffusionSchedulers} - left_out
+    assert all(render.scheduler_class(name).__name__ == name for name in offered)
 
 
 @pytest.mark.parametrize("name", ["NoSuchScheduler", "AutoencoderKL"])

@@ -7,8 +7,8 @@ from pathlib import Path
 from benchmark_quick import quick_results, table_row
 
 
-def test_quick_mode_measures_a_cold_run_and_an_all_cached_rerun(tmp_path: Path) -> None:
-    text = quick_results("rerun.py", tmp_path)
+def test_quick_mode_measures_a_cold_run_and_an_all_cached_rerun(ephemeral_env: dict, tmp_path: Path) -> None:
+    text = quick_results("rerun.py", tmp_path, ephemeral_env)
     cold = table_row(text, "quick | ephemeral | cold")
     warm = table_row(text, "quick | ephemeral | warm")
     assert float(cold[3]) > 0 and cold[4] == "1.000" and "train 4" in cold[5]

@@ -7,8 +7,8 @@ from pathlib import Path
 from benchmark_quick import quick_results, table_row
 
 
-def test_quick_mode_measures_floor_cached_reference_cli_and_child(tmp_path: Path) -> None:
-    text = quick_results("train_throughput.py", tmp_path)
+def test_quick_mode_measures_floor_cached_reference_cli_and_child(ephemeral_env: dict, tmp_path: Path) -> None:
+    text = quick_results("train_throughput.py", tmp_path, ephemeral_env)
     cells = table_row(text, "tiny-sd15")
     floor, cached, reference, cli, child, *ratios, gflop = map(float, cells[3:])
     assert min(floor, cached, reference, cli, child) > 0

@@ -26,6 +26,16 @@ def no_key(description: str, **kwargs: Any) -> Any:
 
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+# The samplers SD 1.5 and SDXL pipelines list as compatible (diffusers' KarrasDiffusionSchedulers) but those that need
+# a library we do not install (LMSDiscreteScheduler: scipy, DPMSolverSDEScheduler: torchsde) and EDMEulerScheduler
+# (for EDM-trained models): named here, so a config is checked without importing diffusers, which a fully cached run
+# never needs.
+Scheduler = Literal[
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler",
+]  # fmt: skip
 GIB = 2**30
 MAX_SEEDS = 10_000
 _UNITS = {"": GIB, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": GIB,
@@ -150,7 +160,9 @@ class PriorSection(Section):
         100, ge=1, le=100_000, description="Number of class images (more later generates only the extra ones)"
     )
     loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss")
-    scheduler: str = Field("DPMSolverMultistepScheduler", description="diffusers scheduler class used to render them")
+    scheduler: Scheduler = Field(
+        "DPMSolverMultistepScheduler", description="diffusers scheduler class used to render them"
+    )
     steps: int = Field(25, ge=1, le=1000, description="Inference steps per class image")
     guidance: float = Field(7.5, ge=0, le=100, description="Classifier-free guidance scale")
     seed: int = Field(0, description="Base seed; image i is rendered with its own generator seeded by (seed, i)")
@@ -232,7 +244,7 @@ class GenerateSection(Section):
         (0, 1), min_length=1, description="Seeds (a list, or a count n for 0 to n-1); every prompt gets every seed"
     )
     negative_prompt: str = Field("", description="Negative prompt for every image")
-    scheduler: str = Field("DPMSolverMultistepScheduler", description="diffusers scheduler class name")
+    scheduler: Scheduler = Field("DPMSolverMultistepScheduler", description="diffusers scheduler class name")
     steps: int = Field(25, ge=1, le=1000, description="Inference steps")
     guidance: float = Field(7.5, ge=0, le=100, description="Classifier-free guidance scale")
     size: int = Field(0, ge=0, description="Image side (a multiple of 8 from 64 to 4096); 0: the training resolution")

@@ -361,10 +361,17 @@ def _hub_snapshot(model_id: str, download: Callable[[str, bool], str], what: str
 
 
 def _download_pipeline(model_id: str, local_only: bool) -> str:
-    """Only the files a pipeline needs (not every fp16/ema/ckpt variant of each weight)."""
+    """Only the files a pipeline needs (not every fp16/ema/ckpt variant of each weight). diffusers' own warning when
+    the hub is out of reach stays quiet: the error the caller raises says all of it."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
-    return DiffusionPipeline.download(model_id, local_files_only=local_only)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return DiffusionPipeline.download(model_id, local_files_only=local_only)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _download_vae(vae_id: str, local_only: bool) -> str:

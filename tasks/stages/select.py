@@ -20,7 +20,6 @@ from tasks.core.config import RunConfig, TrainSection
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
 from tasks.core.tables import METRICS_FILE
-from tasks.sd import export
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel
 
@@ -76,8 +75,10 @@ def _export(inputs: SelectInputs, step: int, training: dict[str, Any], out: Path
     if training["method"] == "lora":
         shutil.copytree(kept, out, copy_function=link_or_copy)
         return
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel  # diffusers' pipelines take seconds to import: only when exporting
     from transformers import CLIPTextModel
+
+    from tasks.sd import export
 
     encoder = kept / "text_encoder" if (kept / "text_encoder").is_dir() else inputs.model.path / "text_encoder"
     export.save_sd15_outputs(
