@@ -89,3 +89,23 @@ def test_a_killed_ui_leaves_no_prefect_server(ephemeral_env, tmp_path: Path):
     started = _tree(psutil.Process(proc.pid))
     assert len(started) > 1, "the UI runs its Prefect server in a child process"
     _kill_and_expect_no_survivors(proc, started)
+
+
+def test_a_run_refused_before_its_first_stage_stops_the_server_that_was_booting(ephemeral_env, tmp_path: Path):
+    """The temporary server starts booting before the config checks; a run they refuse says one line and stops it."""
+    missing = tmp_path / "missing"
+    proc = subprocess.Popen(
+        [BIN / "boothflow", "run", "-c", "configs/demo.toml", "--artifacts", tmp_path / "a",
+         "--set", f"data.instance_dir='{missing}'"],
+        cwd=REPO, env=ephemeral_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    root, started = psutil.Process(proc.pid), {}
+    while proc.poll() is None:
+        started |= {p: _command(p) for p in _tree(root)[1:] if p not in started}
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    assert proc.returncode == 2 and "Traceback" not in out + err
+    assert err.strip().splitlines() == [f"error: data.instance_dir = '{missing}' does not exist; set it to a folder "
+                                        "of images"]  # fmt: skip
+    assert any("prefect server start" in command for command in started.values()), started
+    assert not [command for p, command in started.items() if _alive(p)]
