@@ -99,11 +99,11 @@ def floor_step(t: trainer.Training, batch: trainer.Batch, clipped: bool = False)
         with t.accelerator.autocast():
             loss = trainer.training_step(t.unet, t.conditioner, t.objective, batch)
         t.accelerator.backward(loss)
-        if clipped:
-            t.accelerator.clip_grad_norm_(list(t.params.values()), t.job.train.max_grad_norm)
-            t.lr_scheduler.step()
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
+        if clipped:  # the loop's own update: clipping, the optimizer, the schedule
+            trainer.apply_gradients(t)
+        else:
+            t.optimizer.step()
+            t.optimizer.zero_grad(set_to_none=True)
 
     return run_step
 

@@ -413,11 +413,17 @@ def optimizer_step_on_device(t: Training, step: int) -> torch.Tensor:
             global_loss = t.accelerator.reduce(loss.detach(), reduction="mean")
             t.accelerator.backward(loss)
         total += global_loss.double()
-    t.accelerator.clip_grad_norm_(list(t.params.values()), cfg.max_grad_norm)
+    apply_gradients(t)
+    return total
+
+
+def apply_gradients(t: Training) -> None:
+    """The recipe's update from the accumulated gradients: clipped to `max_grad_norm`, an optimizer step, the
+    learning-rate schedule's step; the gradients are then dropped."""
+    t.accelerator.clip_grad_norm_(list(t.params.values()), t.job.train.max_grad_norm)
     t.optimizer.step()
     t.lr_scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return total
 
 
 def optimizer_step(t: Training, step: int) -> float:
