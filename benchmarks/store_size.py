@@ -15,6 +15,7 @@ seconds (the suite runs it so the script never rots).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
 from pathlib import Path
 
 from rerun import BOOTHFLOW, REPO, timed_run
@@ -171,6 +172,23 @@ def write_results(f: dict, out: Path, command: str) -> None:
     write_section("store_size", lines, out)
 
 
+@contextlib.contextmanager
+def prefect_env(work: Path) -> Iterator[dict[str, str]]:
+    """This environment, reporting to $PREFECT_API_URL when set, else to a private server in `work` that stops with
+    the block."""
+    env = {**os.environ}
+    if "PREFECT_API_URL" in env:
+        yield env
+        return
+    port, log = free_port(), work / "server.log"
+    server = start_server(port, work / "server-home", log)
+    try:
+        wait_healthy(server, api_url(port), 120, log)
+        yield env | {"PREFECT_API_URL": api_url(port), "PREFECT_HOME": str(work / "client-home")}
+    finally:
+        stop_server(server)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pad-gib", type=float, default=2.0, help="Random bytes added to the entry, GiB")
@@ -180,16 +198,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.pad_gib, args.repeats = 4 / 1024, 1
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        work = Path(tmp)
-        env = {**os.environ}
-        if "PREFECT_API_URL" not in env:
-            port, log = free_port(), work / "server.log"
-            server = start_server(port, work / "server-home", log)
-            stack.callback(stop_server, server)
-            wait_healthy(server, api_url(port), 120, log)
-            env |= {"PREFECT_API_URL": api_url(port), "PREFECT_HOME": str(work / "client-home")}
-        figures = measure(args, env, work)
+    with tempfile.TemporaryDirectory() as tmp, prefect_env(Path(tmp)) as env:
+        figures = measure(args, env, Path(tmp))
     write_results(figures, args.out, " ".join(["python", *sys.argv]))
     found = [f"damaged: {figures['stage']} {figures['key']} {PADDING}: bytes differ from the manifest's sha256"]
     print(f"wrote {args.out}")

@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.core.config import ConfigError, RunConfig, load_config
@@ -47,6 +48,11 @@ MemoryOpt = Annotated[
 ]
 
 
+def _error(message: object) -> None:
+    """`error: <message>` in red; the message as written, since rich would take its [brackets] for markup."""
+    console.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
+
+
 def _config(
     config: Path | None, overrides: list[str] | None, artifacts: Path | None, device_memory: str | None = None
 ) -> RunConfig:
@@ -54,7 +60,7 @@ def _config(
     try:
         return load_config(config, [*(overrides or []), *memory], artifacts)
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        _error(err)
         raise typer.Exit(2) from None
 
 
@@ -69,7 +75,7 @@ def _report_to_server() -> Callable[[], None]:
     from flows.server import start_temporary_server
 
     if os.environ.get("PREFECT_API_URL"):
-        return partial(console.print, _server_line(), highlight=False)
+        return partial(console.print, _server_line(), highlight=False, markup=False)
     log = Path(tempfile.gettempdir()) / f"boothflow-prefect-server-{os.getpid()}.log"
     wait = start_temporary_server(log)
 
@@ -78,8 +84,8 @@ def _report_to_server() -> Callable[[], None]:
         try:
             wait()
         except RuntimeError:
-            console.print(f"[red]error:[/red] the temporary Prefect server did not start (its log: {log}); "
-                          "set PREFECT_API_URL to a running server", highlight=False)  # fmt: skip
+            _error(f"the temporary Prefect server did not start (its log: {log}); set PREFECT_API_URL to a running "
+                   "server")  # fmt: skip
             raise typer.Exit(1) from None
 
     return ready
@@ -88,7 +94,7 @@ def _report_to_server() -> Callable[[], None]:
 def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
     if stage is not None and stage not in cfg.stage_names():
         names = ", ".join(cfg.stage_names())
-        console.print(f"[red]error:[/red] no stage {stage!r} in this config; stages are: {names}", highlight=False)
+        _error(f"no stage {stage!r} in this config; stages are: {names}")
         raise typer.Exit(2)
     server_ready = _report_to_server()
     from flows.preflight import check_before_start
@@ -96,7 +102,7 @@ def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
     try:
         check_before_start(cfg)
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        _error(err)
         raise typer.Exit(2) from None
     from flows.dreambooth import dreambooth, dreambooth_stage  # imports Prefect, which reads PREFECT_API_URL once
     from flows.operate import mark_crashed_runs
@@ -138,11 +144,11 @@ def _print_summary(result: dict, seconds: float) -> None:
         )
     console.print(table)
     for name, path in result["outputs"].items():
-        console.print(f"{name}: {path}", highlight=False)
+        console.print(f"{name}: {path}", highlight=False, markup=False)
     error = result["error"]
     if error:
         where = ", ".join(str(error[k]) for k in ("stage", "item") if error.get(k))
-        console.print(f"[red]failed[/red] ({where}): {error['message']}", highlight=False)
+        console.print(f"[red]failed[/red] ({escape(where)}): {escape(error['message'])}", highlight=False)
 
 
 @app.command()
@@ -204,7 +210,7 @@ def sweep(
             except ConfigError as err:
                 raise ConfigError(f"sweep {spec.name}, cell {cell.name!r}: {err}") from None
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        _error(err)
         raise typer.Exit(2) from None
     root = spec.base.run.artifacts_root
     server_ready = _report_to_server()
@@ -218,7 +224,7 @@ def sweep(
     state = sweep_flow(spec, pool or "", gpus, return_state=True)
     record = sweep_record(root, str(state.state_details.flow_run_id))
     if not record.is_file():
-        console.print(f"[red]failed[/red]: {state.result(raise_on_failure=False)}", highlight=False)
+        console.print(f"[red]failed[/red]: {escape(str(state.result(raise_on_failure=False)))}", highlight=False)
         raise typer.Exit(1)
     result = json.loads(record.read_text())
     if summary is not None:
@@ -239,8 +245,8 @@ def _print_sweep(result: dict, seconds: float) -> None:
         done = (cell["summary"] or {}).get("stages") or {}
         shown = [_stage_cell(done.get(name, {})) for name in stages]
         table.add_row(cell["cell"], cell["state"], *shown)
-    Console(width=max(console.width, 160)).print(table)
-    console.print(f"comparison: {result['comparison']}", highlight=False)
+    Console(width=max(console.width, 160), markup=False).print(table)
+    console.print(f"comparison: {result['comparison']}", highlight=False, markup=False)
 
 
 def _stage_cell(stage: dict) -> str:
@@ -260,10 +266,12 @@ def plan(
     cfg = _config(config, set_, artifacts, device_memory)
     arch = architecture(cfg.model.id, cfg.run.artifacts_root)
     if arch is None:
-        console.print(f"the architecture of {cfg.model.id!r} is unknown until it is downloaded", highlight=False)
+        console.print(
+            f"the architecture of {cfg.model.id!r} is unknown until it is downloaded", highlight=False, markup=False
+        )
         raise typer.Exit(1)
     found = estimates(cfg, arch)
-    console.print(f"model {cfg.model.id} ({arch.family})", highlight=False)
+    console.print(f"model {cfg.model.id} ({arch.family})", highlight=False, markup=False)
     table = Table(title="memory plan (GiB)")
     table.add_column("part")
     for estimate in found:
@@ -279,10 +287,10 @@ def plan(
     try:
         warnings = verdict(cfg, arch, found, memory)  # the estimates above, judged: nothing traced twice
     except MemoryPlanError as err:
-        console.print(f"[red]does not fit[/red]: {err}", highlight=False)
+        console.print(f"[red]does not fit[/red]: {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
     for warning in warnings:
-        console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
+        console.print(f"[yellow]warning[/yellow]: {escape(warning)}", highlight=False)
     source = "as stated" if cfg.run.device_memory else "the CUDA device's"
     console.print(f"fits in {memory / GIB:.1f} GiB ({source})", highlight=False)
 
@@ -295,11 +303,13 @@ def rerun(
     """Retry a finished run under the same id: cached stages are skipped, the failed one resumes."""
     from flows.operate import rerun as retry
 
-    console.print(_server_line(), highlight=False)
+    console.print(_server_line(), highlight=False, markup=False)
     started = time.monotonic()
     flow_run, state = retry(run_id)
     if state is None:
-        console.print(f"run {run_id} belongs to a deployment: its serve process or worker will pick it up")
+        console.print(
+            f"run {run_id} belongs to a deployment: its serve process or worker will pick it up", markup=False
+        )
         return
     root = Path(flow_run.parameters["config"]["run"]["artifacts_root"])
     _finish(state, root, summary, started)
@@ -316,7 +326,7 @@ def runs(limit: Annotated[int, typer.Option(help="How many recent runs to list")
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*(str(row[c]) for c in ("id", "run", "state", "started", "attempts", "failed stage", "cause")))
-    Console(width=200).print(table)
+    Console(width=200, markup=False).print(table)
 
 
 @app.command()
@@ -339,20 +349,22 @@ def serve(
     cfg = _config(config, set_, artifacts, device_memory)
     _check_webhook(notify)
     zone = timezone or local_timezone()
-    console.print(_server_line(), highlight=False)
+    console.print(_server_line(), highlight=False, markup=False)
     console.print(
-        f"serving deployment dreambooth/{SERVED_DEPLOYMENT}: cron {cron!r} in time zone {zone}", highlight=False
+        f"serving deployment dreambooth/{SERVED_DEPLOYMENT}: cron {cron!r} in time zone {zone}",
+        highlight=False,
+        markup=False,
     )
     mark_crashed_runs()
     if notify:
         notify_failed_nights(notify)
-        console.print(f"a failed or crashed night posts to {notify}", highlight=False)
+        console.print(f"a failed or crashed night posts to {notify}", highlight=False, markup=False)
     serve_nightly(cfg, cron, zone)
 
 
 def _check_webhook(url: str | None) -> None:
     if url is not None and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        console.print(f"[red]error:[/red] webhook {url!r}: expected an http(s) URL", highlight=False)
+        _error(f"webhook {url!r}: expected an http(s) URL")
         raise typer.Exit(2)
 
 
@@ -368,7 +380,7 @@ def notify(
     from flows.operate import notify_failed_nights
 
     notify_failed_nights(url, deployment)
-    console.print(f"a failed or crashed run of dreambooth/{deployment} posts to {url}", highlight=False)
+    console.print(f"a failed or crashed run of dreambooth/{deployment} posts to {url}", highlight=False, markup=False)
 
 
 @app.command()
@@ -396,7 +408,7 @@ def ui(
         record.write_text(json.dumps({"api_url": api_url(port), "artifacts_url": files_url}))
         console.print(f"Prefect UI: http://{HOST}:{port}", highlight=False)
         console.print(f"point runs at it: export PREFECT_API_URL={api_url(port)}", highlight=False)
-        console.print(f"reports served from {root} at {files_url}; Ctrl-C stops both", highlight=False)
+        console.print(f"reports served from {root} at {files_url}; Ctrl-C stops both", highlight=False, markup=False)
         server.wait()
     except KeyboardInterrupt:
         pass
@@ -445,7 +457,7 @@ def cache_verify(
     with Progress("verifying", *columns, console=console) as bar:
         task = bar.add_task("verify", total=None)
         result = Store(root).verify(stage, lambda done, total: bar.update(task, completed=done, total=total))
-    out = Console(soft_wrap=True)
+    out = Console(soft_wrap=True, markup=False)
     for damage in result.damaged:
         out.print(f"damaged: {damage.stage} {damage.key} {damage.file}: {damage.problem}", highlight=False)
     damaged = len({(damage.stage, damage.key) for damage in result.damaged})
@@ -475,20 +487,19 @@ def cache_gc(
     from flows.gc import collect
 
     if keep_last is None and older_than is None and not damaged:
-        console.print("[red]error:[/red] say what to remove: --keep-last N, --older-than DAYS and/or --damaged")
+        _error("say what to remove: --keep-last N, --older-than DAYS and/or --damaged")
         raise typer.Exit(2)
     root = _config(config, set_, artifacts).run.artifacts_root
     every = {"prior": {"enabled": True}, "train": {"pick": "best:dino", "sample_every": 1}}  # every stage there is
     stages = [name for name in RunConfig.model_validate(every).stage_names() if name not in ("validate", "score")]
     removals, notes, freed = collect(root, stages, keep_last, older_than, damaged, dry_run)
-    out = Console(soft_wrap=True)
+    out = Console(soft_wrap=True, markup=False)
     for removal in removals:
         verb = "would remove" if dry_run else "removed"
         out.print(f"{verb} {removal.stage}/{removal.folder} ({_size(removal.bytes)}): {removal.why}", highlight=False)
     for note in notes:
         out.print(note, highlight=False)
-    total = _size(sum(r.bytes for r in removals) if dry_run else freed)
-    out.print(f"{len(removals)} entries, {total} {'to free' if dry_run else 'freed'} at {root}", highlight=False)
+    out.print(f"{len(removals)} entries, {_size(freed)} {'to free' if dry_run else 'freed'} at {root}", highlight=False)
 
 
 @models_app.command("ls")
@@ -526,7 +537,7 @@ def models_pretrain_toy(
     try:
         state = pretrain(out, QUICK if quick else FULL, minutes)
     except PretrainError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        _error(err)
         raise typer.Exit(1) from None
     cpu = f"{state.cpu_seconds / 60:.1f} CPU minutes so far"
     if state.phase != "done":
@@ -535,7 +546,7 @@ def models_pretrain_toy(
         )
         raise typer.Exit(3)
     scores = ", ".join(f"{name} {100 * value:.0f}%" for name, value in state.fidelity.items())
-    console.print(f"done: {out} ({cpu}); caption fidelity: {scores}", highlight=False)
+    console.print(f"done: {out} ({cpu}); caption fidelity: {scores}", highlight=False, markup=False)
 
 
 def _show_progress_logs() -> None:

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 
 from flows.preflight import check_before_start
 from flows.publish import publish
-from flows.runner import StageRunner
+from flows.runner import StageRunner, check_concurrency_limit
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError, StageResult
 from tasks.sd.memory import MemoryPlanError, preflight
@@ -27,10 +27,11 @@ def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
 
 
 def check_plan(config: RunConfig) -> None:
-    """Before any stage: paths, names and pairs (`check_before_start`), precision the device can run, and the memory
-    plan (when its size is known)."""
+    """Before any stage: paths, names and pairs (`check_before_start`), the concurrency limit on the server, precision
+    the device can run, and the memory plan (when its size is known)."""
     try:
         check_before_start(config)
+        check_concurrency_limit(config.run.concurrency_limit)
     except ConfigError as err:
         raise StageError("config", str(err)) from None
     try:
@@ -75,23 +76,27 @@ def planned_keys(config: RunConfig) -> dict[str, dict]:
     return stages.summary["stages"]
 
 
+def run_and_publish(config: RunConfig, stages: StageRunner) -> dict[str, Any]:
+    """The pipeline, then its artifacts in the UI, failed or not; a failure to publish never hides a stage's own."""
+    try:
+        pipeline(config, stages)
+    except BaseException:
+        try:
+            publish(stages.summary, config.run.artifacts_root)
+        except Exception as err:
+            get_run_logger().warning(f"the run's artifacts were not published: {type(err).__name__}: {err}")
+        raise
+    publish(stages.summary, config.run.artifacts_root)
+    return stages.summary
+
+
 @flow(name="dreambooth")
 def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form shows the default
     """DreamBooth fine-tuning of Stable Diffusion, every stage cached by its inputs."""
-    stages = StageRunner(config, config.stage_names())
-    try:
-        pipeline(config, stages)
-    finally:
-        publish(stages.summary, config.run.artifacts_root)
-    return stages.summary
+    return run_and_publish(config, StageRunner(config, config.stage_names()))
 
 
 @flow(name="dreambooth-stage")
 def dreambooth_stage(config: RunConfig, stage: str) -> dict[str, Any]:
     """Run one stage from cached upstream outputs; names the upstream stage that is missing."""
-    stages = StageRunner(config, config.stage_names(), only=stage)
-    try:
-        pipeline(config, stages)
-    finally:
-        publish(stages.summary, config.run.artifacts_root)
-    return stages.summary
+    return run_and_publish(config, StageRunner(config, config.stage_names(), only=stage))

@@ -14,6 +14,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tasks.core.store import DAMAGED, MANIFEST, Store
 KEYS_FILE = "keys.json"
 PROCESS_FILE = "process.json"
 ITEMS_SUFFIX = "-items"
+TEXT_EMBEDS = "text-embeds-items"  # the train stage's item entries: each prompt's text-encoder output
 CHECKPOINTS_SUFFIX = ".checkpoints"
 DAY = 86400.0
 
@@ -127,6 +129,26 @@ def _inodes(folder: Path) -> set[int]:
     return {f.stat().st_ino for f in folder.rglob("*") if f.is_file()}
 
 
+def _item_stage_of(stage: str) -> str | None:
+    """The pipeline stage whose builds write (and read) the item entries of store stage `stage`; None for others."""
+    if not stage.endswith(ITEMS_SUFFIX):
+        return None
+    return "train" if stage == TEXT_EMBEDS else stage.removesuffix(ITEMS_SUFFIX)
+
+
+def bytes_freed(folders: list[Path]) -> int:
+    """What deleting `folders` gives back: a file hard-linked among them counts once, and one that a link outside
+    them keeps counts not at all."""
+    stats: dict[tuple[int, int], os.stat_result] = {}
+    links: Counter[tuple[int, int]] = Counter()
+    for folder in folders:
+        for file in (f for f in folder.rglob("*") if f.is_file() and not f.is_symlink()):
+            stat = file.stat()
+            stats[stat.st_dev, stat.st_ino] = stat
+            links[stat.st_dev, stat.st_ino] += 1
+    return sum(stat.st_size for inode, stat in stats.items() if links[inode] >= stat.st_nlink)
+
+
 def _stale(recent: bool, age_days: float, keep_last: int | None, older_than_days: float | None) -> str | None:
     """Why an entry goes, when every rule given says so; None when one of them keeps it."""
     reasons = []
@@ -144,7 +166,8 @@ def plan(
 
     An entry of a pipeline stage goes when every rule given says so: not used by the last `keep_last` runs, and
     not used (or made) within `older_than_days`. An item entry goes when no entry kept shares a file with it (stage
-    entries hard-link their items' files). `damaged`: every entry set aside as damaged. Never: an entry a running
+    entries hard-link their items' files; text embeddings are read in place by the training that needs them, and
+    rebuilt by one that finds them gone). `damaged`: every entry set aside as damaged. Never: an entry a running
     run registered, a partial entry being written, anything outside the pipeline's stages.
     """
     store, all_runs, now = Store(root), runs(root), time.time()
@@ -165,7 +188,7 @@ def plan(
             continue
         if entry["state"] == "partial":
             continue
-        if entry["stage"].endswith(ITEMS_SUFFIX) and entry["stage"].removesuffix(ITEMS_SUFFIX) in stages:
+        if _item_stage_of(entry["stage"]) in stages:
             items.append(entry)
             continue
         if entry["stage"] not in stages or (keep_last is None and older_than_days is None):
@@ -189,8 +212,9 @@ def plan(
 
 def remove(root: Path, removals: list[Removal]) -> int:
     """Delete what `plan` chose (hold the gc lock): each folder is first renamed away, so no lookup ever sees half
-    of it; an entry whose key lock is busy (being built) is skipped. Returns the bytes freed."""
-    store, freed = Store(root), 0
+    of it, and its key's lock file goes with it (a waiter on the old file retries on a new one); an entry whose key
+    lock is busy (being built) is skipped. Returns the bytes freed."""
+    store, renamed = Store(root), []
     for removal in removals:
         folder = store.path(removal.stage, removal.folder)
         key = removal.folder.split(DAMAGED)[0].removesuffix(CHECKPOINTS_SUFFIX)
@@ -199,21 +223,26 @@ def remove(root: Path, removals: list[Removal]) -> int:
             lock.acquire(timeout=0)
         except Timeout:
             continue
+        doomed = folder.with_name(f".removing-{uuid.uuid4().hex[:8]}-{removal.folder}")
         try:
-            doomed = folder.with_name(f".removing-{uuid.uuid4().hex[:8]}-{removal.folder}")
             folder.rename(doomed)
+            Path(lock.lock_file).unlink()
         finally:
             lock.release()
+        renamed.append(doomed)
+    freed = bytes_freed(renamed)
+    for doomed in renamed:
         shutil.rmtree(doomed, ignore_errors=True)
-        freed += removal.bytes
     return freed
 
 
 def collect(
     root: Path, stages: list[str], keep_last: int | None, older_than_days: float | None, damaged: bool, dry_run: bool
 ) -> tuple[list[Removal], list[str], int]:
-    """`boothflow cache gc`: plan and (unless `dry_run`) remove, all under the gc lock."""
+    """`boothflow cache gc`: plan and (unless `dry_run`) remove, all under the gc lock; with the bytes freed (or that
+    removing would free)."""
     with _gc_lock(Path(root)):
         removals, notes = plan(Path(root), stages, keep_last, older_than_days, damaged)
-        freed = 0 if dry_run else remove(Path(root), removals)
-    return removals, notes, freed
+        if dry_run:
+            return removals, notes, bytes_freed([Store(root).path(r.stage, r.folder) for r in removals])
+        return removals, notes, remove(Path(root), removals)

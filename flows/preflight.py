@@ -6,12 +6,15 @@ calls it first, so a run started from the UI or a deployment fails the same way 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
-from tasks.sd.models import ModelUnavailable, available_family
+from tasks.sd.models import ModelUnavailable, available_family, resolve_vae
 from tasks.stages.train import SUPPORTED, read_captions
 
 
@@ -36,9 +39,14 @@ def _instance_folder(folder: Path) -> None:
 
 def _model_and_method(config: RunConfig) -> None:
     try:
-        family = available_family(config.model.id, config.model.vae, config.run.artifacts_root)
+        family = available_family(config.model.id, config.run.artifacts_root)
     except (ModelUnavailable, ValueError, OSError) as err:
         raise ConfigError(f"model.id = {config.model.id!r}: {err}") from None
+    if config.model.vae:
+        try:
+            resolve_vae(config.model.vae)
+        except (ModelUnavailable, OSError) as err:
+            raise ConfigError(f"model.vae = {config.model.vae!r}: {err}") from None
     if (family, config.train.method) not in SUPPORTED:
         methods = ", ".join(method for known, method in sorted(SUPPORTED) if known == family)
         raise ConfigError(
@@ -52,8 +60,23 @@ def check_before_start(config: RunConfig) -> None:
     _writable_root(config.run.artifacts_root)
     _instance_folder(config.data.instance_dir)
     _model_and_method(config)
+    _processes(config)
     _captions(config)
     _pick(config)
+
+
+def _processes(config: RunConfig) -> None:
+    """Each training process needs a CUDA device of its own, or without CUDA a CPU core this process may use."""
+    wanted = config.train.num_processes
+    if wanted == 1:  # always fits: no device query
+        return
+    if torch.cuda.is_available():
+        most, what = torch.cuda.device_count(), "visible CUDA devices"
+    else:
+        most, what = len(os.sched_getaffinity(0)), "CPU cores; no CUDA device"
+    if wanted > most:
+        raise ConfigError(f"train.num_processes = {wanted}: this machine can run at most {most} training processes "
+                          f"({what})")  # fmt: skip
 
 
 PICK_NEEDS = {"clip_t": "clip_model", "clip_i": "clip_model", "dino": "dino_model", "analyser": "analyser"}

@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from prefect import task
+from prefect import get_client, task
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 
 from flows.caching import cache_options, forget_record
 from flows.gc import RunKeys
-from tasks.core.config import RunConfig
+from tasks.core.config import ConfigError, RunConfig
 from tasks.core.faults import ENV, fault
-from tasks.core.stage import Stage, StageError, StageResult
+from tasks.core.stage import Stage, StageError, StageResult, UpstreamPending
 from tasks.core.store import DiskFull, Entry, Store
 from tasks.sd.device import loads, release
 
@@ -112,9 +113,24 @@ def accelerator_slot(limit: str, stage: str) -> Iterator[None]:
         with concurrency(limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
             yield
     except ConcurrencySlotAcquisitionError:  # raised only while acquiring: the limit does not exist
-        create = f"prefect global-concurrency-limit create {limit} --limit 1"
-        message = f"the Prefect server has no global concurrency limit {limit!r} (run.concurrency_limit); create it: "
-        raise StageError(stage, message + create) from None
+        raise StageError(stage, _no_limit(limit)) from None
+
+
+def check_concurrency_limit(limit: str) -> None:
+    """Raise ConfigError when the server lacks `limit`, so a run finds out before its first stage, not at the first
+    stage that loads a model."""
+    if not limit:
+        return
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(limit)
+        except ObjectNotFound:
+            raise ConfigError(_no_limit(limit)) from None
+
+
+def _no_limit(limit: str) -> str:
+    return (f"the Prefect server has no global concurrency limit {limit!r} (run.concurrency_limit); create it: "
+            f"prefect global-concurrency-limit create {limit} --limit 1")  # fmt: skip
 
 
 def summary_path(root: Path, flow_run_id: str) -> Path:
@@ -132,6 +148,7 @@ class StageRunner:
         self.root = config.run.artifacts_root
         self.only = only
         self.plan = plan
+        self.waits_for: str | None = None  # in a plan: the stage whose output the next keys need
         self.current: str | None = None
         self.summary: dict[str, Any] = {
             "run": {
@@ -170,6 +187,13 @@ class StageRunner:
             self.write()
         return kind is StopAfterStage
 
+    def pending(self, stage: Stage, label: str) -> StageResult:
+        """In a plan, a stage whose key hashes an upstream output the store does not hold yet: its key is unknown
+        until that stage has run, and so is every later stage's."""
+        self.summary["stages"][label] = {"status": f"after {self.waits_for}", "key": None}
+        self.current = None
+        return StageResult(stage.name, "", Path(self.root) / stage.name / "pending", status="pending")
+
     def write(self) -> Path:
         path = summary_path(self.root, self.summary["run"]["flow_run_id"])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,8 +208,16 @@ class StageRunner:
         name, store = stage.name, Store(self.root)
         label, cfg = label or name, cfg if cfg is not None else stage.config(self.config)
         self.current = label
+        if self.plan and self.waits_for:
+            return self.pending(stage, label)
         started, peak_memory = time.monotonic(), None
-        key = stage.key(cfg, inputs)
+        try:
+            key = stage.key(cfg, inputs)
+        except UpstreamPending as pending:  # a real run has its upstream outputs; only a plan can get here
+            if not self.plan:
+                raise
+            self.waits_for = pending.stage
+            return self.pending(stage, label)
         if not self.plan:
             self.keys.use(name, key)  # before the lookup, so `cache gc` keeps what this run is about to use
         found = store.get(name, key)

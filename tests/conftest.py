@@ -1,5 +1,5 @@
 """Session fixtures: one real Prefect server on 127.0.0.1, a helper to run the `boothflow` CLI against it, and an
-environment for runs that start their own temporary server."""
+environment for runs that start their own temporary server. Every process a test starts ends through processes.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import run, stop
 
-from flows.server import api_url, free_port, start_server, stop_server, wait_healthy
+from flows.server import api_url, free_port, start_server, wait_healthy
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -27,10 +28,11 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = start_server(port, home, log)
     try:
         wait_healthy(server, api_url(port), SERVER_START_TIMEOUT, log)
+        yield api_url(port)
     except RuntimeError as err:
         pytest.fail(str(err))
-    yield api_url(port)
-    stop_server(server)
+    finally:
+        stop(server)
 
 
 @pytest.fixture(scope="session")
@@ -49,9 +51,9 @@ def cli_env(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> di
 def boothflow(cli_env: dict[str, str]):
     """Run `boothflow ARGS...` in the repository root; returns the finished process (output captured)."""
 
-    def run(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            [BIN / "boothflow", *map(str, args)],
+    def boothflow_run(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        proc = run(
+            [BIN / "boothflow", *args],
             cwd=REPO,
             env={**cli_env, **(env or {})},
             capture_output=True,
@@ -63,7 +65,7 @@ def boothflow(cli_env: dict[str, str]):
             raise AssertionError(f"boothflow {command} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
         return proc
 
-    return run
+    return boothflow_run
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +73,8 @@ def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Prefect database with every migration applied: creating one takes seconds, copying it none."""
     home = tmp_path_factory.mktemp("migrated-prefect-home")
     env = {**os.environ, "PREFECT_HOME": str(home)}
-    subprocess.run([BIN / "prefect", "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True,
-                   timeout=SERVER_START_TIMEOUT)  # fmt: skip
+    run([BIN / "prefect", "server", "database", "upgrade", "-y"], env=env, check=True, capture_output=True,
+        timeout=SERVER_START_TIMEOUT)  # fmt: skip
     return home / "prefect.db"
 
 

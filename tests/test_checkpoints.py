@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import run
 
 from tasks.core.config import TrainSection
 from tasks.core.faults import ENV as FAULTS_ENV
@@ -122,7 +122,7 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_nothing_a_resume_trusts(tmp
     faults.write_text(json.dumps({"kill_at": "train:mid-checkpoint-2"}))
     env = {**os.environ, FAULTS_ENV: str(faults), "PYTHONPATH": str(REPO / "tests")}
     folder = tmp_path / "checkpoints"
-    proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, folder], cwd=REPO, env=env, capture_output=True)
+    proc = run([sys.executable, "-c", KILLED_MID_WRITE, folder], timeout=120, cwd=REPO, env=env, capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert [p.name for p in folder.glob("step-000002*")] != []  # it was killed while writing step 2
     assert [p.name for p in complete_checkpoints(folder)] == ["step-000001"]

@@ -154,6 +154,11 @@ BAD_INPUTS = {  # id: (arguments, what the one line must say); {tmp} is a fresh 
         "prior.scheduler = 'UNet2DModel'",
     ),
     "unknown-model": (["--set", "model.id='no-such-org/no-such-model'"], "model.id = 'no-such-org/no-such-model'"),
+    "missing-vae": (["--set", "model.vae='/nonexistent/vae'"], "model.vae = '/nonexistent/vae': model '/nonexist"),
+    "more-processes-than-cores": (
+        ["--set", "train.num_processes=100000"],
+        "train.num_processes = 100000: this machine can run at most ",
+    ),
     "method-for-other-family": (
         ["--set", "train.method=lora"],
         "train.method = 'lora' is not supported for sd15 models (tiny-sd15); use full",
@@ -358,3 +363,57 @@ def test_a_flow_started_without_the_cli_checks_its_config_before_any_stage(prefe
     assert summary["error"]["stage"] == "config" and "data.instance_dir = " in summary["error"]["message"]
     assert {s["status"] for s in summary["stages"].values()} == {"skipped"}
     assert not (root / "preprocess").exists()
+
+
+def test_a_concurrency_limit_the_server_lacks_stops_the_flow_before_any_stage(prefect_server: str, tmp_path: Path):
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    from flows.dreambooth import dreambooth
+    from tasks.core.config import load_config
+
+    root = tmp_path / "artifacts"
+    config = load_config(None, ["run.concurrency_limit='no-such-limit'"], root)
+    with temporary_settings({PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
+        state = dreambooth(config, return_state=True)
+    assert state.is_failed()
+    summary = json.loads(next((root / "runs").glob("*/summary.json")).read_text())
+    assert summary["error"] == {"stage": "config", "item": None, "message": "the Prefect server has no global "
+                                "concurrency limit 'no-such-limit' (run.concurrency_limit); create it: prefect "
+                                "global-concurrency-limit create no-such-limit --limit 1"}  # fmt: skip
+    assert {s["status"] for s in summary["stages"].values()} == {"skipped"}
+    assert task_states(prefect_server, summary["run"]["flow_run_id"]) == {}
+    assert not (root / "preprocess").exists()
+
+
+def test_a_failure_to_publish_never_hides_the_stages_own_error(
+    prefect_server: str, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """After a failed stage, a publish error is one warning and the stage's error is the run's; after stages that
+    succeeded, it fails the run."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    from flows import dreambooth
+    from tasks.core.config import load_config
+    from tasks.core.faults import ENV
+
+    def unpublishable(summary: dict, root: Path) -> None:
+        raise OSError("the artifact API is down")
+
+    monkeypatch.setattr(dreambooth, "publish", unpublishable)
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"fail_stage": "preprocess"}))
+    monkeypatch.setenv(ENV, str(faults))
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    config = load_config(None, [f"data.instance_dir='{images}'", "preprocess.resolution=64"], tmp_path / "artifacts")
+    with temporary_settings({PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
+        failed = dreambooth.dreambooth_stage(config, "preprocess", return_state=True)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        faults.unlink()
+        succeeded = dreambooth.dreambooth_stage(config, "preprocess", return_state=True)
+    error = failed.result(raise_on_failure=False)
+    assert error.message == f"injected fault (fail_stage='preprocess' in {ENV})"
+    run_id = str(failed.state_details.flow_run_id)
+    summary = json.loads((tmp_path / "artifacts" / "runs" / run_id / "summary.json").read_text())
+    assert summary["error"]["message"] == error.message
+    assert "the run's artifacts were not published: OSError: the artifact API is down" in warnings
+    assert str(succeeded.result(raise_on_failure=False)) == "the artifact API is down"

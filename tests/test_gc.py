@@ -9,10 +9,12 @@ from pathlib import Path
 
 import psutil
 from conftest import BIN, REPO
+from processes import started
 
 from flows.gc import RunKeys, collect
 from tasks.core.atomic import link_or_copy
 from tasks.core.store import Store
+from tasks.stages.train import EMBEDS
 
 STAGES = ["preprocess", "train"]
 
@@ -62,11 +64,11 @@ def _store(tmp_path: Path) -> Path:
 def test_keep_last_removes_what_older_runs_alone_used_and_their_items(tmp_path: Path) -> None:
     root = _store(tmp_path)
     before = _left(root)
-    removals, _, _ = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=True)
+    removals, _, to_free = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=True)
     assert {f"{r.stage}/{r.folder}" for r in removals} == {"preprocess/p-old", "train/t-old", "preprocess-items/i-old"}
     assert _left(root) == before  # a dry run removes nothing
     _, _, freed = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=False)
-    assert freed == sum(r.bytes for r in removals) > 0
+    assert freed == to_free == sum(r.bytes for r in removals) - len(b"i-old" * 10)  # i-old's file, linked in p-old
     assert _left(root) == before - {"preprocess/p-old", "train/t-old", "preprocess-items/i-old"}
     assert Store(root).get("preprocess", "p-new") is not None and Store(root).get("train", "t-new") is not None
 
@@ -87,10 +89,32 @@ def test_an_entry_a_running_run_registered_is_never_removed(tmp_path: Path) -> N
     root = _store(tmp_path)
     with RunKeys(root, "running") as run:
         run.use("train", "t-old")
-        removals, notes, _ = collect(root, STAGES, keep_last=0, older_than_days=0, damaged=False, dry_run=False)
+        removals, notes, freed = collect(root, STAGES, keep_last=0, older_than_days=0, damaged=False, dry_run=False)
         assert {f"{r.stage}/{r.folder}" for r in removals} == {"preprocess/p-old", "preprocess/p-new", "train/t-new"}
         assert notes == ["item entries kept: 1 run(s) running"]
+        assert freed == sum(r.bytes for r in removals) - 2 * len(b"i-old" * 10)  # the kept items still hold theirs
     assert _left(root) == {"train/t-old", "report/not-a-gc-stage", "preprocess-items/i-old", "preprocess-items/i-new"}
+
+
+def test_removed_entries_take_their_lock_files_with_them(tmp_path: Path) -> None:
+    locks = _store(tmp_path) / ".locks" / "store"
+    assert (locks / "preprocess-p-old.lock").is_file()
+    collect(tmp_path, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=False)
+    assert sorted(p.name for p in locks.iterdir()) == [
+        "preprocess-items-i-new.lock", "preprocess-p-new.lock", "report-not-a-gc-stage.lock", "train-t-new.lock"
+    ]  # fmt: skip
+
+
+def test_text_embeddings_are_item_entries_of_train(tmp_path: Path) -> None:
+    """Training reads them in place (no stage entry links them), so they go with the other items once no run runs."""
+    root = _store(tmp_path)
+    _entry(Store(root), EMBEDS, "e")
+    with RunKeys(root, "running") as run:
+        run.use("train", "t-new")
+        removals, _, _ = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=True)
+    assert f"{EMBEDS}/e" not in {f"{r.stage}/{r.folder}" for r in removals}
+    removals, _, _ = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=False)
+    assert f"{EMBEDS}/e" in {f"{r.stage}/{r.folder}" for r in removals} and f"{EMBEDS}/e" not in _left(root)
 
 
 def test_gc_during_a_run_removes_an_older_runs_entries_and_the_run_completes(boothflow, cli_env, tmp_path: Path):
@@ -99,19 +123,19 @@ def test_gc_during_a_run_removes_an_older_runs_entries_and_the_run_completes(boo
             "--set", "train.sample_every=0", "--set", "generate.steps=2"]  # fmt: skip
     boothflow("run", *base, "--set", "train.steps=4", "--summary", tmp_path / "old.json")
     old = json.loads((tmp_path / "old.json").read_text())["stages"]
-    proc = subprocess.Popen(
-        [BIN / "boothflow", "run", *map(str, base), "--set", "train.steps=150", "--summary", tmp_path / "new.json"],
+    with started(
+        [BIN / "boothflow", "run", *base, "--set", "train.steps=150", "--summary", tmp_path / "new.json"],
         cwd=REPO, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not any("tasks.stages.trainer" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(True)):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
-    gc = boothflow("cache", "gc", "--artifacts", root, "--keep-last", "0")
-    assert f"removed train/{old['train']['key']}" in gc.stdout, gc.stdout
-    assert f"preprocess/{old['preprocess']['key']}" not in gc.stdout  # the running run uses it
-    assert "item entries kept: 1 run(s) running" in gc.stdout
-    assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    ) as proc:  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not any("tasks.stages.trainer" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(True)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        gc = boothflow("cache", "gc", "--artifacts", root, "--keep-last", "0")
+        assert f"removed train/{old['train']['key']}" in gc.stdout, gc.stdout
+        assert f"preprocess/{old['preprocess']['key']}" not in gc.stdout  # the running run uses it
+        assert "item entries kept: 1 run(s) running" in gc.stdout
+        assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
     new = json.loads((tmp_path / "new.json").read_text())
     assert new["error"] is None and new["stages"]["preprocess"]["key"] == old["preprocess"]["key"]
     assert not (root / "train" / old["train"]["key"]).exists()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import run
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -17,8 +17,8 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 def test_smoke_mode_measures_every_case_beside_the_plan(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", out], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = run([sys.executable, SCRIPT, "--smoke", "--out", out], cwd=REPO, capture_output=True, text=True,
+               timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     rows = {row["case"]: row for row in result["rows"]}
@@ -59,9 +59,9 @@ def test_a_bare_machine_is_told_what_to_install(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_spent_budget_lists_the_cases_it_did_not_start(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", out, "--budget", "0", "--only", "sdxl fp32",
-                           "--only", "tiny-sd15 generate batch 2"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = run([sys.executable, SCRIPT, "--smoke", "--out", out, "--budget", "0", "--only", "sdxl fp32",
+                "--only", "tiny-sd15 generate batch 2"], cwd=REPO, capture_output=True, text=True,
+               timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(row["case"], row["skipped"]) for row in rows] == [

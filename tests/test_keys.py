@@ -1,4 +1,8 @@
-"""Which stage keys each setting changes: exactly the stages whose outputs it can change, and no folder path."""
+"""Which stage keys each setting changes: exactly the stages whose outputs it can change, and no folder path.
+
+Keys below preprocess and class images hash what those stages produced, so each row builds them first (three small
+images, two tiny class images: the cheap stages); a plan says so where that output is not there yet.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,13 @@ from PIL import Image
 
 from flows.dreambooth import planned_keys
 from tasks.core.config import RunConfig, load_config
+from tasks.core.store import Store
 from tasks.sd.models import resolve
-from tasks.stages import report_page
+from tasks.stages import class_images, preprocess, report_page
 
 CLASS_SIDE = {"class_images", "latents", "train", "generate", "evaluate", "report"}
 IMAGE_SIDE = {"preprocess", "latents", "train", "generate", "evaluate", "report"}
+LISTING = {"preprocess", "report"}  # the same pixels from other names, files or settings: the report lists them
 ALL = {"preprocess", "class_images", "latents", "train", "generate", "evaluate", "report"}
 TRAIN = {"train", "generate", "evaluate", "report"}
 GENERATE = {"generate", "evaluate", "report"}
@@ -34,12 +40,12 @@ CHANGES = [
     ("data.token", "zwx", TRAIN),
     ("data.class_name", "dog", CLASS_SIDE),
     ("data.instance_prompt", "a {token}", TRAIN),
-    ("data.min_images", 2, IMAGE_SIDE),
+    ("data.min_images", 2, LISTING),  # still satisfied
     ("preprocess.resolution", 128, ALL),
-    ("preprocess.crop", "face", IMAGE_SIDE),
-    ("preprocess.min_side", 100, IMAGE_SIDE),
-    ("preprocess.max_pixels", 1_000_000, IMAGE_SIDE),
-    ("preprocess.face_margin", 0.3, IMAGE_SIDE),
+    ("preprocess.crop", "face", LISTING),  # no face in these images: the centre crop
+    ("preprocess.min_side", 100, LISTING),  # rejects none of them
+    ("preprocess.max_pixels", 1_000_000, LISTING),
+    ("preprocess.face_margin", 0.3, LISTING),  # with the centre crop
     ("prior.enabled", False, CLASS_SIDE),
     ("prior.class_prompt", "a {class}", CLASS_SIDE),
     ("prior.negative_prompt", "blurry", CLASS_SIDE),
@@ -125,9 +131,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
     return folder, artifacts, folders
 
 
+BASE = ["prior.enabled=true", "prior.num_images=2", "prior.steps=1", "preprocess.resolution=64"]
+
+
 def _keys(folder: Path, artifacts: Path, *overrides: str) -> dict[str, str]:
-    config = load_config(None, [f"data.instance_dir='{folder}'", "prior.enabled=true", *overrides], artifacts)
+    config = load_config(None, [f"data.instance_dir='{folder}'", *BASE, *overrides], artifacts)
+    store = Store(artifacts)
+    preprocess.run(config.preprocess, preprocess.PreprocessInputs.of(config), store)
+    if config.prior.enabled:
+        model = resolve(config.model.id, config.model.vae, artifacts)
+        class_images.run(config.prior, class_images.ClassImagesInputs.of(config, model), store)
     return {stage: entry["key"] for stage, entry in planned_keys(config).items()}
+
+
+def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {stage for stage in before.keys() | after.keys() if before.get(stage) != after.get(stage)}
 
 
 def test_every_setting_is_in_the_table() -> None:
@@ -142,7 +160,7 @@ def test_setting_changes_exactly_these_stage_keys(setup, setting: str, value, ch
     literal = f"'{value}'" if isinstance(value, str) else str(value).replace("'", '"').lower()
     before = _keys(folder, artifacts)
     after = _keys(folder, artifacts, f"{setting}={literal}")
-    assert {stage for stage in before.keys() | after.keys() if before.get(stage) != after.get(stage)} == changed
+    assert _changed(before, after) == changed
 
 
 def test_moving_the_folder_or_the_artifact_root_changes_no_key(setup, tmp_path: Path) -> None:
@@ -156,8 +174,7 @@ def test_dataset_content_changes_the_image_side_keys(setup, tmp_path: Path) -> N
     copy = shutil.copytree(folder, tmp_path / "copy")
     before = _keys(copy, artifacts)
     Image.new("RGB", (300, 300), "white").save(copy / "new.png")
-    after = _keys(copy, artifacts)
-    assert {stage for stage in before if before[stage] != after[stage]} == IMAGE_SIDE
+    assert _changed(before, _keys(copy, artifacts)) == IMAGE_SIDE
 
 
 def test_a_seed_count_keys_as_its_list(setup) -> None:
@@ -175,5 +192,42 @@ def test_editing_the_report_template_or_css_changes_only_the_report_key(
     with (templates / edited).open("a") as file:
         file.write("\n")
     monkeypatch.setattr(report_page, "_templates", lambda: templates)
-    after = _keys(folder, artifacts)
-    assert {stage for stage in before if before[stage] != after[stage]} == {"report"}
+    assert _changed(before, _keys(folder, artifacts)) == {"report"}
+
+
+def _rename(folder: Path) -> None:
+    (folder / "img0.png").rename(folder / "renamed.png")
+
+
+def _junk(folder: Path) -> None:
+    (folder / "Thumbs.db").write_bytes(b"\0" * 64)
+
+
+def _duplicate(folder: Path) -> None:
+    shutil.copy(folder / "img0.png", folder / "again.png")
+
+
+def _too_small(folder: Path) -> None:
+    Image.new("RGB", (40, 40), "yellow").save(folder / "tiny.png")
+
+
+@pytest.mark.parametrize("edit", [_rename, _junk, _duplicate, _too_small], ids=lambda f: f.__name__.strip("_"))
+def test_names_and_rejected_files_change_only_the_listing(setup, tmp_path: Path, edit) -> None:
+    folder, artifacts, _ = setup
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    before = _keys(copy, artifacts)
+    edit(copy)
+    assert _changed(before, _keys(copy, artifacts)) == LISTING
+
+
+def test_a_plan_says_which_output_a_key_waits_for(setup, tmp_path: Path) -> None:
+    folder, artifacts, _ = setup
+    _keys(folder, artifacts)  # the class images are built
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    Image.new("RGB", (320, 300), "purple").save(copy / "new.png")  # so its preprocess output is not in the store
+    config = load_config(None, [f"data.instance_dir='{copy}'", *BASE], artifacts)
+    planned = planned_keys(config)
+    assert planned["preprocess"]["status"] == "to run" and planned["preprocess"]["key"]
+    assert planned["class_images"]["status"] == "cached"
+    for stage in ("latents", "train", "generate", "evaluate", "report"):
+        assert planned[stage] == {"status": "after preprocess", "key": None}, stage

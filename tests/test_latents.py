@@ -262,19 +262,23 @@ def test_vae_json_and_sdxl_size_metadata(
     assert (tall["original_size"], tall["crop_top_left"]) == ("320,400", "8,0")
 
 
-def _class_images(folder: Path, count: int, resolution: int = 64) -> StageResult:
-    """A class-images entry in the documented layout: images/<id>.png and items.csv."""
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for index in range(count):
-        sample_id = f"{0xC1A55 * (index + 1):016x}"
-        _noise_png(folder / "images" / f"{sample_id}.png", (resolution, resolution), seed=100 + index)
-        image = f"images/{sample_id}.png"
-        rows.append(
-            {"id": sample_id, "index": index, "seed": index, "prompt": "a photo of toy", "status": "ok", "image": image}
-        )
-    pd.DataFrame(rows).to_csv(folder / "items.csv", index=False)
-    return StageResult("class-images", f"fake{count}", folder)
+def _class_images(store: Store, count: int, resolution: int = 64) -> StageResult:
+    """A class-images entry in the documented layout, committed to the store: images/<id>.png and items.csv."""
+
+    def write(folder: Path) -> dict[str, int]:
+        (folder / "images").mkdir(parents=True)
+        rows = []
+        for index in range(count):
+            sample_id = f"{0xC1A55 * (index + 1):016x}"
+            _noise_png(folder / "images" / f"{sample_id}.png", (resolution, resolution), seed=100 + index)
+            image = f"images/{sample_id}.png"
+            row = {"id": sample_id, "index": index, "seed": index, "prompt": "a photo of toy", "status": "ok"}
+            rows.append({**row, "image": image})
+        pd.DataFrame(rows).to_csv(folder / "items.csv", index=False)
+        return {"items": count}
+
+    entry = store.get_or_create("class_images", f"fake{count}x{resolution}", write)
+    return StageResult("class_images", entry.key, entry.path)
 
 
 def test_class_images_are_encoded_and_indexed_after_instances(
@@ -283,7 +287,7 @@ def test_class_images_are_encoded_and_indexed_after_instances(
     store = Store(tmp_path / "artifacts")
     instance = _preprocess(folder, store)
     alone = _latents(models["tiny-sdxl"], instance, store)
-    classes = _class_images(tmp_path / "classes", 2)
+    classes = _class_images(store, 2)
     result = _latents(models["tiny-sdxl"], instance, store, classes)
     assert (result.items_processed, result.items_cached) == (2, 3)
     assert result.key != alone.key
@@ -318,7 +322,7 @@ def test_bad_upstream_fails_naming_the_item(
 ) -> None:
     store = Store(tmp_path / "artifacts")
     instance = _preprocess(folder, store)
-    classes = _class_images(tmp_path / "classes", 2, resolution=128 if damage == "class image of another size" else 64)
+    classes = _class_images(store, 2, resolution=128 if damage == "class image of another size" else 64)
     broken = classes.path / pd.read_csv(classes.path / "items.csv", dtype=str)["image"][0]
     if damage == "truncated class image":
         broken.write_bytes(broken.read_bytes()[:200])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 from conftest import BIN, REPO
+from processes import started
 
 GRACE_SECONDS = 5.0
 
@@ -43,12 +44,12 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def _kill_and_expect_no_survivors(proc: subprocess.Popen, started: list[psutil.Process]) -> None:
-    commands = {p.pid: _command(p)[:120] for p in started[1:]}
+def _kill_and_expect_no_survivors(proc: subprocess.Popen, tree: list[psutil.Process]) -> None:
+    commands = {p.pid: _command(p)[:120] for p in tree[1:]}
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + GRACE_SECONDS
-    while (alive := [p for p in started[1:] if _alive(p)]) and time.monotonic() < deadline:
+    while (alive := [p for p in tree[1:] if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     for survivor in alive:
         survivor.kill()
@@ -56,22 +57,22 @@ def _kill_and_expect_no_survivors(proc: subprocess.Popen, started: list[psutil.P
 
 
 def test_a_killed_run_leaves_neither_its_temporary_server_nor_its_training_child(ephemeral_env, tmp_path: Path):
-    proc = subprocess.Popen(
+    with started(
         [BIN / "boothflow", "run", "-c", "configs/demo.toml", "--artifacts", tmp_path / "a",
          "--set", "train.steps=100000", "--set", "train.checkpoint_every=0"],
         cwd=REPO, env=ephemeral_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    root = psutil.Process(proc.pid)
+    ) as proc:  # fmt: skip
+        root = psutil.Process(proc.pid)
 
-    def training() -> bool:
-        return any("tasks.stages.trainer" in _command(p) for p in _tree(root))
+        def training() -> bool:
+            return any("tasks.stages.trainer" in _command(p) for p in _tree(root))
 
-    _wait_for(training, proc, 180, "training child")
-    started = _tree(root)
-    commands = [_command(p) for p in started]
-    assert any("prefect server start" in c for c in commands), commands  # the temporary server is ours, tied to us
-    assert any("accelerate.commands.launch" in c for c in commands), commands
-    _kill_and_expect_no_survivors(proc, started)
+        _wait_for(training, proc, 180, "training child")
+        tree = _tree(root)
+        commands = [_command(p) for p in tree]
+        assert any("prefect server start" in c for c in commands), commands  # the temporary server is ours, tied to us
+        assert any("accelerate.commands.launch" in c for c in commands), commands
+        _kill_and_expect_no_survivors(proc, tree)
 
 
 def test_a_killed_ui_leaves_no_prefect_server(ephemeral_env, tmp_path: Path):
@@ -79,33 +80,33 @@ def test_a_killed_ui_leaves_no_prefect_server(ephemeral_env, tmp_path: Path):
     from flows.server import free_port
 
     root_dir = tmp_path / "a"
-    proc = subprocess.Popen(
+    with started(
         [BIN / "boothflow", "ui", "--port", str(free_port()), "--artifacts", root_dir],
         cwd=REPO, env=ephemeral_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    record = ui_file(root_dir)
-    _wait_for(record.is_file, proc, 180, "UI record")
-    assert json.loads(record.read_text())["api_url"].startswith("http://127.0.0.1:")
-    started = _tree(psutil.Process(proc.pid))
-    assert len(started) > 1, "the UI runs its Prefect server in a child process"
-    _kill_and_expect_no_survivors(proc, started)
+    ) as proc:  # fmt: skip
+        record = ui_file(root_dir)
+        _wait_for(record.is_file, proc, 180, "UI record")
+        assert json.loads(record.read_text())["api_url"].startswith("http://127.0.0.1:")
+        tree = _tree(psutil.Process(proc.pid))
+        assert len(tree) > 1, "the UI runs its Prefect server in a child process"
+        _kill_and_expect_no_survivors(proc, tree)
 
 
 def test_a_run_refused_before_its_first_stage_stops_the_server_that_was_booting(ephemeral_env, tmp_path: Path):
     """The temporary server starts booting before the config checks; a run they refuse says one line and stops it."""
     missing = tmp_path / "missing"
-    proc = subprocess.Popen(
+    with started(
         [BIN / "boothflow", "run", "-c", "configs/demo.toml", "--artifacts", tmp_path / "a",
          "--set", f"data.instance_dir='{missing}'"],
         cwd=REPO, env=ephemeral_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    root, started = psutil.Process(proc.pid), {}
-    while proc.poll() is None:
-        started |= {p: _command(p) for p in _tree(root)[1:] if p not in started}
-        time.sleep(0.05)
-    out, err = proc.communicate()
-    assert proc.returncode == 2 and "Traceback" not in out + err
-    assert err.strip().splitlines() == [f"error: data.instance_dir = '{missing}' does not exist; set it to a folder "
-                                        "of images"]  # fmt: skip
-    assert any("prefect server start" in command for command in started.values()), started
-    assert not [command for p, command in started.items() if _alive(p)]
+    ) as proc:  # fmt: skip
+        root, seen = psutil.Process(proc.pid), {}
+        while proc.poll() is None:
+            seen |= {p: _command(p) for p in _tree(root)[1:] if p not in seen}
+            time.sleep(0.05)
+        out, err = proc.communicate()
+        assert proc.returncode == 2 and "Traceback" not in out + err
+        assert err.strip().splitlines() == [f"error: data.instance_dir = '{missing}' does not exist; set it to a "
+                                            "folder of images"]  # fmt: skip
+        assert any("prefect server start" in command for command in seen.values()), seen
+        assert not [command for p, command in seen.items() if _alive(p)]

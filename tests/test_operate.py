@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -21,6 +20,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import AwaitingRetry
 from prefect_api import task_states
+from processes import run, start, stop
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -123,7 +123,7 @@ def test_nightly_serve_schedules_in_local_time_caches_quiet_nights_and_retries_l
     notify = f"http://127.0.0.1:{webhook.server_address[1]}/hook"
     command = [BIN / "boothflow", "serve", "--cron", "0 3 * * *", "--timezone", "Europe/Berlin", "--notify", notify,
                *map(str, base)]  # fmt: skip
-    serve = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = start(command, log=tmp_path / "serve.log", cwd=REPO, env=env)
     try:
         with _client(prefect_server) as client:
             deployment = _wait(lambda: _deployment(client), 90, "the served deployment")
@@ -160,8 +160,7 @@ def test_nightly_serve_schedules_in_local_time_caches_quiet_nights_and_retries_l
         states = task_states(prefect_server, failed)
         assert {s: states[s] for s in UPSTREAM} == dict.fromkeys(UPSTREAM, "Cached")
     finally:
-        serve.terminate()
-        serve.wait(30)
+        stop(serve)
         webhook.shutdown()
 
 
@@ -175,10 +174,9 @@ def _deployment(client):
 def test_prefect_yaml_deploys_to_a_process_work_pool(cli_env: dict) -> None:
     env = {k: v for k, v in cli_env.items()}
     prefect = str(BIN / "prefect")
-    subprocess.run([prefect, "work-pool", "create", "boothflow-process", "--type", "process"], cwd=REPO, env=env,
-                   capture_output=True)  # fmt: skip
-    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=REPO, env=env, capture_output=True,
-                              text=True)  # fmt: skip
+    run([prefect, "work-pool", "create", "boothflow-process", "--type", "process"], cwd=REPO, env=env,
+        capture_output=True)  # fmt: skip
+    deployed = run([prefect, "--no-prompt", "deploy", "--all"], cwd=REPO, env=env, capture_output=True, text=True)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     with _client(env["PREFECT_API_URL"]) as client:
         deployment = client.read_deployment_by_name("dreambooth/nightly-worker")
@@ -186,8 +184,8 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(cli_env: dict) -> None:
     assert deployment.work_pool_name == "boothflow-process"
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
 
-    notified = subprocess.run([BIN / "boothflow", "notify", "https://hooks.example.com/x", "--deployment",
-                               "nightly-worker"], cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+    notified = run([BIN / "boothflow", "notify", "https://hooks.example.com/x", "--deployment", "nightly-worker"],
+                   cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
     assert notified.returncode == 0, notified.stderr
     with _client(env["PREFECT_API_URL"]) as client:
         [automation] = client.read_automations_by_name("boothflow: a night of nightly-worker failed")
@@ -199,13 +197,15 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(cli_env: dict) -> None:
 
 def test_two_concurrent_runs_compute_each_key_once(cli_env: dict, tmp_path: Path) -> None:
     base = [str(a) for a in _base(tmp_path)]
-    procs = [
-        subprocess.Popen([BIN / "boothflow", "run", *base, "--summary", str(tmp_path / f"{i}.json")], cwd=REPO,
-                         env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]  # fmt: skip
-    for proc in procs:
-        assert proc.wait(600) == 0, proc.stderr.read()[-3000:]
+    procs = []
+    try:
+        for i in range(2):
+            procs.append(start([BIN / "boothflow", "run", *base, "--summary", tmp_path / f"{i}.json"],
+                               log=tmp_path / f"{i}.log", cwd=REPO, env=cli_env))  # fmt: skip
+        for i, proc in enumerate(procs):
+            assert proc.wait(600) == 0, (tmp_path / f"{i}.log").read_text()[-3000:]
+    finally:
+        stop(*procs)
     a, b = (json.loads((tmp_path / f"{i}.json").read_text())["stages"] for i in range(2))
     for name in a:
         total = a[name]["items_processed"] + a[name]["items_cached"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import sysconfig
 import zipfile
 from pathlib import Path
+
+from processes import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def _files(root: Path) -> set[Path]:
 
 def _wheel(tmp_path: Path) -> Path:
     """Build the wheel from a copy of the working tree (a build writes build/ and *.egg-info beside its sources)."""
-    listed = subprocess.run(
+    listed = run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO, capture_output=True, check=True,
     ).stdout  # fmt: skip
@@ -47,7 +48,7 @@ def _wheel(tmp_path: Path) -> Path:
         if (REPO / name).is_file():  # a file deleted but not yet staged is still listed
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             (source / name).write_bytes((REPO / name).read_bytes())
-    subprocess.run(
+    run(
         [sys.executable, "-m", "pip", "wheel", source, "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path],
         check=True, capture_output=True,
     )  # fmt: skip
@@ -57,11 +58,11 @@ def _wheel(tmp_path: Path) -> Path:
 def _venv_with(wheel: Path, folder: Path) -> Path:
     """A fresh venv that sees this venv's packages through a plain .pth line (so not its editable boothflow, whose
     own .pth goes unread) and has the wheel installed; returns its bin folder."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", folder], check=True)
+    run([sys.executable, "-m", "venv", "--without-pip", folder], check=True)
     purelib = Path(sysconfig.get_path("purelib", "venv", vars={"base": folder, "platbase": folder}))
     (purelib / "project.pth").write_text(sysconfig.get_path("purelib") + "\n")
     pip = [sys.executable, "-m", "pip", "--python", folder / "bin" / "python", "install", "--no-deps", "-q", wheel]
-    subprocess.run(pip, check=True, capture_output=True)
+    run(pip, check=True, capture_output=True)
     return folder / "bin"
 
 
@@ -84,14 +85,15 @@ def test_the_wheel_holds_every_module_and_runs_the_toy_preset_from_an_empty_fold
         "OMP_NUM_THREADS": "1",  # torch in the flow process, as train.cpu_threads for the training child
     }
     where = "import tasks, tasks.core.shipped as s; print(tasks.__file__); print(s.shipped_root())"
-    found = subprocess.check_output([bin_ / "python", "-c", where], cwd=work, env=env, text=True).splitlines()
+    found = run([bin_ / "python", "-c", where], cwd=work, env=env, capture_output=True, text=True, check=True).stdout
+    found = found.splitlines()
     assert all(Path(path).is_relative_to(tmp_path / "venv") for path in found), found
 
     before = _files(REPO)
     settings = [arg for name, value in SHORT.items() for arg in ("--set", f"{name}={value}")]
     summary = work / "summary.json"
-    run = [bin_ / "boothflow", "run", "--config", "toy", *settings, "--artifacts", work / "artifacts"]
-    proc = subprocess.run([*run, "--summary", summary], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    command = [bin_ / "boothflow", "run", "--config", "toy", *settings, "--artifacts", work / "artifacts"]
+    proc = run([*command, "--summary", summary], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(summary.read_text())
     statuses = {name: stage["status"] for name, stage in result["stages"].items()}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import urllib.request
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from browser import chromium
+from processes import run
 
 from tasks.core.config import RunConfig
 
@@ -148,10 +148,9 @@ def test_deployment_run_form_shows_run_config_sections_and_descriptions(cli_env:
     from playwright.sync_api import expect
 
     prefect = str(BIN / "prefect")  # the pool may exist already (test_operate deploys too)
-    subprocess.run([prefect, "work-pool", "create", "boothflow-process", "--type", "process"], cwd=REPO, env=cli_env,
-                   capture_output=True)  # fmt: skip
-    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=REPO, env=cli_env,
-                              capture_output=True, text=True)  # fmt: skip
+    run([prefect, "work-pool", "create", "boothflow-process", "--type", "process"], cwd=REPO, env=cli_env,
+        capture_output=True)  # fmt: skip
+    deployed = run([prefect, "--no-prompt", "deploy", "--all"], cwd=REPO, env=cli_env, capture_output=True, text=True)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     deployment = _get_json(f"{cli_env['PREFECT_API_URL']}/deployments/name/dreambooth/nightly-worker")
 

@@ -4,17 +4,21 @@ across processes."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from processes import start, stop
 
 from tasks.core import store as store_module
 from tasks.core.atomic import link_or_copy
 from tasks.core.store import MANIFEST, STAT_MEMO, Damage, Store, file_stat, stage_key
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _write(text: str):
@@ -194,6 +198,13 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
     assert list((tmp_path / "stage").iterdir()) == []
 
 
+def _in_a_process(function: str, *args: object) -> subprocess.Popen:
+    """This module's `function(*args)` (as strings) in a new Python process, in its own process group."""
+    code = f"import sys; from test_store import {function}; {function}(*sys.argv[1:])"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    return start([sys.executable, "-c", code, *args], cwd=REPO, env=env)
+
+
 def _slow_build(root: str, marker: str) -> None:
     def build(folder: Path) -> dict:
         with open(marker, "a") as f:
@@ -207,13 +218,11 @@ def _slow_build(root: str, marker: str) -> None:
 
 def test_two_processes_compute_a_key_once(tmp_path: Path) -> None:
     marker = tmp_path / "builds.txt"
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_slow_build, args=(str(tmp_path / "root"), str(marker))) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    procs = [_in_a_process("_slow_build", tmp_path / "root", marker) for _ in range(2)]
+    try:
+        assert [p.wait(60) for p in procs] == [0, 0]
+    finally:
+        stop(*procs)
     assert len(marker.read_text().split()) == 1
 
 
@@ -227,19 +236,20 @@ def _hang_in_build(root: str) -> None:
 
 
 def test_killed_writer_leaves_no_trusted_entry_and_no_stuck_lock(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_hang_in_build, args=(str(tmp_path),))
-    proc.start()
-    deadline = time.monotonic() + 30
-    while not list((tmp_path / "stage").glob("k.partial-*")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
+    writer = _in_a_process("_hang_in_build", tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "stage").glob("k.partial-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop(writer, first=signal.SIGKILL)  # killed mid-build, holding the key's lock
+    assert writer.returncode == -signal.SIGKILL and list((tmp_path / "stage").glob("k.partial-*"))
     store = Store(tmp_path)
     assert store.get("stage", "k") is None
-    started = time.monotonic()
-    entry = store.get_or_create("stage", "k", _write("fresh"))
-    assert entry.created and time.monotonic() - started < 5
+    lock = store.lock("stage", "k")
+    lock.acquire(timeout=0)  # at once: the lock died with its holder
+    lock.release()
+    assert store.get_or_create("stage", "k", _write("fresh")).created
     assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == ["k"]
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
-import subprocess
 import time
 import tomllib
 from pathlib import Path
 from uuid import UUID
 
+import processes
 import pytest
 from browser import chromium
 from metric_models import build_clip, build_dino
@@ -132,6 +131,12 @@ def test_the_sweep_command_checks_every_cell_before_any_runs(boothflow, tmp_path
     assert alone.returncode == 2 and "it needs --pool" in alone.stderr
 
 
+def test_the_sweep_command_prints_a_message_brackets_and_all(boothflow, tmp_path: Path) -> None:
+    empty = boothflow("sweep", _sweep_file(tmp_path, 'name = "x"'), check=False)
+    assert empty.returncode == 2
+    assert empty.stderr.strip().endswith("no cells; add a [matrix] of settings or [[runs]]"), empty.stderr
+
+
 # ---- the toy sweep, end to end against the suite's Prefect server ----
 
 
@@ -224,22 +229,20 @@ def test_a_sweep_on_a_process_pool_uses_both_workers_one_training_at_a_time(
 ) -> None:
     pool = "sweep-test-pool"
     prefect = str(BIN / "prefect")
-    subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], env=cli_env, check=True,
-                   capture_output=True)  # fmt: skip
+    processes.run([prefect, "work-pool", "create", pool, "--type", "process"], env=cli_env, check=True,
+                  capture_output=True)  # fmt: skip
     env = {**cli_env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    workers = [subprocess.Popen([prefect, "worker", "start", "--pool", pool, "--limit", "1", "--name", name],
-                                env=env, stdout=(tmp_path / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
-                                start_new_session=True) for name in ("w1", "w2")]  # fmt: skip
+    workers = []
     try:
+        for name in ("w1", "w2"):
+            workers.append(processes.start([prefect, "worker", "start", "--pool", pool, "--limit", "1", "--name",
+                                            name], log=tmp_path / f"{name}.log", env=env))  # fmt: skip
         summary = tmp_path / "pool.json"
         sets = [*QUICK, "train.steps=10", "train.seed=1", f"data.instance_dir={json.dumps([CLOSE_UP, TOY])}"]
         boothflow("sweep", "toy", "--pool", pool, "--artifacts", root, "--summary", summary,
                   *(x for s in sets for x in ("--set", s)))  # fmt: skip
     finally:
-        for worker in workers:
-            os.killpg(worker.pid, signal.SIGINT)  # a worker stops on SIGINT (it ignores SIGTERM for minutes)
-        for worker in workers:
-            worker.wait(60)
+        processes.stop(*workers, first=signal.SIGINT)  # a worker stops on SIGINT (it ignores SIGTERM for minutes)
     result = json.loads(summary.read_text())
     assert [c["state"] for c in result["cells"]] == ["Completed"] * 4
     assert {c["summary"]["run"]["worker"] for c in result["cells"]} == {"w1", "w2"}

@@ -204,6 +204,16 @@ def test_killed_training_resumes_from_its_checkpoint_bit_for_bit(workspace: Path
     assert len(losses[0]) == 5 and losses[0] == losses[1]
 
 
+def test_each_step_logs_the_learning_rate_it_trained_with(workspace: Path, tmp_path: Path, monkeypatch) -> None:
+    model, _, lat = _encoded(workspace, "tiny-sd15", workspace / "images")
+    cfg = TrainSection(steps=4, learning_rate=1e-3, lr_scheduler="linear", lr_warmup_steps=2, checkpoint_every=0,
+                       train_text_encoder=False)  # fmt: skip
+    result = _train(tmp_path, model, lat, cfg, monkeypatch)
+    logged = [float(row.split(",")[2]) for row in (result.path / "metrics.csv").read_text().splitlines()[1:]]
+    # diffusers' linear schedule at step indices 0-3: warm-up over 2 steps from 0, then down to 0 at step 4
+    assert logged == pytest.approx([0.0, 5e-4, 1e-3, 5e-4], abs=1e-12)
+
+
 def test_a_nan_loss_stops_at_once_naming_the_step_and_keeps_the_last_checkpoint(
     workspace: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -327,3 +337,14 @@ def test_a_caption_file_that_is_not_text_stops_the_run_before_it_starts(tmp_path
         check_before_start(config)
     assert str(caught.value) == (f"data.captions = 'sidecar': {images / 'img0.txt'}: caption file is not UTF-8 "
                                  "text; fix or remove it")  # fmt: skip
+
+
+def test_more_training_processes_than_cuda_devices_stop_the_run_before_it_starts(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    images = _images(tmp_path / "images", 1)
+    config = load_config(None, [f"data.instance_dir='{images}'", "train.num_processes=2"], tmp_path / "a")
+    with pytest.raises(ConfigError) as caught:
+        check_before_start(config)
+    assert str(caught.value) == ("train.num_processes = 2: this machine can run at most 1 training processes (visible "
+                                 "CUDA devices)")  # fmt: skip

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from processes import run, started
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
@@ -43,22 +44,22 @@ def _trainers() -> list[int]:
 
 def test_the_training_child_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
     before = set(_trainers())
-    parent = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "a"), str(REPO / "data" / "demo")],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (children := set(_trainers()) - before):
-        assert time.monotonic() < deadline and parent.poll() is None, "the training child never started"
-        time.sleep(0.5)
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    deadline = time.monotonic() + 15
-    while children & set(_trainers()):
-        assert time.monotonic() < deadline, "the training child outlived its parent"
-        time.sleep(0.5)
+    with started([sys.executable, "-c", SCRIPT, tmp_path / "a", REPO / "data" / "demo"], log=tmp_path / "log",
+                 cwd=REPO) as parent:  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not (children := set(_trainers()) - before):
+            assert time.monotonic() < deadline and parent.poll() is None, "the training child never started"
+            time.sleep(0.5)
+        parent.send_signal(signal.SIGKILL)  # the parent alone: the kernel must end its child
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while children & set(_trainers()):
+            assert time.monotonic() < deadline, "the training child outlived its parent"
+            time.sleep(0.5)
 
 
 def test_the_training_child_imports_no_prefect() -> None:
     """It runs under accelerate on GPU nodes; Prefect (and its start-up and logging) stays in the stage process."""
     check = "import sys, tasks.stages.trainer; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
-    proc = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    proc = run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"

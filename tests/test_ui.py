@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from processes import started
 
 from flows.server import free_port
 
@@ -25,13 +26,12 @@ def test_ui_serves_prefect_on_its_port_and_the_artifact_root(tmp_path: Path) -> 
     (root / "report" / "k" / "report.html").write_text("<h1>hello report</h1>")
     port = free_port()
     env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "home")}
-    ui = subprocess.Popen([Path(sys.executable).parent / "boothflow", "ui", "--port", str(port), "--artifacts", root],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        record = root / ".boothflow-ui.json"
+    command = [Path(sys.executable).parent / "boothflow", "ui", "--port", port, "--artifacts", root]
+    log, record = tmp_path / "ui.log", root / ".boothflow-ui.json"
+    with started(command, grace=60, log=log, cwd=REPO, env=env) as ui:
         deadline = time.monotonic() + 120
         while not record.is_file():
-            assert ui.poll() is None and time.monotonic() < deadline, ui.stdout.read() if ui.poll() else "timeout"
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text() if ui.poll() else "timeout"
             time.sleep(0.5)
         urls = json.loads(record.read_text())
         assert urls["api_url"] == f"http://127.0.0.1:{port}/api"
@@ -39,8 +39,6 @@ def test_ui_serves_prefect_on_its_port_and_the_artifact_root(tmp_path: Path) -> 
         settings = json.loads(_get(f"http://127.0.0.1:{port}/ui-settings"))
         assert settings["api_url"] == urls["api_url"]  # the browser UI calls this server, not port 4200
         assert _get(f"{urls['artifacts_url']}/report/k/report.html") == b"<h1>hello report</h1>"
-    finally:
-        ui.terminate()
-        output = ui.communicate(timeout=60)[0]
+    output = log.read_text()  # what it said before and as it stopped (SIGTERM)
     assert f"Prefect UI: http://127.0.0.1:{port}" in output and "export PREFECT_API_URL=" in output
     assert not record.exists()

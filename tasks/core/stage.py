@@ -4,12 +4,13 @@ naming the item. Only these small objects pass between stages and through Prefec
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from tasks.core.store import Entry, Store
+from tasks.core.store import MANIFEST, Entry, Store
 
 Cfg = TypeVar("Cfg")
 Inputs = TypeVar("Inputs")
@@ -23,6 +24,24 @@ class StageError(Exception):
         self.stage = stage
         self.item = item
         self.message = message
+
+
+class UpstreamPending(Exception):
+    """A key that hashes what an upstream stage produced, asked before that output exists (a plan, not a run)."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"known once {stage} has run")
+        self.stage = stage
+
+
+def produced(result: StageResult, folder: str) -> dict[str, str]:
+    """The sha256 of each file under `folder` of an upstream entry, by name, from its manifest (the runner checked
+    the entry when it looked it up): what a downstream key hashes, so a rename upstream changes nothing below it."""
+    try:
+        files = json.loads((Path(result.path) / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UpstreamPending(result.stage) from err
+    return {name: meta["sha256"] for name, meta in files.items() if name.startswith(f"{folder}/")}
 
 
 @dataclass(frozen=True)

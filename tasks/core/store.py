@@ -26,7 +26,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from tasks.core.atomic import atomic_folder, clear_partials
+from tasks.core.atomic import atomic_folder, clear_partials, replace_file
 from tasks.core.faults import fault, kill_if_injected, kill_if_injected_after
 from tasks.core.progress import run_logger
 
@@ -96,15 +96,10 @@ def _read_memo(path: Path, fingerprint: str) -> dict[str, list[int]]:
 
 
 def _write_memo(path: Path, fingerprint: str, stats: dict[str, list[int] | None]) -> None:
-    """Replace the memo whole (temp file, then os.replace), so a concurrent reader sees the old one or the new
+    """Replace the memo whole and flushed, so a concurrent reader (or a power cut) sees the old one or the new
     one; where it cannot be written (a read-only store) lookups keep re-hashing, which is slow but correct."""
-    temp = path / f"{STAT_MEMO}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        temp.write_text(json.dumps({"manifest_sha256": fingerprint, "files": stats}))
-        os.replace(temp, path / STAT_MEMO)
-    except OSError:
-        with contextlib.suppress(OSError):
-            temp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        replace_file(path / STAT_MEMO, json.dumps({"manifest_sha256": fingerprint, "files": stats}).encode())
 
 
 def _forget_memo(path: Path) -> None:
@@ -287,8 +282,10 @@ class Store:
 
         `build` writes into a private `.partial-*` folder; the manifest (files, sizes, sha256, seconds,
         versions, config, info) and the stat memo are written last and the folder renamed into place (a rename
-        keeps the files' inodes and times), so readers see a whole entry or none. Under the key's lock, a second
-        process waits and then reuses the first one's entry.
+        keeps the files' inodes and times), so readers see a whole entry or none. Every file is flushed to the disk
+        before the manifest, the manifest before its folder, all of it before the rename, and then the rename,
+        so not even a power cut leaves an entry with missing bytes. Under the key's lock, a second process waits
+        and then reuses the first one's entry.
         """
         with self.lock(stage, key):
             existing = self._set_aside_if_damaged(stage, key)
@@ -296,7 +293,7 @@ class Store:
                 return Entry(stage, key, self.path(stage, key), existing, created=False)
             final = self.path(stage, key)
             clear_partials(final)  # a killed writer's; we hold the key's lock
-            with atomic_folder(final) as partial:  # a failed build leaves no folder, so the store stays valid
+            with atomic_folder(final, last=MANIFEST) as partial:  # a failed build leaves no folder behind
                 try:
                     manifest = self._write_entry(stage, key, partial, build, config)
                 except Exception as err:

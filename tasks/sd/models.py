@@ -8,10 +8,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,6 +21,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from tasks.core.atomic import atomic_folder, clear_partials
+from tasks.core.hash_memo import HashMemo
 from tasks.core.shipped import shipped_root
 from tasks.core.store import file_sha256
 from tasks.sd import text
@@ -445,27 +445,25 @@ class ResolvedModel:
 
 
 def resolve(model_id: str, vae_id: str, root: Path) -> ResolvedModel:
-    """Resolve the base pipeline (and an optional separate VAE) once, hashing each component's files."""
+    """Resolve the base pipeline (and an optional separate VAE) once, hashing each component's files: only those
+    that changed since a run with this artifact root last hashed them."""
     path = resolve_model(model_id, root)
     components = [c for c in json.loads((path / "model_index.json").read_text()) if not c.startswith("_")]
-    identities = {c: component_identity(path, c) for c in components if (path / c).is_dir()}
-    vae_path = path / "vae"
-    if vae_id:
-        vae_path = _resolve_vae(vae_id)
-        identities["vae"] = component_identity(vae_path, "")
+    vae_path = resolve_vae(vae_id) if vae_id else path / "vae"
+    with HashMemo(root) as memo:
+        identities = {c: component_identity(path, c, memo.sha256) for c in components if (path / c).is_dir()}
+        if vae_id:
+            identities["vae"] = component_identity(vae_path, "", memo.sha256)
     return ResolvedModel(model_id, path, model_family(path), vae_path, identities)
 
 
-def available_family(model_id: str, vae_id: str, root: Path) -> str:
-    """The model's family, once the model (and a separate VAE) proved to be at hand: without building a preset or
-    hashing a file, so a run can check it before anything starts."""
-    family = PRESETS[model_id].family if model_id in PRESETS else model_family(resolve_model(model_id, root))
-    if vae_id:
-        _resolve_vae(vae_id)
-    return family
+def available_family(model_id: str, root: Path) -> str:
+    """The model's family, once the model proved to be at hand: without building a preset or hashing a file, so a
+    run can check it before anything starts."""
+    return PRESETS[model_id].family if model_id in PRESETS else model_family(resolve_model(model_id, root))
 
 
-def _resolve_vae(vae_id: str) -> Path:
+def resolve_vae(vae_id: str) -> Path:
     """A standalone AutoencoderKL: a local folder with config.json, or a hub repo such as sdxl-vae-fp16-fix."""
     return _folder_or_hub(vae_id, "config.json", "a diffusers AutoencoderKL", _download_vae, "")
 
@@ -489,27 +487,9 @@ def model_family(path: Path) -> str:
     return FAMILIES[class_name]
 
 
-# A file rewritten within the filesystem's clock tick can keep its (size, mtime_ns, inode): never memoize
-# a digest of a file younger than this, as git does for its index.
-_RACY_WINDOW_NS = 2_000_000_000
-
-
-@lru_cache(maxsize=65536)
-def _memoized_digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    """Keyed by the file's stat, so asking again about an unchanged multi-GB weight file costs no read."""
-    return file_sha256(Path(path))
-
-
-def _stat_digest(path: Path) -> str:
-    stat = path.stat()
-    if time.time_ns() - stat.st_mtime_ns < _RACY_WINDOW_NS:
-        return file_sha256(path)
-    return _memoized_digest(str(path.absolute()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-
-
-def component_identity(path: Path, component: str) -> str:
+def component_identity(path: Path, component: str, sha256: Callable[[Path], str] = file_sha256) -> str:
     """A location-free identity of one component (unet, vae, ...; "" for a standalone component folder)
-    for cache keys: changes with any of its files."""
+    for cache keys: changes with any of its files. `sha256` hashes a file (`HashMemo.sha256` remembers it)."""
     if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         repo = path.parent.parent.name.removeprefix("models--").replace("--", "/")
         return f"hub:{repo}@{path.name}"
@@ -519,7 +499,7 @@ def component_identity(path: Path, component: str) -> str:
         raise FileNotFoundError(f"{folder}: no such model component")
     digest = hashlib.sha256()
     for file in files:
-        digest.update(f"{file.relative_to(folder).as_posix()}\0{_stat_digest(file)}\n".encode())
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{sha256(file)}\n".encode())
     return digest.hexdigest()
 
 

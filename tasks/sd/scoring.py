@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from tasks.core.batching import batched
+from tasks.core.hash_memo import HashMemo
 from tasks.core.progress import track
 from tasks.sd.device import loaded
 from tasks.sd.models import cached_folder, component_identity
@@ -36,12 +37,16 @@ CLIP = MetricModel("clip", "evaluate.clip_model", "CLIP-T and CLIP-I", "openai/c
 DINO = MetricModel("dino", "evaluate.dino_model", "DINO", "facebook/dino-vits16")
 
 
-def model_identity(model_id: str) -> str | None:
-    """A location-free identity of a metric model for the key; getting the model later changes it."""
+def model_identity(model_id: str, root: Path | None = None) -> str | None:
+    """A location-free identity of a metric model for the key; getting the model later changes it. A folder's files
+    are hashed only when they changed since a run with the artifact root `root` last hashed them."""
     if not model_id:
         return None
     path = cached_folder(model_id)
-    return f"unavailable:{model_id}" if path is None else component_identity(path, "")
+    if path is None:
+        return f"unavailable:{model_id}"
+    with HashMemo(root) as memo:
+        return component_identity(path, "", memo.sha256)
 
 
 def token_pattern(token: str) -> re.Pattern[str]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.core.atomic import atomic_folder
+from tasks.core.atomic import atomic_folder, replace_file
 from tasks.core.faults import kill_if_injected
 from tasks.stages.train_job import TrainJob
 
@@ -77,7 +77,8 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(job: TrainJob, step: int, weights: dict, states: dict, metrics: list[dict]) -> None:
-    """Written whole (an atomic folder), then marked complete; keep only the newest K complete ones. `states` holds
+    """Written whole (an atomic folder, flushed to the disk), then marked complete (the mark flushed too, so a power
+    cut leaves no complete checkpoint with missing bytes); keep only the newest K complete ones. `states` holds
     each part's state dict: its tensors go to safetensors, which writes without holding Python's lock (torch.save
     holds it, and a training thread beside the write would wait on it), the rest to state.pt."""
     final = job.checkpoints_dir / f"step-{step:06d}"
@@ -90,7 +91,7 @@ def save_checkpoint(job: TrainJob, step: int, weights: dict, states: dict, metri
         torch.save(skeleton, folder / "state.pt")
         (folder / "metrics.json").write_text(json.dumps(metrics))
         (folder / "step.json").write_text(json.dumps({"step": step, "num_processes": job.train.num_processes}))
-    (final / COMPLETE).write_text("ok")
+    replace_file(final / COMPLETE, b"ok")
     for old in complete_checkpoints(job.checkpoints_dir)[: -job.train.keep_checkpoints]:
         shutil.rmtree(old)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.core.config import EvaluateSection, RunConfig
-from tasks.core.stage import Stage, StageResult
+from tasks.core.stage import Stage, StageResult, produced
 from tasks.core.store import Store, stage_key
 from tasks.core.tables import METRICS_FILE, Sample, group_label, read_rows, read_samples
 from tasks.sd.device import device as accelerator
@@ -39,15 +39,17 @@ SCORES = ("clip_t", "clip_i", "dino")
 @dataclass(frozen=True)
 class EvaluateInputs:
     """The instance images the samples are compared with, the samples, and the identifier token (CLIP never saw
-    it, so CLIP-T drops it; the analyser scores the subject only where a prompt names it)."""
+    it, so CLIP-T drops it; the analyser scores the subject only where a prompt names it). `root`, the artifact root,
+    only says where the metric models' file hashes are remembered: it is never part of the key."""
 
     preprocess: StageResult
     generate: StageResult
     token: str
+    root: Path | None = None
 
     @classmethod
     def of(cls, config: RunConfig, preprocess: StageResult, generate: StageResult) -> EvaluateInputs:
-        return cls(preprocess, generate, config.data.token)
+        return cls(preprocess, generate, config.data.token, config.run.artifacts_root)
 
 
 def analyser_version(name: str) -> int | None:
@@ -59,14 +61,17 @@ def analyser_version(name: str) -> int | None:
 
 
 def stage_key_for(cfg: EvaluateSection, inputs: EvaluateInputs) -> str:
-    """The samples and instance images (their stages' keys), the token and the scoring models' identities."""
+    """The samples (their stage's key), the instance images' bytes, the token and the scoring models' identities."""
     return stage_key(
         STAGE,
         CODE_VERSION,
         cfg.keyed(without=MODEL_SETTINGS),
-        metric_models={"clip": model_identity(cfg.clip_model), "dino": model_identity(cfg.dino_model)},
+        metric_models={
+            "clip": model_identity(cfg.clip_model, inputs.root),
+            "dino": model_identity(cfg.dino_model, inputs.root),
+        },
         analyser_version=analyser_version(cfg.analyser),
-        preprocess=inputs.preprocess.key,
+        instance_images=sorted(produced(inputs.preprocess, "images").values()),  # their bytes, not their names
         generate=inputs.generate.key,
         token=inputs.token,
     )
@@ -157,7 +162,7 @@ def _writer(cfg: EvaluateSection, inputs: EvaluateInputs):
     def build(folder: Path) -> dict[str, Any]:
         samples = read_samples(inputs.generate.path, STAGE)
         items = read_rows(inputs.preprocess.path / "items.csv", "preprocess", STAGE)
-        instance = [inputs.preprocess.path / row["image"] for row in items if row["status"] == "ok"]
+        instance = sorted(inputs.preprocess.path / row["image"] for row in items if row["status"] == "ok")  # by content
         metrics, loaded = score(cfg, samples, instance, inputs.token)
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1, ensure_ascii=False), encoding="utf-8")
         pd.DataFrame(metrics["rows"]).to_csv(folder / "metrics.csv", index=False)

@@ -22,8 +22,8 @@ from tasks.core.atomic import link_or_copy
 from tasks.core.batching import batched
 from tasks.core.config import LatentsSection
 from tasks.core.progress import track
-from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Store, file_sha256, stage_key
+from tasks.core.stage import Stage, StageError, StageResult, produced
+from tasks.core.store import Store, stage_key
 from tasks.sd.device import device, loaded
 from tasks.sd.latent_dist import save_latent
 from tasks.sd.models import ResolvedModel
@@ -58,9 +58,11 @@ class Sample:
 
 
 def stage_key_for(cfg: LatentsSection, inputs: LatentsInputs) -> str:
-    classes = inputs.classes.key if inputs.classes is not None else None
+    """What the entry holds: each sample's id, kind and item key (its PNG's bytes and sizes, the VAE, the settings),
+    never the upstream stages' keys, so a renamed photo or a rejected junk file upstream encodes nothing again."""
     vae = inputs.model.identity("vae")
-    return stage_key(STAGE, CODE_VERSION, cfg.keyed(), instance=inputs.instance.key, classes=classes, vae=vae)
+    items = [(s.id, s.kind, item_key(cfg, vae, s)) for s in samples(inputs)]
+    return stage_key(STAGE, CODE_VERSION, cfg.keyed(), items=items, vae=vae)
 
 
 def item_key(cfg: LatentsSection, vae_identity: dict[str, str], sample: Sample) -> str:
@@ -126,21 +128,24 @@ def _square_side(image: Path) -> int:
 
 
 def samples(inputs: LatentsInputs) -> list[Sample]:
-    """Every usable upstream image in index order: instance ids sorted, then class ids sorted."""
+    """Every usable upstream image in index order: instance ids sorted, then class ids sorted. Their bytes' hashes come
+    from the upstream manifests, so naming them reads no image."""
     found = []
+    digests = produced(inputs.instance, "images")
     for row in _read_table(inputs.instance).itertuples():
         image = Path(inputs.instance.path) / row.image
         meta = _instance_metadata(
             tuple(json.loads(row.original_size)), tuple(json.loads(row.crop_box)), _square_side(image)
         )
-        found.append(Sample(row.source_sha256[:16], "instance", image, file_sha256(image), meta))
+        found.append(Sample(row.source_sha256[:16], "instance", image, digests[row.image], meta))
     found.sort(key=lambda s: s.id)
     if inputs.classes is not None:
         class_samples = []
+        digests = produced(inputs.classes, "images")
         for row in _read_table(inputs.classes).itertuples():
             image = Path(inputs.classes.path) / row.image
             meta = _class_metadata(_square_side(image))
-            class_samples.append(Sample(row.id, "class", image, file_sha256(image), meta))
+            class_samples.append(Sample(row.id, "class", image, digests[row.image], meta))
         found += sorted(class_samples, key=lambda s: s.id)
     sizes = {s.metadata["target_size"] for s in found}
     if len(sizes) > 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pandas as pd
 
 from tasks.core.atomic import link_or_copy
 from tasks.core.config import PreprocessSection, RunConfig
+from tasks.core.hash_memo import HashMemo
 from tasks.core.progress import track
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, digest, file_sha256, stage_key
@@ -50,9 +52,11 @@ class PreprocessInputs:
 
     @classmethod
     def of(cls, config: RunConfig) -> PreprocessInputs:
-        """The instance folder as it is now: every file scanned (and hashed) by `scan`."""
+        """The instance folder as it is now: every file scanned by `scan`, hashed only when it changed since a run with
+        this artifact root last hashed it."""
         data = config.data
-        return cls(data.instance_dir, scan(data.instance_dir), data.min_images)
+        with HashMemo(config.run.artifacts_root) as memo:
+            return cls(data.instance_dir, scan(data.instance_dir, memo.sha256), data.min_images)
 
     @property
     def fingerprint(self) -> str:
@@ -64,8 +68,8 @@ def _is_ignored(path: Path) -> bool:
     return path.name.startswith(".") or path.suffix.lower() in SIDECAR_SUFFIXES
 
 
-def scan(instance_dir: Path) -> tuple[SourceFile, ...]:
-    """Every candidate file under `instance_dir`, sorted, hashed, with scan-level problems marked."""
+def scan(instance_dir: Path, sha256: Callable[[Path], str] = file_sha256) -> tuple[SourceFile, ...]:
+    """Every candidate file under `instance_dir`, sorted, hashed by `sha256`, with scan-level problems marked."""
     root = Path(instance_dir)
     if not root.is_dir():
         raise StageError(STAGE, "instance folder not found; set data.instance_dir to a folder of images", str(root))
@@ -78,10 +82,12 @@ def scan(instance_dir: Path) -> tuple[SourceFile, ...]:
                 candidates[path.relative_to(root).as_posix()] = path
     real_root = root.resolve()
     first_by_hash: dict[str, str] = {}
-    return tuple(_examine(candidates[rel], rel, real_root, first_by_hash) for rel in sorted(candidates))
+    return tuple(_examine(candidates[rel], rel, real_root, first_by_hash, sha256) for rel in sorted(candidates))
 
 
-def _examine(path: Path, relpath: str, real_root: Path, first_by_hash: dict[str, str]) -> SourceFile:
+def _examine(
+    path: Path, relpath: str, real_root: Path, first_by_hash: dict[str, str], sha256: Callable[[Path], str]
+) -> SourceFile:
     try:
         relpath.encode("utf-8")
     except UnicodeEncodeError:  # e.g. names from a zip made on Windows; they cannot go into tables or keys
@@ -96,7 +102,7 @@ def _examine(path: Path, relpath: str, real_root: Path, first_by_hash: dict[str,
         if target.is_dir():
             return SourceFile(relpath, None, "symlinked folder (its files are scanned where they are)")
     try:
-        sha = file_sha256(path)
+        sha = sha256(path)
     except OSError as err:
         return SourceFile(relpath, None, f"cannot read: {err.strerror or err}")
     if sha in first_by_hash:

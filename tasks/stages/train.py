@@ -105,13 +105,14 @@ def stage_key_for(cfg: TrainSection, inputs: TrainInputs) -> str:
         STAGE,
         CODE_VERSION,
         settings,
-        latents=inputs.latents.key,
+        latents=inputs.latents.key,  # a digest of its items' content, never of file names upstream
         instance_prompt=inputs.instance_prompt,
         class_prompt=inputs.class_prompt,
         prior_weight=inputs.prior_weight,
         safety_checker=inputs.safety_checker,
         model=inputs.model.identity(*_model_components(inputs)),
-        **({"captions": inputs.captions} if inputs.captions is not None else {}),  # their text, not their files
+        # their text by the sample each captions (its image's content), not by their files' names
+        **({"captions": sample_captions(inputs)[0]} if inputs.captions is not None else {}),
     )
 
 

@@ -478,7 +478,8 @@ def run_steps(t: Training, start: int, metrics: list[dict]) -> None:
     try:
         for step in range(start, cfg.steps):
             done, last = step + 1, step + 1 == cfg.steps
-            log.add(done, optimizer_step_on_device(t, step), t.lr_scheduler.get_last_lr()[0])
+            lr = t.lr_scheduler.get_last_lr()[0]  # the rate this step uses: its update then advances the schedule
+            log.add(done, optimizer_step_on_device(t, step), lr)
             sample = bool(cfg.sample_every) and done % cfg.sample_every == 0 and not last
             checkpoint = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0 and not last
             if done % cfg.log_every == 0 or sample or checkpoint or last:
