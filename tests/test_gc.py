@@ -117,6 +117,11 @@ def test_text_embeddings_are_item_entries_of_train(tmp_path: Path) -> None:
     assert f"{EMBEDS}/e" in {f"{r.stage}/{r.folder}" for r in removals} and f"{EMBEDS}/e" not in _left(root)
 
 
+def _training(pid: int) -> list[psutil.Process]:
+    """The training launcher (and its child, once started) under the run with `pid`."""
+    return [p for p in psutil.Process(pid).children(True) if "tasks.stages.trainer" in " ".join(p.cmdline())]
+
+
 def test_gc_during_a_run_removes_an_older_runs_entries_and_the_run_completes(boothflow, cli_env, tmp_path: Path):
     root = tmp_path / "a"
     base = ["-c", "configs/demo.toml", "--artifacts", root, "--set", "train.checkpoint_every=0",
@@ -124,14 +129,20 @@ def test_gc_during_a_run_removes_an_older_runs_entries_and_the_run_completes(boo
     boothflow("run", *base, "--set", "train.steps=4", "--summary", tmp_path / "old.json")
     old = json.loads((tmp_path / "old.json").read_text())["stages"]
     with started(
-        [BIN / "boothflow", "run", *base, "--set", "train.steps=150", "--summary", tmp_path / "new.json"],
+        [BIN / "boothflow", "run", *base, "--set", "train.steps=20", "--summary", tmp_path / "new.json"],
         cwd=REPO, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     ) as proc:  # fmt: skip
-        deadline = time.monotonic() + 120
-        while not any("tasks.stages.trainer" in " ".join(p.cmdline()) for p in psutil.Process(proc.pid).children(True)):
+        deadline = time.monotonic() + 300
+        while not (training := _training(proc.pid)):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.2)
-        gc = boothflow("cache", "gc", "--artifacts", root, "--keep-last", "0")
+        for process in training:  # training holds still while gc runs, however fast or loaded this machine is
+            process.suspend()
+        try:
+            gc = boothflow("cache", "gc", "--artifacts", root, "--keep-last", "0")
+        finally:
+            for process in training:
+                process.resume()
         assert f"removed train/{old['train']['key']}" in gc.stdout, gc.stdout
         assert f"preprocess/{old['preprocess']['key']}" not in gc.stdout  # the running run uses it
         assert "item entries kept: 1 run(s) running" in gc.stdout
