@@ -15,6 +15,12 @@ from processes import run, stop
 
 from flows.server import api_url, free_port, start_server, wait_healthy
 
+# libgomp's threads spin 300,000 times at a barrier before they sleep: with another process busy on one of two cores,
+# a torch op waits on a thread that is not running, and toy training ran 2-5x slower (24-74 s against 13 s idle).
+# A short spin costs nothing idle (13.1 s) and keeps a loaded machine at about 2x. Set before any test imports torch;
+# every process a test starts inherits it. Waiting does not change any result.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT = 120
