@@ -1,9 +1,9 @@
-# Two entry points: `make demo` (install, then run the demo flow) and `make test` (install, then the suite).
+# Entry points: `make demo` (install, then run the demo flow), `make check` (the fast tier) and `make test` (the suite).
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo check test lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
+# The fast tier, for a change to one module: lint and the tests that need no Prefect server, browser or training run.
+check: install lint
+	$(PY) -m pytest -q -m "not server and not browser and not training" --durations=10
+
+# Everything (CI).
 test: install lint
 	$(PY) -m pytest -q --durations=20
 

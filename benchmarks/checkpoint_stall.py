@@ -25,8 +25,8 @@ import torch
 from results import RESULTS, write_section
 
 from tasks.core.config import TrainSection
-from tasks.stages.checkpoints import CheckpointWriter, HostStaging, save_checkpoint
-from tasks.stages.train_job import TrainJob
+from tasks.training.checkpoints import CheckpointWriter, HostStaging, complete_checkpoints, save_checkpoint
+from tasks.training.job import TrainJob
 
 TARGET = 0.10  # the loop may be blocked for at most this fraction of the write
 
@@ -104,6 +104,7 @@ def measure(width: int, layers: int, folder: Path, repeats: int) -> dict:
         "lost_share": statistics.median(lost) / write,
         "steps_beside": steps,
         "repeats": repeats,
+        "kept": [path.name for path in complete_checkpoints(folder)],  # keep_checkpoints=1: the last write, whole
     }
 
 

@@ -23,7 +23,8 @@ import torch
 from diffusers import DiffusionPipeline
 from results import write_section
 
-from tasks.core.config import RunConfig, fill_prompt, load_config
+from tasks.core.config import RunConfig, fill_prompt
+from tasks.core.config_load import load_config
 from tasks.core.stage import StageResult
 from tasks.sd.device import release
 from tasks.sd.layout import MODEL_DIR
@@ -66,18 +67,21 @@ def first_items(config: RunConfig, inputs: generate.GenerateInputs) -> dict[str,
     return dict(sorted(firsts.items(), key=lambda named: generate.RENDER_ORDER[named[1].weights.kind]))
 
 
-def load_seconds(config: RunConfig, inputs: generate.GenerateInputs, shared: bool) -> float:
+def load_seconds(config: RunConfig, inputs: generate.GenerateInputs, shared: bool) -> tuple[float, int]:
     """Seconds to put every set of weights on a pipeline in render order: one base pipeline wearing each in turn
-    (`shared`), or a fresh pipeline per set (the final model then loads as its own pipeline)."""
+    (`shared`), or a fresh pipeline per set (the final model then loads as its own pipeline); and how many whole
+    pipelines that loaded (the rest of the loads swap weights in)."""
     release()
     started = time.perf_counter()
-    pipeline = generate.SharedPipeline(config.generate, inputs.model, "full")
+    pipeline, loaded = generate.SharedPipeline(config.generate, inputs.model, "full"), []
     for item in first_items(config, inputs).values():
         if not shared:
+            loaded += pipeline.loads
             pipeline = generate.SharedPipeline(config.generate, inputs.model, "full")
         pipeline.wearing(item.weights, item)
     synchronize()
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return seconds, sum("pipeline:" in load for load in [*loaded, *pipeline.loads])
 
 
 def images_per_second(pipe: DiffusionPipeline, requests: list[RenderRequest], batch: int) -> float:
@@ -97,10 +101,11 @@ def measure(model_id: str, work: Path, reps: int, overrides: list[str]) -> dict:
     side = cfg.size or inputs.resolution
 
     load_seconds(config, inputs, shared=False)  # warm-up: every file read once, so both strategies read from cache
-    loads = {"shared": [], "per set": []}
+    loads, pipelines = {"shared": [], "per set": []}, {}
     for _ in range(reps):  # interleaved, so a change in the machine's load touches both alike
-        loads["per set"].append(load_seconds(config, inputs, shared=False))
-        loads["shared"].append(load_seconds(config, inputs, shared=True))
+        for strategy in ("per set", "shared"):
+            seconds, pipelines[strategy] = load_seconds(config, inputs, shared=strategy == "shared")
+            loads[strategy].append(seconds)
 
     sets = first_items(config, inputs)
     pipe = generate.SharedPipeline(cfg, model, "full").wearing(sets["base"].weights, sets["base"])
@@ -113,7 +118,8 @@ def measure(model_id: str, work: Path, reps: int, overrides: list[str]) -> dict:
         for batch in rates:
             rates[batch].append(images_per_second(pipe, requests, batch))
     return {"model": model_id, "config": CONFIGS[model_id], "size": side, "steps": cfg.steps, "images": len(requests),
-            "batch": cfg.batch_size, "sets": len(sets), "rates": rates, "loads": loads}  # fmt: skip
+            "batch": cfg.batch_size, "sets": len(sets), "rates": rates, "loads": loads,
+            "pipelines": pipelines}  # fmt: skip
 
 
 def write_results(rows: list[dict], out: Path, command: str, load: str) -> None:
@@ -137,6 +143,10 @@ def write_results(rows: list[dict], out: Path, command: str, load: str) -> None:
                  f"{batched:.2f}", f"{batched / one:.2f}x", r["sets"], f"{shared:.2f}", f"{per_set:.2f}",
                  f"{per_set - shared:.2f}", f"{1 - shared / per_set:.0%}"]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "Whole pipelines loaded to put every set of weights on once (the other loads swap weights in):", ""]
+    for r in rows:
+        lines.append(f"- {r['model']}: {r['pipelines']['shared']} with one base pipeline, "
+                     f"{r['pipelines']['per set']} with one per set")  # fmt: skip
     lines += ["", "Every repetition:", ""]
     for r in rows:
         for batch, values in r["rates"].items():

@@ -5,7 +5,7 @@ Prefect, and on a bare CUDA machine with Python and torch it names the packages 
 its own process (a clean peak), most telling first; results are rewritten after every case, and with `--budget`
 the cases that would start after it are listed as not run.
 
-    python benchmarks/gpu_check.py --out DIR           # 11 training and 4 rendering cases (one large GPU: minutes)
+    python benchmarks/gpu_check.py --out DIR           # 11 training, 4 rendering, 2 checkpoint cases (minutes)
     python benchmarks/gpu_check.py --smoke --out DIR   # the tiny presets, seconds; the suite runs it on CPU
 """
 
@@ -50,6 +50,20 @@ class Case:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """The checkpoint writer as training uses it on CUDA: the state copied into pinned host buffers without blocking,
+    written by a thread while the steps go on, then restored into a fresh training bit for bit."""
+
+    preset: str
+    resolution: int
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset} checkpoint while training"
+
+
+@dataclass(frozen=True)
 class Render:
     """One rendering case: `batch` images of a preset in one call."""
 
@@ -83,12 +97,14 @@ LATER = [
 ]
 RENDERS = [Render(preset, side, batch, 20) for preset, side in (("sd15-arch", 512), ("sdxl-arch", 1024))
            for batch in (1, 4)]  # fmt: skip
-FULL = [*SD15_FULL, *SDXL_FULL, *RENDERS, *LATER]
+CHECKPOINTS = [Checkpoint("sd15-arch", 512, SD15), Checkpoint("sdxl-arch", 1024, SDXL | {"mixed_precision": "bf16"})]
+FULL = [*SD15_FULL, *SDXL_FULL, *RENDERS, *CHECKPOINTS, *LATER]
 CHILD_LIMIT = 240  # seconds one case may take: a stuck compilation leaves the later cases their time
 SMOKE = [
     Case("sd15 fp32", "tiny-sd15", 64, SD15, reference=True),
     Case("sdxl fp32", "tiny-sdxl", 64, SDXL),
     *[Render(preset, 64, batch, 2) for preset in ("tiny-sd15", "tiny-sdxl") for batch in (1, 2)],
+    Checkpoint("tiny-sd15", 64, SD15),
 ]
 
 
@@ -167,20 +183,13 @@ def reference_images(latents: Path, side: int) -> Path:
     return folder
 
 
-def train_case(case: Case, root: Path, steps: int) -> dict:
-    """Milliseconds per optimizer step of the train stage's own loop (b), the compute floor (a) and, for a
-    reference case, the re-encoding reference (c): each the slope between step 1 and step 1 + `steps` of one run
-    (the first step warms the allocator, kernels and compilation), in that order, twice, medians reported."""
-    import statistics
-
-    from diffusers import AutoencoderKL
-    from train_throughput import ReencodedData, floor_step, per_step
-
+def training_for(case: Case | Checkpoint, root: Path, steps: int):
+    """The train stage's own training of a case, on synthetic latents (and embeddings), prepared; with its plan."""
     from tasks.core.config import TrainSection
     from tasks.sd.memory import architecture, estimate_train
     from tasks.sd.models import resolve_model
-    from tasks.stages.train_job import TrainJob, resolved_optimizer
-    from tasks.stages.trainer import build_training, make_batch, optimizer_step, optimizer_step_on_device
+    from tasks.training.build import build_training
+    from tasks.training.job import TrainJob, resolved_optimizer
 
     path = resolve_model(case.preset, root)
     arch = architecture(case.preset, root)
@@ -195,6 +204,22 @@ def train_case(case: Case, root: Path, steps: int) -> dict:
     )  # fmt: skip
     training = build_training(job)
     training.prepare()
+    return training, estimate_train(arch, cfg, case.resolution, prior=False).total / 2**20
+
+
+def train_case(case: Case, root: Path, steps: int) -> dict:
+    """Milliseconds per optimizer step of the train stage's own loop (b), the compute floor (a) and, for a
+    reference case, the re-encoding reference (c): each the slope between step 1 and step 1 + `steps` of one run
+    (the first step warms the allocator, kernels and compilation), in that order, twice, medians reported."""
+    import statistics
+
+    from diffusers import AutoencoderKL
+    from train_throughput import ReencodedData, floor_step, per_step
+
+    from tasks.training.step import make_batch, optimizer_step, optimizer_step_on_device
+
+    training, plan = training_for(case, root, steps)
+    job = training.job
     device = training.accelerator.device
     losses = []
 
@@ -218,10 +243,47 @@ def train_case(case: Case, root: Path, steps: int) -> dict:
         training.data = reference if mode == "reference" else cached_data
         times[mode].append(per_step(modes[mode], device, 1, 1 + steps))
     ms = {mode: 1e3 * statistics.median(values) for mode, values in times.items()}
-    plan = estimate_train(arch, cfg, case.resolution, prior=False).total / 2**20
     finite = all(math.isfinite(loss) for loss in [first, *[loss.item() for loss in losses]])
     return {"rate": 1e3 / ms["cached"], "unit": "steps/s", "peak_mib": peak or peak_mib(), "plan_mib": plan, "ms": ms,
             "first_step_s": first_step, "optimizer": job.optimizer, "finite": finite}  # fmt: skip
+
+
+def checkpoint_case(case: Checkpoint, root: Path, steps: int) -> dict:
+    """One checkpoint through the trainer's own writer (in the background on CUDA, as training writes it): how long
+    the loop waits for it (the host copy), how long the write takes while `steps` steps go on, whether its host
+    buffers are pinned, and whether a fresh training restores exactly the weights and optimizer state saved."""
+    import torch
+
+    from tasks.training.build import build_training
+    from tasks.training.checkpoints import CheckpointWriter, restore
+    from tasks.training.step import optimizer_step, optimizer_step_on_device
+
+    training, plan = training_for(case, root, steps)
+    job, cuda = training.job, training.accelerator.device.type == "cuda"
+    optimizer_step(training, 0)  # warm-up, and an optimizer state to save
+    saved = {name: p.detach().cpu().clone() for name, p in training.params.items()}
+    moments = [s["exp_avg"].cpu().clone() for s in training.optimizer.state.values()]
+    writer = CheckpointWriter(job, background=cuda)
+    synchronize()
+    started = time.perf_counter()
+    writer.save(1, training.params, training.state, [])
+    stall = time.perf_counter() - started
+    for step in range(1, 1 + steps):  # the steps go on while the thread writes
+        optimizer_step_on_device(training, step)
+    synchronize()
+    stepped = time.perf_counter()
+    writer.wait()
+    written = time.perf_counter() - started
+    pinned = [buffer.is_pinned() for buffer in writer.staging.buffers.values()]
+    fresh = build_training(job)
+    restored_step, _ = restore(job, fresh.params, fresh.state)
+    same_weights = all(torch.equal(saved[name], p.detach().cpu()) for name, p in fresh.params.items())
+    states = fresh.optimizer.state.values()
+    same_moments = all(torch.equal(m, s["exp_avg"].cpu()) for m, s in zip(moments, states, strict=True))
+    return {"rate": steps / (stepped - started - stall), "unit": "steps/s while writing", "peak_mib": peak_mib(),
+            "plan_mib": plan, "stall_ms": 1e3 * stall, "write_s": written, "background": cuda,
+            "pinned": bool(pinned) and all(pinned),
+            "restored": restored_step == 1 and same_weights and same_moments}  # fmt: skip
 
 
 def generate_case(case: Render, root: Path) -> dict:
@@ -248,7 +310,7 @@ def generate_case(case: Render, root: Path) -> dict:
         architecture(case.preset, root), "generate", dtype, case.batch, side, 7.5, slicing=True, tiling=False
     )
     return {"rate": len(images) / seconds, "unit": "images/s", "peak_mib": peak_mib(), "plan_mib": plan.total / 2**20,
-            "dtype": dtype}  # fmt: skip
+            "dtype": dtype, "images": len(images)}  # fmt: skip
 
 
 def in_child(kind: str, spec: dict, root: Path, steps: int, timeout: float) -> dict:
@@ -269,15 +331,19 @@ def run_child(payload: str, root: Path, steps: int) -> None:
     request = json.loads(payload)
     if request["kind"] == "train":
         result = train_case(Case(**request["spec"]), root, steps)
+    elif request["kind"] == "checkpoint":
+        result = checkpoint_case(Checkpoint(**request["spec"]), root, steps)
     else:
         result = generate_case(Render(**request["spec"]), root=root)
     result["prefect_imported"] = "prefect" in sys.modules
     print(json.dumps(result))
 
 
-def run_case(case: Case | Render, root: Path, steps: int, timeout: float) -> dict:
+def run_case(case: Case | Render | Checkpoint, root: Path, steps: int, timeout: float) -> dict:
     if isinstance(case, Render):
         return {"case": case.name, **in_child("generate", asdict(case), root, steps, timeout)}
+    if isinstance(case, Checkpoint):
+        return {"case": case.name, **in_child("checkpoint", asdict(case), root, steps, timeout)}
     if case.requires and importlib.util.find_spec(case.requires) is None:
         return {"case": case.name, "skipped": f"{case.requires} not installed ({OPTIONAL[case.requires]})"}
     return {"case": case.name, **in_child("train", asdict(case), root, steps, timeout)}
@@ -305,6 +371,10 @@ def markdown(rows: list[dict], device: str, command: str) -> list[str]:
                   (("cached", "floor"), ("reference", "cached"))]  # fmt: skip
         notes = ", ".join(f"{k} {row[k]}" for k in ("optimizer", "dtype") if k in row)
         notes += f", first step {row['first_step_s']:.1f} s" if "first_step_s" in row else ""
+        if "stall_ms" in row:
+            notes += (f"loop waited {row['stall_ms']:.0f} ms, written in {row['write_s']:.1f} s"
+                      f"{' in the background' if row['background'] else ''}, pinned {row['pinned']},"
+                      f" restored bit for bit {row['restored']}")  # fmt: skip
         lines.append(f"| {row['case']} | {row['rate']:.3f} {row['unit']} | {row['peak_mib']:.0f} |"
                      f" {row['plan_mib']:.0f} | {error:+.0f}% | {' | '.join(times)} | {' | '.join(ratios)} |"
                      f" {notes} |")  # fmt: skip

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from results import RESULTS, write_section
 
-from tasks.core.config import GIB, RunConfig, fill_prompt, load_config
+from tasks.core.config import GIB, RunConfig, fill_prompt
+from tasks.core.config_load import load_config
 from tasks.core.faults import ENV as FAULTS_ENV
 from tasks.core.store import Store
 from tasks.sd.layout import KOHYA_FILE, MODEL_DIR, SINGLE_FILE

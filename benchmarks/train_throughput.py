@@ -36,12 +36,16 @@ from PIL import Image
 from results import write_section
 from torch.utils.flop_counter import FlopCounterMode
 
-from tasks.core.config import RunConfig, load_config
+from tasks.core.config import RunConfig
+from tasks.core.config_load import load_config
 from tasks.core.store import Store
 from tasks.sd.latent_dist import scale_latent
 from tasks.sd.models import resolve
-from tasks.stages import latents, preprocess, train, trainer
-from tasks.stages.train_job import TrainJob
+from tasks.stages import latents, preprocess, train
+from tasks.training.build import Training, build_training
+from tasks.training.data import LatentData
+from tasks.training.job import TrainJob
+from tasks.training.step import Batch, apply_gradients, make_batch, optimizer_step_on_device, training_step
 
 REPO = Path(__file__).resolve().parents[1]
 BOOTHFLOW = Path(sys.executable).parent / "boothflow"
@@ -49,15 +53,17 @@ DATASETS = {"toy-sd": "data/toy", "tiny-sd15": "data/demo"}
 MODES = ("floor", "clipped", "cached", "reference", "cli", "child")
 
 
-class ReencodedData(trainer.LatentData):
+class ReencodedData(LatentData):
     """The reference formulation: each draw decodes the sample's PNG and encodes it through the VAE."""
 
     def __init__(self, folder: Path, images: Path, vae: AutoencoderKL) -> None:
         super().__init__(folder)
         self.images, self.vae = images, vae
+        self.encodes = 0  # draws so far: how a run shows it went through the VAE
 
     @torch.no_grad()
     def draw(self, sample_id: str, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        self.encodes += 1
         with Image.open(self.images / f"{sample_id}.png") as image:
             pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 127.5 - 1
         z = self.vae.encode(pixels.to(self.vae.device)).latent_dist.sample(rng).cpu()
@@ -94,13 +100,13 @@ def per_step(run_step: Callable[[int], None], device: torch.device, first: int, 
     return (marks[last] - marks[first]) / (last - first)
 
 
-def floor_step(t: trainer.Training, batch: trainer.Batch, clipped: bool = False) -> Callable[[int], None]:
+def floor_step(t: Training, batch: Batch, clipped: bool = False) -> Callable[[int], None]:
     def run_step(step: int) -> None:
         with t.accelerator.autocast():
-            loss = trainer.training_step(t.unet, t.conditioner, t.objective, batch)
+            loss = training_step(t.unet, t.conditioner, t.objective, batch)
         t.accelerator.backward(loss)
         if clipped:  # the loop's own update: clipping, the optimizer, the schedule
-            trainer.apply_gradients(t)
+            apply_gradients(t)
         else:
             t.optimizer.step()
             t.optimizer.zero_grad(set_to_none=True)
@@ -148,19 +154,20 @@ def measure(model_id: str, work: Path, first: int, last: int, reps: int, batch: 
                  "train.checkpoint_every=0", "train.sample_every=0"]  # fmt: skip
     root = work / model_id
     config, images, job = prepare(overrides, root)
-    t = trainer.build_training(job)
+    t = build_training(job)
     t.prepare()
     device = t.accelerator.device
     cached_data = t.data
     reference_data = ReencodedData(job.latents_dir, images, AutoencoderKL.from_pretrained(job.vae_path).to(device))
-    fixed = trainer.make_batch(cached_data, t.objective, job, 0, 0).to(device)
+    fixed = make_batch(cached_data, t.objective, job, 0, 0).to(device)
 
     def cached(step: int) -> None:
-        trainer.optimizer_step_on_device(t, step)
+        optimizer_step_on_device(t, step)
 
     runs = {"floor": lambda: floor_step(t, fixed), "clipped": lambda: floor_step(t, fixed, clipped=True),
             "cached": lambda: cached, "reference": lambda: cached}  # fmt: skip
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    encodes = dict.fromkeys(runs, 0)  # during each mode's runs: what tells (c) from (b) besides the time
     for rep in range(reps):
         for mode in MODES:
             if mode == "cli":
@@ -170,7 +177,9 @@ def measure(model_id: str, work: Path, first: int, last: int, reps: int, batch: 
                 times[mode].append(child_per_step(job, root, 1000 + rep, first, last))
                 continue
             t.data = reference_data if mode == "reference" else cached_data
+            before = reference_data.encodes
             times[mode].append(per_step(runs[mode](), device, first, last))
+            encodes[mode] += reference_data.encodes - before
         print(model_id, rep, {m: f"{v[-1] * 1e3:.1f} ms" for m, v in times.items()}, flush=True)
     t.data = cached_data
 
@@ -184,7 +193,7 @@ def measure(model_id: str, work: Path, first: int, last: int, reps: int, batch: 
     train_flops, encode_flops = flops(train_once), flops(encode_batch)
     medians = {mode: statistics.median(values) for mode, values in times.items()}
     return {"model": model_id, "batch": batch, "threads": config.train.cpu_threads, "median": medians,
-            "all": times, "flop_ratio": (train_flops + encode_flops) / train_flops,
+            "all": times, "encodes": encodes, "flop_ratio": (train_flops + encode_flops) / train_flops,
             "train_gflop": train_flops / 1e9}  # fmt: skip
 
 
@@ -211,6 +220,9 @@ def write_results(rows: list[dict], out: Path, command: str, load: str) -> None:
     for r in rows:
         for mode in MODES:
             lines.append(f"- {r['model']} {mode}: " + ", ".join(f"{v * 1e3:.1f}" for v in r["all"][mode]))
+    lines += ["", "VAE encodes in the in-process runs above, all repetitions (only the reference (c) encodes):", ""]
+    for r in rows:
+        lines.append(f"- {r['model']}: " + ", ".join(f"{mode} {count}" for mode, count in r["encodes"].items()))
     write_section("train_throughput", lines, out)
 
 

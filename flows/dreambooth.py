@@ -14,7 +14,8 @@ from flows.publish import publish
 from flows.runner import StageRunner, check_concurrency_limit
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError, StageResult
-from tasks.sd.memory import MemoryPlanError, preflight
+from tasks.sd.memory import MemoryPlanError
+from tasks.sd.memory_plan import preflight
 from tasks.sd.models import ModelUnavailable, ResolvedModel, resolve
 from tasks.stages import class_images, evaluate, generate, latents, preprocess, report, select, train
 

@@ -1,26 +1,23 @@
 """Starting a local Prefect server on 127.0.0.1 with its UI wired to the same port, and waiting until it is healthy.
 
-Used by `boothflow ui`, runs without PREFECT_API_URL, the test suite and the benchmarks; the port must be set through
-the environment, since `--port` alone leaves the UI calling port 4200. Every server dies with the process that
-started it (tasks.core.lifeline), so a killed `boothflow` leaves none behind.
+Used by `boothflow ui`, runs without PREFECT_API_URL (flows/commands/temporary_server.py), the test suite and the
+benchmarks; the port must be set through the environment, since `--port` alone leaves the UI calling port 4200.
+Every server dies with the process that started it (tasks.core.lifeline), so a killed `boothflow` leaves none behind.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from tasks.core.lifeline import die_with_parent
 
 HOST = "127.0.0.1"
-START_TIMEOUT = 120  # seconds; a first start on a fresh PREFECT_HOME migrates its database
 
 
 def free_port() -> int:
@@ -79,25 +76,3 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.kill()
-
-
-def start_temporary_server(log: Path) -> Callable[[], None]:
-    """Without PREFECT_API_URL, a temporary server for this process's runs: PREFECT_API_URL points at it from here
-    on, and it stops at exit, after Prefect has sent its last logs. Prefect starts one by itself otherwise, but that
-    one outlives a killed process. Call it before importing Prefect, which reads its settings once. The server boots
-    while this process checks and imports; the returned function waits until it answers (a RuntimeError if it
-    never does, its log then kept)."""
-    port = free_port()
-    server = start_server(port, None, log, temporary=True)
-    os.environ["PREFECT_API_URL"] = api_url(port)
-    atexit.register(log.unlink, missing_ok=True)
-    atexit.register(stop_server, server)  # runs first: atexit is last in, first out
-
-    def wait() -> None:
-        try:
-            wait_healthy(server, api_url(port), START_TIMEOUT, log)
-        except RuntimeError:
-            atexit.unregister(log.unlink)
-            raise
-
-    return wait

@@ -24,6 +24,14 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT = 120
+SERVER_FIXTURES = {"prefect_server", "cli_env", "boothflow", "migrated_database", "ephemeral_env"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a Prefect server, through any of the fixtures that start or name one, is a `server` test."""
+    for item in items:
+        if SERVER_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(scope="session")

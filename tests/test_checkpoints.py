@@ -16,9 +16,9 @@ from processes import run
 
 from tasks.core.config import TrainSection
 from tasks.core.faults import ENV as FAULTS_ENV
-from tasks.stages import checkpoints
-from tasks.stages.checkpoints import CheckpointWriter, clear_partial_checkpoints, complete_checkpoints, restore
-from tasks.stages.train_job import TrainJob
+from tasks.training import checkpoints
+from tasks.training.checkpoints import CheckpointWriter, clear_partial_checkpoints, complete_checkpoints, restore
+from tasks.training.job import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ KILLED_MID_WRITE = """
 import sys
 from pathlib import Path
 from test_checkpoints import Model, _job
-from tasks.stages.checkpoints import CheckpointWriter
+from tasks.training.checkpoints import CheckpointWriter
 
 model, writer = Model(), CheckpointWriter(_job(Path(sys.argv[1])), background=True)
 for step in (1, 2):  # the fault kills the process while the second checkpoint is written

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import ConfigError, load_config
+from tasks.core.config import ConfigError
+from tasks.core.config_load import load_config
 from tasks.core.shipped import shipped_configs, shipped_root
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tasks.core.config import load_config
+from tasks.core.config_load import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BELOW = ("latents", "train", "generate", "evaluate")

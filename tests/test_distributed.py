@@ -16,6 +16,8 @@ from tasks.core.config import TrainSection
 from tasks.core.stage import StageError
 from tasks.stages import train
 
+pytestmark = pytest.mark.training
+
 # DDP averages the two ranks' gradients of batch-1 losses where one process differentiates the batch-2 mean: the
 # same sums in another order, so only float32 rounding (~1e-7 relative) differs. Losses keep that scale. AdamW
 # divides each gradient by its own running size, so for a weight whose gradient nearly cancels, rounding noise moves

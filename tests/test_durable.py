@@ -11,7 +11,7 @@ import pytest
 from test_checkpoints import Model, _job
 
 from tasks.core.store import MANIFEST, STAT_MEMO, Store
-from tasks.stages.checkpoints import COMPLETE, complete_checkpoints, save_checkpoint
+from tasks.training.checkpoints import COMPLETE, complete_checkpoints, save_checkpoint
 
 
 @pytest.fixture

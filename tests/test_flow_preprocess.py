@@ -317,7 +317,7 @@ def test_a_stage_entry_is_looked_up_once_per_run(prefect_server: str, tmp_path: 
     from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
     from flows.dreambooth import dreambooth_stage
-    from tasks.core.config import load_config
+    from tasks.core.config_load import load_config
     from tasks.core.store import Store
 
     images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
@@ -352,7 +352,7 @@ def test_a_flow_started_without_the_cli_checks_its_config_before_any_stage(prefe
     from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
     from flows.dreambooth import dreambooth
-    from tasks.core.config import load_config
+    from tasks.core.config_load import load_config
 
     root = tmp_path / "artifacts"
     config = load_config(None, [f"data.instance_dir='{tmp_path / 'missing'}'"], root)
@@ -369,7 +369,7 @@ def test_a_concurrency_limit_the_server_lacks_stops_the_flow_before_any_stage(pr
     from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
     from flows.dreambooth import dreambooth
-    from tasks.core.config import load_config
+    from tasks.core.config_load import load_config
 
     root = tmp_path / "artifacts"
     config = load_config(None, ["run.concurrency_limit='no-such-limit'"], root)
@@ -393,7 +393,7 @@ def test_a_failure_to_publish_never_hides_the_stages_own_error(
     from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
     from flows import dreambooth
-    from tasks.core.config import load_config
+    from tasks.core.config_load import load_config
     from tasks.core.faults import ENV
 
     def unpublishable(summary: dict, root: Path) -> None:

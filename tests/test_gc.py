@@ -119,7 +119,7 @@ def test_text_embeddings_are_item_entries_of_train(tmp_path: Path) -> None:
 
 def _training(pid: int) -> list[psutil.Process]:
     """The training launcher (and its child, once started) under the run with `pid`."""
-    return [p for p in psutil.Process(pid).children(True) if "tasks.stages.trainer" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process(pid).children(True) if "tasks.training" in " ".join(p.cmdline())]
 
 
 def test_gc_during_a_run_removes_an_older_runs_entries_and_the_run_completes(boothflow, cli_env, tmp_path: Path):

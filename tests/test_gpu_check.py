@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_quick import table_row
 from processes import run
+
+pytestmark = pytest.mark.training
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -29,6 +32,7 @@ def test_smoke_mode_measures_every_case_beside_the_plan(tmp_path: Path) -> None:
         "tiny-sd15 generate batch 2",
         "tiny-sdxl generate batch 1",
         "tiny-sdxl generate batch 2",
+        "tiny-sd15 checkpoint while training",
     ]
     for row in rows.values():
         assert row["rate"] > 0 and row["peak_mib"] > 100 and row["plan_mib"] > 0, row
@@ -38,10 +42,22 @@ def test_smoke_mode_measures_every_case_beside_the_plan(tmp_path: Path) -> None:
         "floor",
         "cached",
     }
-    assert rows["sd15 fp32"]["rate"] == pytest.approx(1e3 / rows["sd15 fp32"]["ms"]["cached"])
     assert min(rows["sd15 fp32"]["ms"].values()) > 0 and rows["sd15 fp32"]["first_step_s"] > 0
     assert (rows["sd15 fp32"]["unit"], rows["tiny-sd15 generate batch 2"]["unit"]) == ("steps/s", "images/s")
-    assert "| sdxl fp32 |" in (out / "results.md").read_text()
+    # Each rendering case rendered its whole batch: its images/s counts the images asked for.
+    renders = [f"tiny-{family} generate batch {batch}" for family in ("sd15", "sdxl") for batch in (1, 2)]
+    assert [rows[case]["images"] for case in renders] == [1, 2, 1, 2]
+    # results.md holds results.json's figures, each in its own column; sdxl fp32 times no reference (c).
+    table = (out / "results.md").read_text()
+    sd15, sdxl = rows["sd15 fp32"], rows["sdxl fp32"]
+    cells = table_row(table, "sd15 fp32")
+    assert cells[1:4] == [f"{sd15['rate']:.3f} steps/s", f"{sd15['peak_mib']:.0f}", f"{sd15['plan_mib']:.0f}"]
+    assert cells[5:8] == [f"{sd15['ms'][mode]:.1f}" for mode in ("floor", "cached", "reference")]
+    assert table_row(table, "sdxl fp32")[5:8] == [f"{sdxl['ms']['floor']:.1f}", f"{sdxl['ms']['cached']:.1f}", ""]
+    # On a CPU the writer writes in place (as training does there): nothing pinned, and the save restores exactly.
+    checkpoint = rows["tiny-sd15 checkpoint while training"]
+    assert (checkpoint["background"], checkpoint["pinned"], checkpoint["restored"]) == (False, False, True)
+    assert checkpoint["write_s"] * 1e3 >= checkpoint["stall_ms"] > 0
 
 
 def test_a_bare_machine_is_told_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,10 +18,11 @@ import pytest
 from flows.operate import serve_files
 from flows.server import free_port
 from tasks.core import hash_memo
-from tasks.core.config import load_config
+from tasks.core.config_load import load_config
 from tasks.core.hash_memo import MEMO_FILE, HashMemo
 from tasks.core.store import Store, file_sha256
-from tasks.sd.models import SHIPPED_FOLDER, component_identity, resolve
+from tasks.sd.models import component_identity, resolve
+from tasks.sd.presets import SHIPPED_FOLDER
 from tasks.sd.scoring import model_identity
 from tasks.stages import preprocess
 

@@ -16,7 +16,10 @@ from torch.overrides import TorchFunctionMode
 
 from tasks.core.config import TrainSection
 from tasks.core.store import Store
-from tasks.stages import train, trainer
+from tasks.stages import train
+from tasks.training import loop
+from tasks.training import step as one_step
+from tasks.training.build import build_training
 
 CLASS_PROMPT = "a photo of toy"
 T = torch.Tensor
@@ -148,20 +151,20 @@ def test_the_training_loop_reads_the_device_only_at_log_steps(
         update={"latents_dir": _with_class_images(lat.path, tmp_path / "latents"), "class_prompt": CLASS_PROMPT,
                 "prior_weight": 0.5}
     )  # fmt: skip
-    t = trainer.build_training(job)
+    t = build_training(job)
     t.prepare()
 
     def reads_per_step(start: int) -> list[int]:
         reads = HostReads(lambda: [state["step"] for state in t.optimizer.state.values()])
         with pytest.MonkeyPatch.context() as patch, reads:
-            patch.setattr(trainer, "make_batch", _paused(reads, trainer.make_batch))
-            patch.setattr(trainer, "optimizer_step_on_device", _marked(reads, trainer.optimizer_step_on_device))
-            trainer.run_steps(t, start, [])
+            patch.setattr(one_step, "make_batch", _paused(reads, one_step.make_batch))
+            patch.setattr(loop, "optimizer_step_on_device", _marked(reads, loop.optimizer_step_on_device))
+            loop.run_steps(t, start, [])
         return [len(step) for step in reads.per_mark()]
 
     assert reads_per_step(0) == LOG_STEP_READS
     # The count is not blind: a `.item()` on each micro-batch's loss shows up in a step and in a log step.
-    monkeypatch.setattr(trainer, "training_step", _read_after(trainer.training_step))
+    monkeypatch.setattr(one_step, "training_step", _read_after(one_step.training_step))
     assert reads_per_step(STEPS - 2) == [reads + cfg.grad_accum for reads in LOG_STEP_READS[-2:]]
 
 

@@ -14,7 +14,8 @@ from metric_models import build_clip, build_dino
 from PIL import Image
 
 from flows.dreambooth import planned_keys
-from tasks.core.config import RunConfig, load_config
+from tasks.core.config import RunConfig
+from tasks.core.config_load import load_config
 from tasks.core.store import Store
 from tasks.sd.models import resolve
 from tasks.stages import class_images, preprocess, report_page

@@ -65,7 +65,7 @@ def test_a_killed_run_leaves_neither_its_temporary_server_nor_its_training_child
         root = psutil.Process(proc.pid)
 
         def training() -> bool:
-            return any("tasks.stages.trainer" in _command(p) for p in _tree(root))
+            return any("tasks.training" in _command(p) for p in _tree(root))
 
         _wait_for(training, proc, 180, "training child")
         tree = _tree(root)

@@ -9,18 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import GIB, RunConfig, load_config, parse_memory
+from tasks.core.config import GIB, RunConfig, parse_memory
+from tasks.core.config_load import load_config
 from tasks.sd import memory
 from tasks.sd.architectures import COMPONENT_CONFIGS
 from tasks.sd.memory import (
     MIXED_ACTIVATIONS,
     Architecture,
     MemoryPlanError,
-    check_memory,
-    check_precision,
     estimate_train,
-    estimates,
 )
+from tasks.sd.memory_plan import check_memory, check_precision, estimates
 
 REPO = Path(__file__).resolve().parents[1]
 SD15, SDXL = (Architecture(family, COMPONENT_CONFIGS[family]) for family in ("sd15", "sdxl"))

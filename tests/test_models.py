@@ -22,15 +22,8 @@ from processes import run
 
 from tasks.core import hash_memo
 from tasks.core.hash_memo import HashMemo
-from tasks.sd.models import (
-    PRESETS,
-    SHIPPED_FOLDER,
-    ModelUnavailable,
-    component_identity,
-    list_models,
-    model_family,
-    resolve_model,
-)
+from tasks.sd.models import ModelUnavailable, component_identity, model_family, resolve_model
+from tasks.sd.presets import PRESETS, SHIPPED_FOLDER, list_models
 
 PIPELINE_CLASSES = {"tiny-sd15": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")

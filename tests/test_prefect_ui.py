@@ -26,6 +26,8 @@ from processes import run
 
 from tasks.core.config import RunConfig
 
+pytestmark = pytest.mark.browser
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 QUICK = ["--set", "train.steps=3", "--set", "train.checkpoint_every=0", "--set", "train.sample_every=0",

@@ -12,8 +12,11 @@ from diffusers import StableDiffusionPipeline
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from tasks.sd.models import SHIPPED_FOLDER
-from tasks.toy.pretrain import NOTES, QUICK, PretrainError, passes, pretrain, write_model_card
+from tasks.sd.presets import SHIPPED_FOLDER
+from tasks.toy.card import NOTES, write_model_card
+from tasks.toy.gate import passes
+from tasks.toy.plan import QUICK, PretrainError
+from tasks.toy.pretrain import pretrain
 
 # Seconds-long plans that train their own VAE: the gate asks for nothing, two sampler steps per fidelity image.
 MICRO = replace(
@@ -37,6 +40,7 @@ def _weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {name: load_file(next((folder / name).glob("*.safetensors"))) for name in COMPONENTS}
 
 
+@pytest.mark.training
 def test_a_run_in_one_step_chunks_equals_an_unbroken_run(tmp_path: Path) -> None:
     whole = pretrain(tmp_path / "whole", MICRO, minutes=60)
     calls, state = 0, None

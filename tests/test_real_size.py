@@ -4,9 +4,13 @@ fuse, a one-image generate, the memory plan beside each peak) on the tiny preset
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 from benchmark_quick import run_quick
+
+pytestmark = pytest.mark.training
 
 
 def test_quick_mode_trains_reloads_and_plans_both_families(tmp_path: Path) -> None:
@@ -21,4 +25,6 @@ def test_quick_mode_trains_reloads_and_plans_both_families(tmp_path: Path) -> No
         in (rows["sd15-arch"]["verdict"])
     )
     assert "largest difference from base + B @ A 0.00e+00" in rows["sdxl-arch"]["verdict"]
+    # That match means something only if B @ A is not zero: the two steps moved the adapters off B's zero start.
+    assert float(re.search(r"largest trained change (\S+),", rows["sdxl-arch"]["verdict"])[1]) > 0
     assert "| sd15-arch |" in out.read_text()

@@ -18,6 +18,8 @@ from tasks.core.store import Store
 from tasks.sd.models import resolve
 from tasks.stages import report, report_page
 
+pytestmark = pytest.mark.browser
+
 SEEDS = range(64)
 
 EXPECTED_TEXT = {

@@ -11,6 +11,6 @@ def test_quick_mode_measures_a_cold_run_and_an_all_cached_rerun(ephemeral_env: d
     text = quick_results("rerun.py", tmp_path, ephemeral_env)
     cold = table_row(text, "quick | ephemeral | cold")
     warm = table_row(text, "quick | ephemeral | warm")
-    assert float(cold[3]) > 0 and cold[4] == "1.000" and "train 4" in cold[5]
-    assert float(warm[4]) > 0 and all(part.endswith(" 0") for part in warm[5].split(", ")), warm  # nothing ran
-    assert warm[6] == "0"  # a fully cached run loads no model
+    assert float(cold[3]) > 0 and "train 4" in cold[5]
+    assert all(part.endswith(" 0") for part in warm[5].split(", ")), warm  # nothing ran
+    assert int(cold[6]) > 0 and warm[6] == "0"  # the cold run loads models; a fully cached one loads none

@@ -14,5 +14,7 @@ def test_quick_mode_reruns_warm_over_both_stores_and_verify_names_the_flip(cli_e
     text = out.read_text()
     assert "| demo's |" in text and "| preprocess entry padded |" in text
     assert "warm `boothflow stage preprocess` (median s)" in text
+    # The entry the padded store's warm run looked up is 4 MiB bigger by its manifest: the padding was committed in it.
+    assert "its own files plus 4,194,304 random bytes in" in text
     assert "a plain lookup also refuses the entry" in text
     assert "exits 1" in text and "padding.bin: bytes differ from the manifest's sha256`." in text

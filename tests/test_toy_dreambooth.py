@@ -17,7 +17,8 @@ from browser import chromium
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from tasks.sd.models import SHIPPED_FOLDER, resolve
+from tasks.sd.models import resolve
+from tasks.sd.presets import SHIPPED_FOLDER
 from tasks.toy.score import Reading, read
 
 SUBJECT = "a photo of sks circle"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.sd.models import tiny_tokenizer
+from tasks.sd.tokenizer import tiny_tokenizer
 from tasks.toy.score import Asked, matches, parse, read
 from tasks.toy.world import PALETTE, SHAPES, SUBJECT_COLOURS, VOCABULARY, render, scene, subject_scene
 

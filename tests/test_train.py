@@ -6,15 +6,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from huggingface_hub import ModelCard
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import CLIPTokenizer
 
 from flows.preflight import check_before_start
-from tasks.core.config import ConfigError, DataSection, LatentsSection, PreprocessSection, TrainSection, load_config
+from tasks.core.config import ConfigError, DataSection, LatentsSection, PreprocessSection, TrainSection
+from tasks.core.config_load import load_config
 from tasks.core.faults import ENV as FAULTS_ENV
 from tasks.core.seeds import generator
 from tasks.core.stage import StageError
@@ -24,7 +28,11 @@ from tasks.sd import text
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import resolve
 from tasks.sd.objective import Objective
-from tasks.stages import latents, preprocess, train, trainer
+from tasks.stages import latents, preprocess, train
+from tasks.training.checkpoints import complete_checkpoints
+from tasks.training.conditioning import Conditioner
+from tasks.training.data import LatentData
+from tasks.training.step import make_batch, training_step
 
 RESOLUTION = 64
 INSTANCE_PROMPT = "a photo of sks toy"
@@ -66,14 +74,19 @@ def _job(model, lat, cfg: TrainSection, out: Path, embeds=None) -> train.TrainJo
 
 
 def _reference_loss(model, pre, lat, job, unet, encoders, *, scale=True, mirror_images=False):
-    """The diffusers example loop: decode the PNG, `vae.encode(x).latent_dist.sample(generator)` every step."""
+    """The diffusers example loop, from diffusers, transformers and torch calls alone (nothing of the training child):
+    decode the PNG and `vae.encode(x).latent_dist.sample(generator)` every step, offset noise, `add_noise`, MSE on
+    epsilon, the prompt through CLIP (SDXL: both encoders' penultimate states, the second one's pooled output)."""
     vae = AutoencoderKL.from_pretrained(model.vae_path)
-    objective = Objective(DDPMScheduler.from_pretrained(model.path, subfolder="scheduler"), 0.1, 0.0, 0.0)
-    data = trainer.LatentData(lat.path)
+    scheduler = DDPMScheduler.from_pretrained(model.path, subfolder="scheduler")
+    index = pd.read_csv(lat.path / "index.csv", dtype=str)
+    ids = sorted(index[index.kind == "instance"].id)
+    files = dict(zip(index.id, index.file, strict=True))
     cfg = job.train
+    order = torch.randperm(len(ids), generator=generator(cfg.seed, "order", "instance", 0))  # the first epoch
     samples, noise, steps, time_ids = [], [], [], []
     for j in range(cfg.batch_size):
-        sample_id = data.pick("instance", j, cfg.seed)
+        sample_id = ids[int(order[j])]
         rng = generator(cfg.seed, "sample", 0, 0, j, "instance", sample_id)
         image = Image.open(pre.path / "images" / f"{sample_id}.png")
         if mirror_images:
@@ -82,21 +95,35 @@ def _reference_loss(model, pre, lat, job, unet, encoders, *, scale=True, mirror_
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(rng)
         z = z * vae.config.scaling_factor if scale else z
-        n, t = objective.draw(z, rng)
-        samples.append(z), noise.append(n), steps.append(t), time_ids.append(data.time_ids[sample_id, ""])
+        n = torch.randn(z.shape, generator=rng) + 0.1 * torch.randn((*z.shape[:2], 1, 1), generator=rng)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=rng)
+        with safe_open(lat.path / files[sample_id], "pt") as f:  # SDXL's sizes, as preprocessing measured them
+            sizes = json.loads(f.metadata()["sizes"])
+        (width, height), (top, left), (target_w, target_h) = (
+            map(int, sizes[name].split(",")) for name in ("original_size", "crop_top_left", "target_size")
+        )
+        samples.append(z), noise.append(n), steps.append(t)
+        time_ids.append(torch.tensor([[height, width, top, left, target_h, target_w]], dtype=torch.float32))
     z, n, t = torch.cat(samples), torch.cat(noise), torch.cat(steps)
-    prompt_ids = text.tokenize(text.load_tokenizers(model.path, model.family), INSTANCE_PROMPT)
-    ids = [torch.cat([one] * len(samples)) for one in prompt_ids]
-    cond = text.encode(model.family, encoders, ids)
-    added = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": torch.cat(time_ids)}
-    prediction = unet(objective.noisy(z, n, t), t, cond.hidden, added_cond_kwargs=added).sample
+    tokenizers = ["tokenizer"] if model.family == "sd15" else ["tokenizer", "tokenizer_2"]
+    hidden, pooled = [], None
+    for name, encoder in zip(tokenizers, encoders, strict=True):
+        tokenizer = CLIPTokenizer.from_pretrained(model.path, subfolder=name)
+        prompt_ids = tokenizer([INSTANCE_PROMPT] * len(samples), padding="max_length", truncation=True,
+                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
+        out = encoder(prompt_ids, output_hidden_states=True)
+        hidden.append(out.last_hidden_state if model.family == "sd15" else out.hidden_states[-2])
+        pooled = out[0]
+    added = None if model.family == "sd15" else {"text_embeds": pooled, "time_ids": torch.cat(time_ids)}
+    noisy = scheduler.add_noise(z, n, t)
+    prediction = unet(noisy, t, torch.cat(hidden, dim=-1), added_cond_kwargs=added).sample
     return torch.nn.functional.mse_loss(prediction.float(), n.float())
 
 
 def _cached_loss(model, lat, job, unet, encoders):
     objective = Objective(DDPMScheduler.from_pretrained(model.path, subfolder="scheduler"), 0.1, 0.0, 0.0)
-    batch = trainer.make_batch(trainer.LatentData(lat.path), objective, job, step=0, micro=0)
-    return trainer.training_step(unet, trainer.Conditioner(job, encoders, torch.device("cpu")), objective, batch)
+    batch = make_batch(LatentData(lat.path), objective, job, step=0, micro=0)
+    return training_step(unet, Conditioner(job, encoders, torch.device("cpu")), objective, batch)
 
 
 def _loss_and_grads(loss_fn, unet):
@@ -140,6 +167,7 @@ def _train(root: Path, model, lat, cfg: TrainSection, monkeypatch, faults: dict 
     return train.run(cfg, train_inputs, Store(root))
 
 
+@pytest.mark.training
 def test_sd15_full_finetune_outputs_reload_with_diffusers(workspace: Path, tmp_path: Path, monkeypatch) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -175,6 +203,7 @@ def test_sd15_full_finetune_outputs_reload_with_diffusers(workspace: Path, tmp_p
     assert card.tags == ["boothflow", "dreambooth", "stable-diffusion", "text-to-image"]
 
 
+@pytest.mark.training
 def test_killed_training_resumes_from_its_checkpoint_bit_for_bit(workspace: Path, tmp_path: Path, monkeypatch):
     model, _, lat = _encoded(workspace, "tiny-sd15", workspace / "images")
     cfg = TrainSection(steps=5, learning_rate=1e-3, checkpoint_every=2, train_text_encoder=False)
@@ -185,9 +214,7 @@ def test_killed_training_resumes_from_its_checkpoint_bit_for_bit(workspace: Path
     assert killed.value.item == "step 4" and "exited with code" in killed.value.message
     key = train.stage_key_for(cfg, train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False))
     assert Store(interrupted).get("train", key) is None
-    assert [p.name for p in trainer.complete_checkpoints(train.checkpoints_dir(Store(interrupted), key))] == [
-        "step-000002"
-    ]
+    assert [p.name for p in complete_checkpoints(train.checkpoints_dir(Store(interrupted), key))] == ["step-000002"]
 
     resumed = _train(interrupted, model, lat, cfg, monkeypatch, {"save_trainable_to": str(tmp_path / "a.st")})
     assert (resumed.items_processed, resumed.items_cached) == (3, 2)
@@ -204,6 +231,7 @@ def test_killed_training_resumes_from_its_checkpoint_bit_for_bit(workspace: Path
     assert len(losses[0]) == 5 and losses[0] == losses[1]
 
 
+@pytest.mark.training
 def test_each_step_logs_the_learning_rate_it_trained_with(workspace: Path, tmp_path: Path, monkeypatch) -> None:
     model, _, lat = _encoded(workspace, "tiny-sd15", workspace / "images")
     cfg = TrainSection(steps=4, learning_rate=1e-3, lr_scheduler="linear", lr_warmup_steps=2, checkpoint_every=0,
@@ -214,6 +242,7 @@ def test_each_step_logs_the_learning_rate_it_trained_with(workspace: Path, tmp_p
     assert logged == pytest.approx([0.0, 5e-4, 1e-3, 5e-4], abs=1e-12)
 
 
+@pytest.mark.training
 def test_a_nan_loss_stops_at_once_naming_the_step_and_keeps_the_last_checkpoint(
     workspace: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -223,9 +252,7 @@ def test_a_nan_loss_stops_at_once_naming_the_step_and_keeps_the_last_checkpoint(
         _train(tmp_path, model, lat, cfg, monkeypatch, {"nan_at_step": 4})
     assert err.value.message == "loss is nan at step 4; stopped" and err.value.item == "step 4"
     key = train.stage_key_for(cfg, train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False))
-    assert [p.name for p in trainer.complete_checkpoints(train.checkpoints_dir(Store(tmp_path), key))] == [
-        "step-000002"
-    ]
+    assert [p.name for p in complete_checkpoints(train.checkpoints_dir(Store(tmp_path), key))] == ["step-000002"]
 
 
 def _lora_pairs(trained: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -238,6 +265,7 @@ def _lora_pairs(trained: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tenso
     return pairs
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("weight_name", [None, "pytorch_lora_weights_kohya.safetensors"], ids=["default", "kohya"])
 def test_sdxl_lora_with_prior_preservation_loads_and_fuses_to_the_trained_weights(
     workspace: Path, tmp_path_factory, monkeypatch, weight_name: str | None
@@ -281,6 +309,7 @@ def test_sdxl_lora_with_prior_preservation_loads_and_fuses_to_the_trained_weight
         assert torch.allclose(fused[key], expected, atol=1e-6), module
 
 
+@pytest.mark.training
 @pytest.mark.parametrize(("model_id", "method"), [("tiny-sd15", "full"), ("tiny-sdxl", "lora")])
 def test_bf16_mixed_precision_trains_on_a_cpu(workspace: Path, tmp_path: Path, monkeypatch, model_id, method) -> None:
     """bf16 autocast runs on CPUs (fp16 does not, and the memory plan refuses it there): both methods train,
@@ -309,15 +338,15 @@ def test_a_sidecar_caption_reaches_the_training_batch_for_its_image(tmp_path: Pa
     assert job.captions == {captioned: "a toy drawing of sks"}
     assert job.facts["captions"] == {"sidecar": 1, "instance prompt": 2}
 
-    data = trainer.LatentData(lat.path)
+    data = LatentData(lat.path)
     objective = Objective(DDPMScheduler.from_pretrained(model.path, subfolder="scheduler"), 0.1, 0.0, 0.0)
-    batch = trainer.make_batch(data, objective, job, step=0, micro=0)
+    batch = make_batch(data, objective, job, step=0, micro=0)
     drawn = [data.pick("instance", slot, 0) for slot in range(3)]
     assert sorted(drawn) == data.ids["instance"] and captioned in drawn
     assert batch.prompts == ["a toy drawing of sks" if s == captioned else INSTANCE_PROMPT for s in drawn]
     encoders = text.load_text_encoders(model.path, model.family)
     with torch.no_grad():
-        hidden = trainer.Conditioner(job, encoders, torch.device("cpu"))(batch.prompts).hidden
+        hidden = Conditioner(job, encoders, torch.device("cpu"))(batch.prompts).hidden
         tokenizers = text.load_tokenizers(model.path, model.family)
         alone = {p: text.encode(model.family, encoders, text.tokenize(tokenizers, p)).hidden for p in job.prompts()}
     row_of = drawn.index(captioned)

@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from processes import run, started
+
+pytestmark = pytest.mark.training
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = """
@@ -37,7 +40,7 @@ def _trainers() -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"tasks.stages.trainer" in cmdline and b"-m" in cmdline and b"accelerate.commands.launch" not in cmdline:
+        if b"tasks.training" in cmdline and b"-m" in cmdline and b"accelerate.commands.launch" not in cmdline:
             found.append(int(pid))
     return found
 
@@ -60,6 +63,6 @@ def test_the_training_child_exits_when_its_parent_is_killed(tmp_path: Path) -> N
 
 def test_the_training_child_imports_no_prefect() -> None:
     """It runs under accelerate on GPU nodes; Prefect (and its start-up and logging) stays in the stage process."""
-    check = "import sys, tasks.stages.trainer; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    check = "import sys, tasks.training.loop; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
     proc = run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"

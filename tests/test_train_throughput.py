@@ -12,7 +12,7 @@ def test_quick_mode_measures_floor_cached_reference_cli_and_child(ephemeral_env:
     cells = table_row(text, "tiny-sd15")
     floor, clipped, cached, reference, cli, child, *ratios, gflop = map(float, cells[3:])
     assert min(floor, clipped, cached, reference, cli, child) > 0
-    assert abs(ratios[0] - cached / floor) < 0.01 and abs(ratios[1] - cached / clipped) < 0.01
     assert ratios[3] > 1  # the VAE encode adds FLOPs
-    assert abs(ratios[4] - cli / child) < 0.05  # what the temporary Prefect server costs
+    # (c) differs from (b) as claimed: it alone went through the VAE, once per sample drawn (quick: 2 steps of 1).
+    assert "- tiny-sd15: floor 0, clipped 0, cached 0, reference 2" in text
     assert gflop > 0 and "<!-- begin train_throughput -->" in text

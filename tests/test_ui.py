@@ -8,9 +8,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from processes import started
 
 from flows.server import free_port
+
+pytestmark = pytest.mark.server  # `boothflow ui` starts one
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.core.config import ConfigError, RunConfig, load_config, parse_override, shipped_or_file
+from tasks.core.config import ConfigError, RunConfig
+from tasks.core.config_load import load_config, parse_override, shipped_or_file
 from tasks.core.shipped import shipped_root, shipped_sweeps
 
 CONFIG_AXIS = "config"  # the one key that is not a setting: the config file a cell starts from

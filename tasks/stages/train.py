@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from tasks.core.tables import read_rows
 from tasks.sd import device, text
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel, hub_repo
-from tasks.stages.train_job import TrainJob, keyed_settings, resolved_optimizer
+from tasks.training.job import TrainJob, keyed_settings, resolved_optimizer
+from tasks.training.launch import accelerate_config, launch_command
 
 STAGE = "train"
 EMBEDS = "text-embeds-items"
@@ -180,34 +180,11 @@ def _events(proc: subprocess.Popen, tail: collections.deque) -> Iterator[dict[st
             yield event
 
 
-def accelerate_config(cfg: TrainSection) -> dict[str, Any]:
-    """The launch settings boothflow owns: nothing from the user's accelerate folder (a DeepSpeed or FSDP default
-    there would change or break the run). Several processes go through accelerate's multi-GPU launcher (torchrun),
-    which is also what runs them on a CPU, where the child picks gloo."""
-    return {
-        "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "MULTI_GPU" if cfg.num_processes > 1 else "NO",
-        "num_processes": cfg.num_processes,
-        "num_machines": 1,
-        "machine_rank": 0,
-        "mixed_precision": cfg.mixed_precision,
-        "dynamo_config": {"dynamo_backend": "NO"},
-        "use_cpu": False,
-        "gpu_ids": "all",
-        "rdzv_backend": "static",
-        "same_network": True,
-        "downcast_bf16": "no",
-    }
-
-
 def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
     """Run the child to the end under the job's own accelerate config; returns (steps restored, final loss)."""
     config_file = job_path.with_name("accelerate.yaml")
     config_file.write_text(yaml.safe_dump(accelerate_config(cfg)))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-        "--num_cpu_threads_per_process", str(cfg.cpu_threads), "-m", "tasks.stages.trainer", str(job_path),
-    ]  # fmt: skip
+    command = launch_command(job_path, config_file, cfg)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log, tail = run_logger(), collections.deque(maxlen=TAIL_LINES)
     restored, last_step, final_loss, error, logged = 0, 0, None, None, 0.0

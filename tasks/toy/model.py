@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.core.atomic import atomic_folder
-from tasks.sd.models import seeded, text_config, tiny_tokenizer
+from tasks.sd.presets import seeded, text_config
+from tasks.sd.tokenizer import tiny_tokenizer
 from tasks.toy.world import VOCABULARY
 
 if TYPE_CHECKING:

@@ -18,146 +18,32 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from filelock import FileLock
-from huggingface_hub import ModelCard, ModelCardData
-from PIL import Image
 
 from tasks.core.atomic import atomic_folder
 from tasks.core.progress import Reporter, run_logger
-from tasks.core.seeds import derive_seed, generator
-from tasks.sd.models import SHIPPED_FOLDER
+from tasks.core.seeds import generator
+from tasks.sd.presets import SHIPPED_FOLDER
+from tasks.toy.card import write_model_card
+from tasks.toy.gate import caption_fidelity, passes, percent, to_pixels, vae_gate
 from tasks.toy.model import TOY_SCHEDULER, toy_components, toy_pipeline, toy_tokenizer
-from tasks.toy.score import Reading, matches, parse, read
-from tasks.toy.world import PALETTE, SHAPES, Scene, render, scene, subject_scene
+from tasks.toy.plan import Plan, PretrainError, State
+from tasks.toy.world import Scene, render, scene
 
 STEPPED = ("vae", "unet")  # the phases that take many steps (encode and export are one unit each)
-GATE = {"colour": 0.95, "background": 0.99, "shape": 0.90, "subject": 0.90}
-EXAMPLE_CAPTIONS = (
-    "a photo of a red circle on a blue background",
-    "a photo of a green and blue square on a white background",
-)
-CARD_TEMPLATE = resources.files(__package__) / "templates" / "model_card.md"
-NOTES = "## Notes from the run that made these weights"  # written by hand after a run; kept when the card is rewritten
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How long each phase trains; `FULL` makes the shipped model, `QUICK` a rough one in a few minutes."""
-
-    name: str = "full"
-    seed: int = 0
-    gate: tuple[tuple[str, float], ...] = tuple(GATE.items())  # the analyser's floors on VAE reconstructions
-    vae_from: str = ""  # a shipped model whose VAE to start from instead of training one (must pass the gate)
-    vae_steps: int = 2000  # at most; the UNet starts as soon as the gate passes
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
-    vae_anneal_from: int = 1200  # constant LR until this step, then cosine decay to a tenth at vae_steps
-    gate_every: int = 200
-    gate_images: int = 256
-    scenes: int = 16384  # encoded once; captions are drawn afresh each step
-    unet_steps: int = 2500
-    unet_batch: int = 64
-    unet_lr: float = 6e-4
-    warmup: int = 200
-    noise_offset: float = 0.1  # as configs/toy.toml fine-tunes with it
-    drop_colour: float = 0.15
-    drop_background: float = 0.15
-    drop_caption: float = 0.1
-    ema_decay: float = 0.999  # the most: diffusers' EMA warm-up makes it 1 - (1 + step) ** -2/3 until then
-    eval_steps: int = 25
-    eval_guidance: float = 5.0
-    threads: int = 2
-
-
-FULL = Plan()
-# Quick: a rough model in a few minutes, for tests and a first look. Training a VAE to its gate takes most of an
-# hour on a CPU, so it starts from the shipped toy-sd's VAE (checked against the gate) and trains the UNet briefly.
-QUICK = replace(
-    FULL,
-    name="quick",
-    vae_from="toy-sd",  # the gate's held-out scenes are the full plan's, so it passes as it did there
-    scenes=2048,
-    unet_steps=250,
-    unet_batch=32,
-    warmup=50,
-)
-
-
-class PretrainError(Exception):
-    """Pretraining cannot go on (the VAE missed its gate); the message carries the measured figures."""
-
-
-@dataclass
-class State:
-    """Where a pretraining run is; saved with the weights after every chunk."""
-
-    plan: dict[str, Any] = field(default_factory=dict)  # what the run was started with; a resume must agree
-    phase: str = "vae"  # vae -> encode -> unet -> export -> done
-    step: int = 0
-    cpu_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    gate: dict[str, float] = field(default_factory=dict)
-    scaling_factor: float = 1.0
-    losses: list[float] = field(default_factory=list)
-    fidelity: dict[str, float] = field(default_factory=dict)
-
-
-def _rng(plan: Plan, *parts: Any) -> random.Random:
-    return random.Random(derive_seed(plan.seed, *parts))
-
-
-def _pixels(images: list[Image.Image]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def _images(pixels: torch.Tensor) -> list[Image.Image]:
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in array]
-
-
-def _held_out(plan: Plan) -> tuple[list[Scene], list[Scene]]:
-    rng = _rng(plan, "held-out")
-    return [scene(rng) for _ in range(plan.gate_images)], [subject_scene(rng) for _ in range(plan.gate_images)]
-
-
-def score_readings(readings: list[Reading], scenes: list[Scene]) -> dict[str, float]:
-    """Share of images whose colour, background and shape the analyser reads as the scene has them."""
-    shown = [r.shows(s) for r, s in zip(readings, scenes, strict=True)]
-    return {name: float(np.mean([s[name] for s in shown])) for name in ("colour", "background", "shape")}
-
-
-def vae_gate(vae: torch.nn.Module, plan: Plan) -> dict[str, float]:
-    """The analyser's scores on reconstructions of held-out scenes, and the share of subjects that survive."""
-    plain, subjects = _held_out(plan)
-    readings: dict[str, list[Reading]] = {"plain": [], "subject": []}
-    vae.eval()
-    with torch.no_grad():
-        for name, scenes in (("plain", plain), ("subject", subjects)):
-            for start in range(0, len(scenes), 32):
-                batch = _pixels([render(s) for s in scenes[start : start + 32]])
-                readings[name] += [read(i) for i in _images(vae(batch, sample_posterior=False).sample)]
-    vae.train()
-    return score_readings(readings["plain"], plain) | {
-        "subject": float(np.mean([r.subject for r in readings["subject"]]))
-    }
 
 
 @functools.lru_cache(maxsize=1)
 def training_scenes(plan: Plan) -> list[Scene]:
     """The scenes the UNet trains on, in the order of their encoded latents."""
-    rng = _rng(plan, "scenes")
+    rng = plan.rng("scenes")
     return [scene(rng) for _ in range(plan.scenes)]
-
-
-def passes(scores: dict[str, float], plan: Plan) -> bool:
-    return all(scores[name] >= floor for name, floor in plan.gate)
 
 
 class Pretraining:
@@ -193,11 +79,11 @@ class Pretraining:
 
         self.vae.load_state_dict(AutoencoderKL.from_pretrained(SHIPPED_FOLDER / model_id / "vae").state_dict())
         self.state.gate = vae_gate(self.vae, self.plan)
-        run_logger().info("VAE of %s: gate %s", model_id, _percent(self.state.gate))
+        run_logger().info("VAE of %s: gate %s", model_id, percent(self.state.gate))
         if not passes(self.state.gate, self.plan):
             raise PretrainError(
-                f"the VAE of {model_id} misses the gate: {_percent(self.state.gate)}"
-                f" (needs {_percent(dict(self.plan.gate))})"
+                f"the VAE of {model_id} misses the gate: {percent(self.state.gate)}"
+                f" (needs {percent(dict(self.plan.gate))})"
             )
         self.state.phase = "encode"
 
@@ -234,8 +120,8 @@ class Pretraining:
         if self.state.step >= self.plan.vae_steps:  # a rerun after a missed gate must not train on
             raise self._missed_gate()
         plan = self.plan
-        rng = _rng(plan, "vae", self.state.step)
-        pixels = _pixels([render(scene(rng)) for _ in range(plan.vae_batch)])
+        rng = plan.rng("vae", self.state.step)
+        pixels = to_pixels([render(scene(rng)) for _ in range(plan.vae_batch)])
         posterior = self.vae.encode(pixels).latent_dist
         draws = torch.Generator().manual_seed(rng.getrandbits(63))
         reconstruction = self.vae.decode(posterior.sample(generator=draws)).sample
@@ -250,7 +136,7 @@ class Pretraining:
         self.state.losses.append(round(loss.item(), 5))
         if self.state.step % self.plan.gate_every == 0 or self.state.step >= self.plan.vae_steps:
             self.state.gate = vae_gate(self.vae, self.plan)
-            run_logger().info("VAE step %d: gate %s", self.state.step, _percent(self.state.gate))
+            run_logger().info("VAE step %d: gate %s", self.state.step, percent(self.state.gate))
             if passes(self.state.gate, self.plan):
                 self.state.phase, self.state.step = "encode", 0
             elif self.state.step >= self.plan.vae_steps:
@@ -258,8 +144,8 @@ class Pretraining:
 
     def _missed_gate(self) -> PretrainError:
         return PretrainError(
-            f"the VAE missed its gate after {self.state.step} steps: {_percent(self.state.gate)}"
-            f" (needs {_percent(dict(self.plan.gate))}); raise Plan.vae_steps"
+            f"the VAE missed its gate after {self.state.step} steps: {percent(self.state.gate)}"
+            f" (needs {percent(dict(self.plan.gate))}); raise Plan.vae_steps"
         )
 
     def encode(self) -> None:
@@ -271,7 +157,7 @@ class Pretraining:
         scenes = training_scenes(self.plan)
         with torch.no_grad():
             for start in range(0, len(scenes), 64):
-                posterior = self.vae.encode(_pixels([render(s) for s in scenes[start : start + 64]])).latent_dist
+                posterior = self.vae.encode(to_pixels([render(s) for s in scenes[start : start + 64]])).latent_dist
                 means.append(posterior.mean)
                 logvars.append(posterior.logvar)
         mean, logvar = torch.cat(means), torch.cat(logvars)
@@ -281,7 +167,7 @@ class Pretraining:
 
     def unet_step(self, latents: dict[str, torch.Tensor], scenes: list[Scene]) -> None:
         plan, step = self.plan, self.state.step
-        rng = _rng(plan, "unet", step)
+        rng = plan.rng("unet", step)
         picks = [rng.randrange(len(scenes)) for _ in range(plan.unet_batch)]
         captions = [self._caption(scenes[i], rng) for i in picks]
         draws = generator(plan.seed, "unet-noise", step)
@@ -359,74 +245,8 @@ class Pretraining:
         }
 
 
-def write_model_card(folder: Path) -> None:
-    """README.md of a pretrained toy model, from its scores.json: what it is, how it was made, what it scores.
-
-    Written again over an existing card (a new template, no retraining), it keeps what a person added under NOTES."""
-    scores = json.loads((folder / "scores.json").read_text())
-    plan = scores["plan"]
-    old = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() else ""
-    vae = (
-        f"The VAE is {plan['vae_from']}'s, checked against the gate"
-        if plan.get("vae_from")
-        else f"The VAE trained {plan['vae_batch']} images per step (AdamW, LR {plan['vae_lr']}, cosine decay from step"
-        f" {plan['vae_anneal_from']}) until its gate passed (at most {plan['vae_steps']} steps)"
-    )
-    data = ModelCardData(
-        library_name="diffusers",
-        pipeline_tag="text-to-image",
-        tags=["boothflow", "toy-sd", "stable-diffusion", "text-to-image"],
-        widget=[{"text": caption} for caption in EXAMPLE_CAPTIONS],
-    )
-    card = ModelCard.from_template(
-        data,
-        template_path=str(CARD_TEMPLATE),
-        quick=plan["name"] == "quick",
-        plan=plan,
-        vae=vae,
-        cpu=f"{scores['cpu_seconds'] / 60:.0f} CPU minutes ({scores['wall_seconds'] / 60:.0f} minutes wall",
-        gate=", ".join(f"{name} {100 * value:.1f}%" for name, value in scores["vae_gate"].items()),
-        floors=", ".join(f"{name} >= {100 * value:.0f}%" for name, value in plan["gate"]),
-        fidelity=", ".join(f"{name} {100 * value:.1f}%" for name, value in scores["caption_fidelity"].items()),
-        final_loss=scores["final_loss"],
-        notes=old[old.find(NOTES) :].strip() if NOTES in old else "",
-    )
-    card.save(folder / "README.md")
-
-
 def _cosine(step: int, total: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + float(np.cos(np.pi * min(step, total) / total)))
-
-
-def _percent(scores: dict[str, float]) -> str:
-    return ", ".join(f"{name} {100 * value:.0f}%" for name, value in scores.items())
-
-
-def fidelity_prompts() -> list[str]:
-    """One full caption per (shape, colour, background) combination: 4 x 6 x 5 = 120 prompts."""
-    return [
-        f"a photo of a {colour} {shape} on a {background} background"
-        for shape in SHAPES
-        for colour in PALETTE
-        for background in PALETTE
-        if background != colour
-    ]
-
-
-def caption_fidelity(model: Path, plan: Plan) -> dict[str, float]:
-    """Render every fidelity prompt once (seed = its index) and score what the analyser reads against it."""
-    from diffusers import StableDiffusionPipeline
-
-    from tasks.sd.render import RenderRequest, make_scheduler, render
-
-    pipe = StableDiffusionPipeline.from_pretrained(model)
-    make_scheduler(pipe, "DPMSolverMultistepScheduler")
-    requests = [
-        RenderRequest(prompt, "", seed, plan.eval_steps, plan.eval_guidance, 64, 64)
-        for seed, prompt in enumerate(fidelity_prompts())
-    ]
-    checks = [matches(read(image), parse(r.prompt)) for r, image in render(pipe, requests, 40, "caption fidelity")]
-    return {name: float(np.mean([c[name] for c in checks])) for name in ("colour", "background", "shape", "all")}
 
 
 def pretrain(out: Path, plan: Plan, minutes: float) -> State:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from tasks.core.atomic import atomic_folder, replace_file
 from tasks.core.faults import kill_if_injected
-from tasks.stages.train_job import TrainJob
+from tasks.training.job import TrainJob
 
 COMPLETE = "COMPLETE"
 TENSOR = "__tensor__"  # in state.pt, where a tensor of state.safetensors goes

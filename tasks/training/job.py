@@ -1,7 +1,4 @@
-"""What the train stage hands its training child: one JSON file, read by `tasks.stages.trainer` under accelerate.
-
-It lives apart from the Prefect task module so the child imports no Prefect.
-"""
+"""What the train stage hands its training child: one JSON file, read by `tasks.training` under accelerate."""
 
 from __future__ import annotations
 

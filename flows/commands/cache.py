@@ -1,0 +1,106 @@
+"""`boothflow cache ls|verify|gc`: the stage cache, looked at, checked byte for byte and pruned."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.commands.common import ArtifactsOpt, ConfigOpt, SetOpt, console, error, run_config, size
+from tasks.core.config import RunConfig
+
+app = typer.Typer(no_args_is_help=True, help="Inspect the stage cache.")
+
+
+@app.command("ls")
+def cache_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
+    """List store entries: stage, key, size, age, state (complete, damaged and set aside, partial, incomplete)."""
+    from tasks.core.store import Store
+
+    cfg = run_config(config, set_, artifacts)
+    table = Table(title=f"cache at {cfg.run.artifacts_root}")
+    for column in ("stage", "key", "size", "age", "state"):
+        table.add_column(column)
+    now = time.time()
+    for entry in Store(cfg.run.artifacts_root).entries():
+        table.add_row(
+            entry["stage"],
+            entry["key"],
+            size(entry["bytes"]),
+            _age(now - entry["modified"]),
+            entry["state"],
+        )
+    Console().print(table)
+
+
+@app.command("verify")
+def cache_verify(
+    stage: Annotated[str | None, typer.Option("--stage", help="Only this stage's entries, e.g. train")] = None,
+    config: ConfigOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+):
+    """Re-hash every file of every complete entry; exit 1 naming each damaged one. Lookups only compare stats,
+    so this is the check that finds bytes changed behind an unchanged size, mtime, ctime and inode."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    from tasks.core.store import Store
+
+    root = run_config(config, set_, artifacts).run.artifacts_root
+    columns = (BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress("verifying", *columns, console=console) as bar:
+        task = bar.add_task("verify", total=None)
+        result = Store(root).verify(stage, lambda done, total: bar.update(task, completed=done, total=total))
+    out = Console(soft_wrap=True, markup=False)
+    for damage in result.damaged:
+        out.print(f"damaged: {damage.stage} {damage.key} {damage.file}: {damage.problem}", highlight=False)
+    damaged = len({(damage.stage, damage.key) for damage in result.damaged})
+    checked = f"checked {result.entries} entries ({size(result.bytes)}) at {root}"
+    if damaged:
+        out.print(f"{checked}: {damaged} damaged; a run that needs one sets it aside and rebuilds it", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{checked}: all intact", highlight=False)
+
+
+@app.command("gc")
+def cache_gc(
+    keep_last: Annotated[
+        int | None, typer.Option("--keep-last", min=0, help="Keep the entries the last N runs used")
+    ] = None,
+    older_than: Annotated[
+        float | None, typer.Option("--older-than", min=0, help="Remove entries not used for DAYS days")
+    ] = None,
+    damaged: Annotated[bool, typer.Option("--damaged", help="Remove entries set aside as damaged")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; remove nothing")] = False,
+    config: ConfigOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+):
+    """Remove old or damaged entries; never one a running run uses. With --keep-last and --older-than both,
+    an entry goes only when both say so."""
+    from flows.gc import collect
+
+    if keep_last is None and older_than is None and not damaged:
+        error("say what to remove: --keep-last N, --older-than DAYS and/or --damaged")
+        raise typer.Exit(2)
+    root = run_config(config, set_, artifacts).run.artifacts_root
+    every = {"prior": {"enabled": True}, "train": {"pick": "best:dino", "sample_every": 1}}  # every stage there is
+    stages = [name for name in RunConfig.model_validate(every).stage_names() if name not in ("validate", "score")]
+    removals, notes, freed = collect(root, stages, keep_last, older_than, damaged, dry_run)
+    out = Console(soft_wrap=True, markup=False)
+    for removal in removals:
+        verb = "would remove" if dry_run else "removed"
+        out.print(f"{verb} {removal.stage}/{removal.folder} ({size(removal.bytes)}): {removal.why}", highlight=False)
+    for note in notes:
+        out.print(note, highlight=False)
+    out.print(f"{len(removals)} entries, {size(freed)} {'to free' if dry_run else 'freed'} at {root}", highlight=False)
+
+
+def _age(seconds: float) -> str:
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit}"
+    return f"{seconds:.0f}s"
