@@ -17,7 +17,7 @@ app = typer.Typer(no_args_is_help=True, help="Base models and presets.")
 @app.command("ls")
 def models_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
     """List the presets and which of them are built under the artifact root."""
-    from tasks.sd.models import list_models
+    from tasks.sd.presets import list_models
 
     cfg = run_config(config, set_, artifacts)
     table = Table(title="models")
