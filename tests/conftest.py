@@ -83,6 +83,13 @@ def boothflow(cli_env: dict[str, str]):
 
 
 @pytest.fixture(scope="session")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One artifact root for the tests that run configs/toy.toml: the toy images' preprocessing, the 100 class images
+    and the latents are made once; each test's own settings still key its training and what follows."""
+    return tmp_path_factory.mktemp("toy-sd")
+
+
+@pytest.fixture(scope="session")
 def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Prefect database with every migration applied: creating one takes seconds, copying it none."""
     home = tmp_path_factory.mktemp("migrated-prefect-home")

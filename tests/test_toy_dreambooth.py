@@ -41,14 +41,13 @@ WITHOUT_PRIOR = (
 
 
 @pytest.fixture(scope="module")
-def runs(boothflow, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The toy flow as configs/toy.toml sets it (prior preservation on) and without prior preservation, on one
-    artifact root; returns each run's report folder."""
-    root = tmp_path_factory.mktemp("toy-dreambooth")
-    reports = {}
+def runs(boothflow, toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The toy flow as configs/toy.toml sets it (prior preservation on) and without prior preservation, on the
+    session's toy artifact root; returns each run's report folder."""
+    summaries, reports = tmp_path_factory.mktemp("toy-dreambooth"), {}
     for name, extra in (("prior", ()), ("no prior", WITHOUT_PRIOR)):
-        summary = root / f"{name}.json"
-        boothflow("run", "-c", "configs/toy.toml", "--artifacts", root / "artifacts", *extra, "--summary", summary)
+        summary = summaries / f"{name}.json"
+        boothflow("run", "-c", "configs/toy.toml", "--artifacts", toy_root, *extra, "--summary", summary)
         reports[name] = Path(json.loads(summary.read_text())["outputs"]["report_html"]).parent
     return reports
 
