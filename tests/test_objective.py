@@ -80,3 +80,10 @@ def test_offset_noise_adds_one_value_per_sample_and_channel_scaled_by_the_offset
     offset = torch.randn((2, 3, 1, 1), generator=generator)
     torch.testing.assert_close(noise, plain + 0.1 * offset.expand_as(plain))
     assert timesteps.shape == (2,) and set(timesteps.tolist()) <= {0, 1}
+
+
+def test_each_samples_error_is_the_mean_over_its_channels_and_pixels() -> None:
+    prediction = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 2, 1, 2)  # two channels of two pixels: errors 1, 4, 9, 16
+    zeros = torch.zeros_like(prediction)
+    loss = objective().loss(prediction, zeros, zeros, torch.tensor([1]), torch.tensor([1.0]))
+    assert loss.item() == pytest.approx((1 + 4 + 9 + 16) / 4)
