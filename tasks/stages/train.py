@@ -1,4 +1,4 @@
-"""Train stage: DreamBooth fine-tuning in an `accelerate launch` child process, resumed from checkpoints.
+"""Train stage: DreamBooth fine-tuning in a child process under accelerate, resumed from checkpoints.
 
 The child streams JSON lines that become logs, a progress bar and Prefect progress; frozen text encoders'
 embeddings are cached here first so the child never loads them, and the VAE is never loaded at all.
@@ -20,7 +20,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from tasks.core.config import DataSection, RunConfig, TrainSection, fill_prompt
@@ -33,7 +32,7 @@ from tasks.sd import device, text
 from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel, hub_repo
 from tasks.training.job import TrainJob, keyed_settings, resolved_optimizer
-from tasks.training.launch import accelerate_config, launch_command
+from tasks.training.launch import child_process
 
 STAGE = "train"
 EMBEDS = "text-embeds-items"
@@ -181,11 +180,9 @@ def _events(proc: subprocess.Popen, tail: collections.deque) -> Iterator[dict[st
 
 
 def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
-    """Run the child to the end under the job's own accelerate config; returns (steps restored, final loss)."""
-    config_file = job_path.with_name("accelerate.yaml")
-    config_file.write_text(yaml.safe_dump(accelerate_config(cfg)))
-    command = launch_command(job_path, config_file, cfg)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Run the child to the end; returns (steps restored, final loss)."""
+    command, child_env = child_process(job_path, cfg)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **child_env}
     log, tail = run_logger(), collections.deque(maxlen=TAIL_LINES)
     restored, last_step, final_loss, error, logged = 0, 0, None, None, 0.0
     with (

@@ -1,4 +1,5 @@
-"""The training child: the DreamBooth loop the train stage runs as `accelerate launch -m tasks.training JOB.json`.
+"""The training child: the DreamBooth loop the train stage runs as `python -m tasks.training JOB.json` (under
+`accelerate launch` for several processes).
 
 A process of its own, so a GPU's memory, a crash or a kill stays with it, and so it imports no Prefect. It reports
 JSON lines on stdout and resumes from its newest complete checkpoint. Every random draw comes from a generator seeded
