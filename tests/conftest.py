@@ -84,8 +84,9 @@ def boothflow(cli_env: dict[str, str]):
 
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One artifact root for the tests that run configs/toy.toml: the toy images' preprocessing, the 100 class images
-    and the latents are made once; each test's own settings still key its training and what follows."""
+    """One artifact root for the tests that run configs/toy.toml: the toy images' preprocessing, the 100 class images,
+    the latents and the training with prior preservation are made once (the pick test's settings differ only in what
+    train does not key); each test's other settings key what follows."""
     return tmp_path_factory.mktemp("toy-sd")
 
 

@@ -38,7 +38,7 @@ def _tensors(folder: Path) -> dict:
 def test_a_best_pick_holds_on_held_out_seeds_and_exports_that_steps_weights(
     boothflow, toy_root: Path, tmp_path: Path
 ) -> None:
-    root = toy_root  # shared with the toy DreamBooth test: class images and latents made once; training keyed apart
+    root = toy_root  # shared with the toy DreamBooth test: its training too (the pick is not keyed in train)
     first = _run(boothflow, root, list(range(16)), tmp_path / "a.json")  # seeds A: the pick
     assert list(first["stages"])[3:8] == ["train", "validate", "score", "select", "generate"]
     selected = Path(first["outputs"]["model_dir"]).parent
