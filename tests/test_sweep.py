@@ -34,7 +34,7 @@ from tasks.stages.comparison import SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
-QUICK = ["train.steps=40", "generate.seeds=4", "prior.num_images=8"]  # short cells: 40 steps, 4 seeds, 8 classes
+QUICK = ["train.steps=20", "generate.seeds=4", "prior.num_images=8"]  # short cells: 20 steps, 4 seeds, 8 classes
 CLOSE_UP, TOY, AMONG = "data/toy_sets/close_up", "data/toy", "data/toy_sets/among_shapes"
 
 

@@ -13,7 +13,7 @@ GATE = {"colour": 0.95, "background": 0.99, "shape": 0.90, "subject": 0.90}
 
 @dataclass(frozen=True)
 class Plan:
-    """How long each phase trains; `FULL` makes the shipped model, `QUICK` a rough one in a few minutes."""
+    """How long each phase trains; `FULL` makes the shipped model, `QUICK` a rough one in about a minute."""
 
     name: str = "full"
     seed: int = 0
@@ -45,16 +45,16 @@ class Plan:
 
 
 FULL = Plan()
-# Quick: a rough model in a few minutes, for tests and a first look. Training a VAE to its gate takes most of an
+# Quick: a rough model in about a minute, for tests and a first look. Training a VAE to its gate takes most of an
 # hour on a CPU, so it starts from the shipped toy-sd's VAE (checked against the gate) and trains the UNet briefly.
 QUICK = replace(
     FULL,
     name="quick",
     vae_from="toy-sd",  # the gate's held-out scenes are the full plan's, so it passes as it did there
     scenes=2048,
-    unet_steps=250,
-    unet_batch=32,
-    warmup=50,
+    unet_steps=100,
+    unet_batch=16,
+    warmup=20,
 )
 
 
