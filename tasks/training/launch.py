@@ -35,11 +35,12 @@ def accelerate_config(cfg: TrainSection) -> dict[str, Any]:
 def child_process(job_path: Path, cfg: TrainSection) -> tuple[list[str], dict[str, str]]:
     """The command that starts the training child, and what it adds to the environment. One process runs
     `python -m tasks.training JOB.json` itself: its Accelerator is given the precision and the device, so accelerate's
-    launcher would add only its own start-up (1.7 s) and the thread count, set here as the launcher sets it. Several
-    run under `accelerate launch` with the job's own accelerate config, written beside the job."""
+    launcher would add only its own start-up (1.7 s), the thread count and dynamo off, set here as the launcher sets
+    them (so a user's ACCELERATE_DYNAMO_BACKEND changes nothing). Several run under `accelerate launch` with the job's
+    own accelerate config, written beside the job."""
     child = ["-m", "tasks.training", str(job_path)]
     if cfg.num_processes == 1:
-        return [sys.executable, *child], {"OMP_NUM_THREADS": str(cfg.cpu_threads)}
+        return [sys.executable, *child], {"OMP_NUM_THREADS": str(cfg.cpu_threads), "ACCELERATE_DYNAMO_BACKEND": "NO"}
     config_file = job_path.with_name("accelerate.yaml")
     config_file.write_text(yaml.safe_dump(accelerate_config(cfg)))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
