@@ -2,9 +2,11 @@
 data/toy/ (five scenes: varied place, size and background, never green, since the context prompt asks for green)
 and the sweep's two other sets in data/toy_sets/: close up (one framing, one background, like photos of a face from
 one perspective) and small among other shapes (one background, like frames of a movie scene).
-Run: python data/make_toy.py
+With --subjects N --out DIR, it writes a subjects folder instead: N variants of the subject, each in scenes of its own.
+Run: python data/make_toy.py [--subjects N --out DIR]
 """
 
+import argparse
 import random
 from pathlib import Path
 
@@ -59,5 +61,27 @@ def main() -> None:
             draw(rng).save(folder / f"{name}_{index}.png")
 
 
+def write_subjects(root: Path, count: int, images: int = IMAGES_PER_SET) -> list[Path]:
+    """`count` subject folders (`subject_01`, ...) under `root`: each the toy subject in `images` scenes drawn from its
+    own seed, so every subject's photos differ from every other's; one photo of one subject changed is one subject."""
+    folders = []
+    for number in range(1, count + 1):
+        folder, rng = root / f"subject_{number:02d}", random.Random(1000 + number)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(1, images + 1):
+            render(subject_scene(rng)).save(folder / f"photo_{index}.png")
+        folders.append(folder)
+    return folders
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description="Write the toy instance sets, or a subjects folder of variants")
+    parser.add_argument("--subjects", type=int, default=0, help="write this many subjects instead (with --out)")
+    parser.add_argument("--out", type=Path, help="the subjects folder to write into")
+    args = parser.parse_args()
+    if args.subjects:
+        if args.out is None:
+            parser.error("--subjects needs --out DIR")
+        write_subjects(args.out, args.subjects)
+    else:
+        main()

@@ -9,7 +9,7 @@ import os
 
 import typer
 
-from flows.commands import cache, models, plan, run, serve, sweep
+from flows.commands import cache, models, plan, run, serve, subjects, sweep
 
 # The temporary server Prefect starts without PREFECT_API_URL otherwise logs an error on offline machines.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -17,7 +17,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="DreamBooth fine-tuning as a cached Prefect flow.")
 app.add_typer(cache.app, name="cache")
 app.add_typer(models.app, name="models")
-for command in (run.run, run.stage, sweep.sweep, plan.plan, run.rerun, run.runs, serve.serve, serve.notify, serve.ui):
+for command in (
+    run.run,
+    run.stage,
+    sweep.sweep,
+    subjects.subjects,
+    plan.plan,
+    run.rerun,
+    run.runs,
+    serve.serve,
+    serve.worker,
+    serve.notify,
+    serve.ui,
+):
     app.command()(command)
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from flows.server import HOST
 from tasks.core.config import RunConfig
 
 SERVED_DEPLOYMENT = "nightly"
+SUBJECTS_DEPLOYMENT = "nightly-subjects"
 FLOWS = {"dreambooth": dreambooth, "dreambooth-stage": dreambooth_stage}
 
 
@@ -48,6 +49,20 @@ def serve_nightly(config: RunConfig, cron: str, timezone: str) -> None:
         name=SERVED_DEPLOYMENT,
         schedules=[Cron(cron, timezone=timezone)],
         parameters={"config": config.model_dump(mode="json")},
+        tags=["boothflow"],
+        limit=1,
+    )
+
+
+def serve_subjects(parameters: dict[str, Any], cron: str, timezone: str) -> None:
+    """Serve the subjects flow on a cron schedule: each night lists the folder anew; its parent run runs here, in this
+    process, never on a GPU worker."""
+    from flows.subjects import subjects
+
+    subjects.serve(
+        name=SUBJECTS_DEPLOYMENT,
+        schedules=[Cron(cron, timezone=timezone)],
+        parameters=parameters,
         tags=["boothflow"],
         limit=1,
     )

@@ -1,7 +1,9 @@
 """Everything a run can check before its first stage: paths, names and pairs that would otherwise fail hours in.
 
 `boothflow run` and `stage` call it before any stage starts (a failure is one line and exit code 2), and the flow
-calls it first, so a run started from the UI or a deployment fails the same way before any stage.
+calls it first, so a run started from the UI or a deployment fails the same way before any stage. A run submitted
+to a work pool is checked here only for what does not depend on the machine (`check_settings`); the worker that
+runs it checks the rest.
 """
 
 from __future__ import annotations
@@ -55,14 +57,20 @@ def _model_and_method(config: RunConfig) -> None:
         )
 
 
-def check_before_start(config: RunConfig) -> None:
-    """Raise ConfigError (one line naming the setting or path and what to do) for anything a stage would trip on."""
+def check_settings(config: RunConfig) -> None:
+    """Raise ConfigError (one line naming the setting or path and what to do) for anything a stage would trip on that
+    does not depend on this machine's devices: what a run submitted to other machines can check here."""
     _writable_root(config.run.artifacts_root)
     _instance_folder(config.data.instance_dir)
     _model_and_method(config)
-    _processes(config)
     _captions(config)
     _pick(config)
+
+
+def check_before_start(config: RunConfig) -> None:
+    """`check_settings`, and the training processes against this machine's devices: a run that starts here."""
+    check_settings(config)
+    _processes(config)
 
 
 def _processes(config: RunConfig) -> None:
@@ -71,7 +79,8 @@ def _processes(config: RunConfig) -> None:
     if wanted == 1:  # always fits: no device query
         return
     if torch.cuda.is_available():
-        most, what = torch.cuda.device_count(), "visible CUDA devices"
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        most, what = torch.cuda.device_count(), f"visible CUDA devices{f': {shown}' if shown is not None else ''}"
     else:
         most, what = len(os.sched_getaffinity(0)), "CPU cores; no CUDA device"
     if wanted > most:

@@ -137,6 +137,14 @@ def summary_path(root: Path, flow_run_id: str) -> Path:
     return Path(root) / "runs" / flow_run_id / "summary.json"
 
 
+def parent_record(root: Path, flow_run_id: str, kind: str) -> Path:
+    """What a parent run (`sweep`, `night`) did, run by run, beside where its summary would be: the CLI's table and
+    --summary."""
+    path = summary_path(root, flow_run_id).with_name(f"{kind}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 class StageRunner:
     """Runs the pipeline's stages in order; with `only`, upstream stages come from the cache alone; with
     `plan`, nothing runs and each stage just gets its key and whether the store already holds it."""
@@ -156,6 +164,7 @@ class StageRunner:
                 "flow_run_id": str(flow_run.id),
                 "stage": only,
                 "worker": os.environ.get(WORKER_ENV),
+                "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
             },
             "stages": {name: {"status": "skipped"} for name in stage_names},
             "outputs": {},
@@ -235,7 +244,8 @@ class StageRunner:
             if found is None:
                 forget_record(self.root, name, key)
             loads_before = loads()
-            with accelerator_slot(self.config.run.concurrency_limit, name), PeakMemory() as memory:
+            limit = self.config.run.concurrency_limit if found is None else ""  # the store serves it: no GPU
+            with accelerator_slot(limit, name), PeakMemory() as memory:
                 task = stage_task.with_options(name=label, **cache_options(name, self.root))
                 state = task(stage, cfg, inputs, self.root, key, found, return_state=True)
             if loads() != loads_before:  # its models are gone: give their memory back before the next stage

@@ -28,9 +28,10 @@ from prefect.flow_runs import wait_for_flow_run
 from prefect.runtime import flow_run
 
 from flows.dreambooth import check_plan, dreambooth
+from flows.preflight import check_settings
 from flows.publish import report_link
-from flows.runner import summary_path
-from tasks.core.config import RunConfig
+from flows.runner import parent_record, summary_path
+from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
 from tasks.core.sweeps import Cell, Sweep
 from tasks.stages import comparison
@@ -69,18 +70,20 @@ def deploy_cells(pool: str) -> str:
     return f"{dreambooth.name}/{deployment_name(pool)}"
 
 
-def gpu_limit(slots: int | None) -> int:
-    """Make sure the limit exists (one slot unless told); with `slots`, set it. Returns its slots."""
+def gpu_limit(slots: int | None = None, at_least: int = 1) -> int:
+    """Make sure the limit exists; with `slots`, set it; else raise it to `at_least` (never lower it). Returns its
+    slots."""
     with get_client(sync_client=True) as client:
         try:
             limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots or 1))
-            return slots or 1
-        if slots is not None and slots != limit.limit:
-            client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=slots))
-            return slots
-        return limit.limit
+            created = slots or at_least
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=created))
+            return created
+        wanted = slots if slots is not None else max(limit.limit, at_least)
+        if wanted != limit.limit:
+            client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=wanted))
+        return wanted
 
 
 def _on_pool(config: RunConfig) -> RunConfig:
@@ -90,34 +93,35 @@ def _on_pool(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"run": config.run.model_copy(update={"concurrency_limit": GPU_LIMIT})})
 
 
-def run_on_pool(spec: Sweep, pool: str, gpus: int | None) -> list[FlowRun]:
-    """Submit every cell as a run of the pool's deployment (each a flow run under this one), then wait for all."""
+class CellProgress:
+    """A log line and the parent run's progress artifact in the UI, updated as each cell finishes."""
+
+    def __init__(self, total: int, what: str = "cells", key: str = "sweep-progress") -> None:
+        self.total, self.done, self.what = total, 0, what
+        self.artifact = create_progress_artifact(0.0, key=key, description=f"0 of {total} {what}")
+
+    async def finished(self, name: str, state: str) -> None:
+        self.done += 1
+        get_run_logger().info(f"{self.done} of {self.total} {self.what} finished: {name}: {state}")
+        await aupdate_progress_artifact(
+            self.artifact, 100 * self.done / self.total, f"{self.done} of {self.total} {self.what}"
+        )
+
+
+def run_on_pool(cells: list[Cell], pool: str, slots: int | None, tag: str, progress: CellProgress) -> list[FlowRun]:
+    """Submit every cell as a run of the pool's deployment (each a flow run under this one), then wait for all.
+    Each cell checks its devices on the worker that runs it."""
     name = deploy_cells(pool)
-    slots = gpu_limit(gpus)
-    get_run_logger().info(f"{len(spec.cells)} cells on work pool {pool!r}; stages that load a model hold a slot of "
+    slots = gpu_limit(slots)
+    get_run_logger().info(f"{len(cells)} cells on work pool {pool!r}; stages that load a model hold a slot of "
                           f"concurrency limit {GPU_LIMIT!r} ({slots}); change it with "
                           f"prefect global-concurrency-limit update {GPU_LIMIT} --limit N")  # fmt: skip
     submitted = [
         run_deployment(name, parameters={"config": _on_pool(cell.config).model_dump(mode="json")},
-                       flow_run_name=cell.name, timeout=0, tags=["boothflow", f"sweep:{spec.name}"])
-        for cell in spec.cells
+                       flow_run_name=cell.name, timeout=0, tags=["boothflow", tag])
+        for cell in cells
     ]  # fmt: skip
-    return asyncio.run(_wait([cell_run.id for cell_run in submitted], CellProgress(len(submitted))))
-
-
-class CellProgress:
-    """A log line and the sweep's progress artifact in the UI, updated as each cell finishes."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
-        self.artifact = create_progress_artifact(0.0, key="sweep-progress", description=f"0 of {total} cells")
-
-    async def finished(self, name: str, state: str) -> None:
-        self.done += 1
-        get_run_logger().info(f"cell {self.done} of {self.total} finished: {name}: {state}")
-        await aupdate_progress_artifact(
-            self.artifact, 100 * self.done / self.total, f"{self.done} of {self.total} cells"
-        )
+    return asyncio.run(_wait([cell_run.id for cell_run in submitted], progress))
 
 
 async def _wait(ids: list[UUID], progress: CellProgress) -> list[FlowRun]:
@@ -130,10 +134,10 @@ async def _wait(ids: list[UUID], progress: CellProgress) -> list[FlowRun]:
     return [finished[flow_run_id] for flow_run_id in ids]
 
 
-def run_here(cells: list[Cell]) -> list[tuple[str, str]]:
+def run_here(cells: list[Cell], progress: CellProgress) -> list[tuple[str, str]]:
     """Each cell as a subflow run of this one, in turn; their run ids and final states (a failed cell stops no
     other)."""
-    progress, ran = CellProgress(len(cells)), []
+    ran = []
     for cell in cells:
         state = dreambooth.with_options(flow_run_name=cell.name)(cell.config, return_state=True)
         ran.append((str(state.state_details.flow_run_id), state.name))
@@ -147,18 +151,20 @@ def _summary(root: Path, flow_run_id: str) -> dict[str, Any] | None:
 
 
 @flow(name="dreambooth-sweep")
-def sweep(spec: Sweep, pool: str = "", gpus: int | None = None) -> dict[str, Any]:
-    """A matrix of DreamBooth runs and their comparison; with `pool`, cells run on that work pool's workers."""
+def sweep(spec: Sweep, pool: str = "", slots: int | None = None) -> dict[str, Any]:
+    """A matrix of DreamBooth runs and their comparison; with `pool`, cells run on that work pool's workers (and
+    check their devices there)."""
     for cell in spec.cells:
         try:
-            check_plan(cell.config)
-        except StageError as err:
-            raise StageError("config", f"cell {cell.name!r}: {err.message}") from None
+            check_settings(cell.config) if pool else check_plan(cell.config)
+        except (StageError, ConfigError) as err:
+            raise StageError("config", f"cell {cell.name!r}: {getattr(err, 'message', err)}") from None
     root = spec.base.run.artifacts_root
     if pool:
-        ran = [(str(cell_run.id), cell_run.state.name) for cell_run in run_on_pool(spec, pool, gpus)]
+        cell_runs = run_on_pool(spec.cells, pool, slots, f"sweep:{spec.name}", CellProgress(len(spec.cells)))
+        ran = [(str(cell_run.id), cell_run.state.name) for cell_run in cell_runs]
     else:
-        ran = run_here(spec.cells)
+        ran = run_here(spec.cells, CellProgress(len(spec.cells)))
     cells = [
         comparison.CellRun(cell.name, cell.config.model_dump(mode="json"), state, _summary(root, flow_run_id))
         for cell, (flow_run_id, state) in zip(spec.cells, ran, strict=True)
@@ -172,19 +178,12 @@ def sweep(spec: Sweep, pool: str = "", gpus: int | None = None) -> dict[str, Any
         "cells": [{"cell": cell.name, "flow_run_id": flow_run_id, "state": cell.state, "summary": cell.summary}
                   for cell, (flow_run_id, _) in zip(cells, ran, strict=True)],
     }  # fmt: skip
-    sweep_record(root, str(flow_run.id)).write_text(json.dumps(record, indent=1, default=str))
+    parent_record(root, str(flow_run.id), "sweep").write_text(json.dumps(record, indent=1, default=str))
     failed = [row["cell"] for row in facts["cells"] if row["failed"]]
     if failed:
         raise StageError("sweep", f"{len(failed)} of {len(cells)} cells failed: {', '.join(failed)}; "
                          f"the comparison shows why: {facts['html']}")  # fmt: skip
     return record
-
-
-def sweep_record(root: Path, flow_run_id: str) -> Path:
-    """What a sweep run did, cell by cell (each cell's run summary included): the CLI's table and --summary."""
-    path = summary_path(root, flow_run_id).with_name("sweep.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def publish(facts: dict[str, Any], root: Path) -> None:

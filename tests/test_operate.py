@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import sys
-import threading
-import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 from uuid import UUID
 
 from PIL import Image
-from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import AwaitingRetry
-from prefect_api import task_states
+from prefect_api import client_for, run_deployment_now, task_states, wait_for, webhook
 from processes import run, start, stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,14 +21,8 @@ QUICK = ["--set", "train.steps=3", "--set", "train.checkpoint_every=0", "--set",
 UPSTREAM = ("preprocess", "latents", "train")
 
 
-@contextlib.contextmanager
-def _client(api: str) -> Iterator:
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        yield client
-
-
 def _artifacts(api: str, flow_run_id: str) -> list:
-    with _client(api) as client:
+    with client_for(api) as client:
         return client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
         )
@@ -73,42 +59,15 @@ def test_failed_generate_is_rerun_under_the_same_id_with_finished_stages_cached(
     states = task_states(prefect_server, run_id)
     assert {s: states[s] for s in UPSTREAM} == dict.fromkeys(UPSTREAM, "Cached")
     assert (states["generate"], states["report"]) == ("Completed", "Completed")
-    with _client(prefect_server) as client:
+    with client_for(prefect_server) as client:
         assert client.read_flow_run(UUID(run_id)).run_count == 2
     keys = {a.key for a in _artifacts(prefect_server, run_id)}
     assert {"run-summary", "stage-summary", "report-samples", "report-link"} <= keys
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-    return value
-
-
-def _run_deployment(api: str, name: str) -> str:
-    from prefect.deployments import run_deployment
-
-    with temporary_settings({PREFECT_API_URL: api}):
-        return str(run_deployment(name, timeout=240).id)
-
-
 def _state(api: str, run_id: str) -> str:
-    with _client(api) as client:
+    with client_for(api) as client:
         return client.read_flow_run(UUID(run_id)).state.name
-
-
-class _Webhook(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict]] = []  # what the webhook was sent, in order
-
-    def do_POST(self) -> None:
-        self.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def test_nightly_serve_schedules_in_local_time_caches_quiet_nights_and_retries_like_the_ui(
@@ -118,50 +77,49 @@ def test_nightly_serve_schedules_in_local_time_caches_quiet_nights_and_retries_l
     images = Path(base[5].split("=", 1)[1].strip("'"))
     faults = tmp_path / "faults.json"
     env = {**cli_env, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "BOOTHFLOW_FAULTS": str(faults)}
-    webhook = ThreadingHTTPServer(("127.0.0.1", 0), _Webhook)
-    threading.Thread(target=webhook.serve_forever, daemon=True).start()
-    notify = f"http://127.0.0.1:{webhook.server_address[1]}/hook"
-    command = [BIN / "boothflow", "serve", "--cron", "0 3 * * *", "--timezone", "Europe/Berlin", "--notify", notify,
-               *map(str, base)]  # fmt: skip
-    serve = start(command, log=tmp_path / "serve.log", cwd=REPO, env=env)
-    try:
-        with _client(prefect_server) as client:
-            deployment = _wait(lambda: _deployment(client), 90, "the served deployment")
-            schedule = deployment.schedules[0].schedule
-            assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "Europe/Berlin")
+    with webhook() as (notify, received):
+        command = [BIN / "boothflow", "serve", "--cron", "0 3 * * *", "--timezone", "Europe/Berlin", "--notify", notify,
+                   *map(str, base)]  # fmt: skip
+        serve = start(command, log=tmp_path / "serve.log", cwd=REPO, env=env)
+        try:
+            with client_for(prefect_server) as client:
+                deployment = wait_for(lambda: _deployment(client), 90, "the served deployment")
+                schedule = deployment.schedules[0].schedule
+                assert (schedule.cron, schedule.timezone) == ("0 3 * * *", "Europe/Berlin")
 
-        first = _run_deployment(prefect_server, "dreambooth/nightly")
-        quiet = _run_deployment(prefect_server, "dreambooth/nightly")
-        assert _state(prefect_server, first) == _state(prefect_server, quiet) == "Completed"
-        assert set(task_states(prefect_server, quiet).values()) == {"Cached"}
+            first = run_deployment_now(prefect_server, "dreambooth/nightly")
+            quiet = run_deployment_now(prefect_server, "dreambooth/nightly")
+            assert _state(prefect_server, first) == _state(prefect_server, quiet) == "Completed"
+            assert set(task_states(prefect_server, quiet).values()) == {"Cached"}
 
-        Image.open(images / "toy_01_park.jpg").rotate(180).save(images / "new.png")
-        grown = _run_deployment(prefect_server, "dreambooth/nightly")
-        table = {a.key: a for a in _artifacts(prefect_server, grown)}["stage-summary"].data
-        rows = {row["stage"]: row for row in json.loads(table)}
-        assert (rows["preprocess"]["items_processed"], rows["latents"]["items_processed"]) == (1, 1)
-        assert rows["train"]["status"] == "ran"
+            Image.open(images / "toy_01_park.jpg").rotate(180).save(images / "new.png")
+            grown = run_deployment_now(prefect_server, "dreambooth/nightly")
+            table = {a.key: a for a in _artifacts(prefect_server, grown)}["stage-summary"].data
+            rows = {row["stage"]: row for row in json.loads(table)}
+            assert (rows["preprocess"]["items_processed"], rows["latents"]["items_processed"]) == (1, 1)
+            assert rows["train"]["status"] == "ran"
 
-        faults.write_text(json.dumps({"fail_stage": "generate"}))
-        Image.open(images / "toy_02_shelf.png").rotate(180).save(images / "another.png")  # so generate runs
-        failed = _run_deployment(prefect_server, "dreambooth/nightly")
-        assert _state(prefect_server, failed) == "Failed"
-        [posted] = _wait(lambda: _Webhook.received, 120, "the failed night's webhook")
-        with _client(prefect_server) as client:
-            name = client.read_flow_run(UUID(failed)).name
-        assert posted["subject"] == f"boothflow run {name} Failed", posted
-        assert f"boothflow run {name} of dreambooth/nightly ended Failed: " in posted["text"], posted
-        assert "generate: fault: injected fault" in posted["text"], posted  # the failed stage and its cause
-        faults.unlink()
-        with _client(prefect_server) as client:
-            client.set_flow_run_state(UUID(failed), AwaitingRetry(message="Retry from the UI"), force=True)
-        _wait(lambda: _state(prefect_server, failed) in ("Completed", "Failed", "Crashed"), 240, "the retried run")
-        assert _state(prefect_server, failed) == "Completed"
-        states = task_states(prefect_server, failed)
-        assert {s: states[s] for s in UPSTREAM} == dict.fromkeys(UPSTREAM, "Cached")
-    finally:
-        stop(serve)
-        webhook.shutdown()
+            faults.write_text(json.dumps({"fail_stage": "generate"}))
+            Image.open(images / "toy_02_shelf.png").rotate(180).save(images / "another.png")  # so generate runs
+            failed = run_deployment_now(prefect_server, "dreambooth/nightly")
+            assert _state(prefect_server, failed) == "Failed"
+            [posted] = wait_for(lambda: received, 120, "the failed night's webhook")
+            with client_for(prefect_server) as client:
+                name = client.read_flow_run(UUID(failed)).name
+            assert posted["subject"] == f"boothflow run {name} Failed", posted
+            assert f"boothflow run {name} of dreambooth/nightly ended Failed: " in posted["text"], posted
+            assert "generate: fault: injected fault" in posted["text"], posted  # the failed stage and its cause
+            faults.unlink()
+            with client_for(prefect_server) as client:
+                client.set_flow_run_state(UUID(failed), AwaitingRetry(message="Retry from the UI"), force=True)
+            wait_for(
+                lambda: _state(prefect_server, failed) in ("Completed", "Failed", "Crashed"), 240, "the retried run"
+            )
+            assert _state(prefect_server, failed) == "Completed"
+            states = task_states(prefect_server, failed)
+            assert {s: states[s] for s in UPSTREAM} == dict.fromkeys(UPSTREAM, "Cached")
+        finally:
+            stop(serve)
 
 
 def _deployment(client):
@@ -178,16 +136,20 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(cli_env: dict) -> None:
         capture_output=True)  # fmt: skip
     deployed = run([prefect, "--no-prompt", "deploy", "--all"], cwd=REPO, env=env, capture_output=True, text=True)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    with _client(env["PREFECT_API_URL"]) as client:
+    with client_for(env["PREFECT_API_URL"]) as client:
         deployment = client.read_deployment_by_name("dreambooth/nightly-worker")
     assert deployment.entrypoint == "flows/dreambooth.py:dreambooth"
     assert deployment.work_pool_name == "boothflow-process"
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
+    with client_for(env["PREFECT_API_URL"]) as client:
+        night = client.read_deployment_by_name("dreambooth-subjects/nightly-subjects-worker")
+    assert night.entrypoint == "flows/subjects.py:subjects" and night.work_queue_name == "nights"
+    assert night.parameters["pool"] == "boothflow-gpu" and night.schedules[0].schedule.cron == "0 2 * * *"
 
     notified = run([BIN / "boothflow", "notify", "https://hooks.example.com/x", "--deployment", "nightly-worker"],
                    cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
     assert notified.returncode == 0, notified.stderr
-    with _client(env["PREFECT_API_URL"]) as client:
+    with client_for(env["PREFECT_API_URL"]) as client:
         [automation] = client.read_automations_by_name("boothflow: a night of nightly-worker failed")
     assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
     assert automation.trigger.match_related.model_dump() == {"prefect.resource.role": "deployment",
@@ -220,16 +182,16 @@ def test_a_killed_run_shows_as_crashed_and_boothflow_rerun_finishes_it(boothflow
     killed = boothflow("run", *base, check=False, env={"BOOTHFLOW_FAULTS": str(faults)})
     assert killed.returncode == -9
     [run_id] = [folder.name for folder in (tmp_path / "a" / "runs").iterdir()]
-    with _client(prefect_server) as client:
+    with client_for(prefect_server) as client:
         assert client.read_flow_run(UUID(run_id)).state.name == "Running"  # nobody told the server
 
     [row] = [line for line in boothflow("runs").stdout.splitlines() if run_id in line]
     assert "Crashed" in row and "is gone" in row, row
-    with _client(prefect_server) as client:
+    with client_for(prefect_server) as client:
         assert client.read_flow_run(UUID(run_id)).state.name == "Crashed"
 
     faults.unlink()
     boothflow("rerun", run_id, "--summary", tmp_path / "2.json")
     assert json.loads((tmp_path / "2.json").read_text())["error"] is None
-    with _client(prefect_server) as client:
+    with client_for(prefect_server) as client:
         assert client.read_flow_run(UUID(run_id)).state.name == "Completed"

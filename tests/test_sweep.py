@@ -127,7 +127,7 @@ def test_the_sweep_command_checks_every_cell_before_any_runs(boothflow, tmp_path
     assert not (tmp_path / "runs").exists()
     unknown = boothflow("sweep", tmp_path / "none.toml", check=False)
     assert unknown.returncode == 2 and "not found; shipped sweeps: dreambench, toy, writeup" in unknown.stderr
-    alone = boothflow("sweep", "toy", "--gpus", "2", check=False)
+    alone = boothflow("sweep", "toy", "--slots", "2", check=False)
     assert alone.returncode == 2 and "it needs --pool" in alone.stderr
 
 
@@ -239,7 +239,7 @@ def test_a_sweep_on_a_process_pool_uses_both_workers_one_training_at_a_time(
                                             name], log=tmp_path / f"{name}.log", env=env))  # fmt: skip
         summary = tmp_path / "pool.json"
         sets = [*QUICK, "train.steps=10", "train.seed=1", f"data.instance_dir={json.dumps([CLOSE_UP, TOY])}"]
-        boothflow("sweep", "toy", "--pool", pool, "--artifacts", root, "--summary", summary,
+        boothflow("sweep", "toy", "--pool", pool, "--slots", "1", "--artifacts", root, "--summary", summary,
                   *(x for s in sets for x in ("--set", s)))  # fmt: skip
     finally:
         processes.stop(*workers, first=signal.SIGINT)  # a worker stops on SIGINT (it ignores SIGTERM for minutes)

@@ -4,15 +4,34 @@ server with its UI (`ui`)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import sys
+import time
 import urllib.parse
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from flows.commands.common import ArtifactsOpt, ConfigOpt, MemoryOpt, SetOpt, console, error, run_config
+from flows.commands.common import (
+    ArtifactsOpt,
+    ConfigOpt,
+    MemoryOpt,
+    SetOpt,
+    SlotsOpt,
+    check_pool,
+    console,
+    error,
+    run_config,
+)
+from flows.commands.subjects import PoolOpt, check_night
 from flows.commands.temporary_server import server_line
+from tasks.core.config import ConfigError
+
+SUBJECTS_HELP = "Serve a subjects night instead: every subfolder of this folder, listed each night, is a subject"
+GPUS_HELP = "GPUs, one worker each, e.g. 0,1,2,3 (default: every visible CUDA device; one worker without CUDA)"
 
 
 def serve(
@@ -27,24 +46,51 @@ def serve(
     notify: Annotated[
         str | None, typer.Option("--notify", help="Webhook URL to POST to when a night fails or crashes")
     ] = None,
+    subjects: Annotated[Path | None, typer.Option("--subjects", help=SUBJECTS_HELP)] = None,
+    pool: PoolOpt = None,
+    slots: SlotsOpt = None,
 ):
-    """Serve the nightly deployment: the config is frozen in now, so restart serve after editing it."""
-    from flows.operate import SERVED_DEPLOYMENT, local_timezone, mark_crashed_runs, notify_failed_nights, serve_nightly
+    """Serve the nightly deployment: the config is frozen in now, so restart serve after editing it. With
+    --subjects, the folder is read each night; its parent run runs here and its subjects here or on --pool."""
+    from flows.operate import local_timezone, mark_crashed_runs, notify_failed_nights
 
-    cfg = run_config(config, set_, artifacts, device_memory)
     _check_webhook(notify)
+    if subjects is not None:
+        check_night(subjects, config, set_ or [], artifacts)
+    cfg = run_config(config, set_, artifacts, device_memory)
+    if subjects is None and (pool is not None or slots is not None):
+        error("--pool and --slots run the subjects of --subjects on a work pool; give --subjects FOLDER")
+        raise typer.Exit(2)
+    try:
+        check_pool(pool, slots)
+    except ConfigError as err:
+        error(err)
+        raise typer.Exit(2) from None
     zone = timezone or local_timezone()
+    deployment = _deployment(subjects)
     console.print(server_line(), highlight=False, markup=False)
-    console.print(
-        f"serving deployment dreambooth/{SERVED_DEPLOYMENT}: cron {cron!r} in time zone {zone}",
-        highlight=False,
-        markup=False,
-    )
+    console.print(f"serving deployment {deployment}: cron {cron!r} in time zone {zone}", highlight=False, markup=False)
     mark_crashed_runs()
     if notify:
-        notify_failed_nights(notify)
+        notify_failed_nights(notify, deployment.split("/")[1])
         console.print(f"a failed or crashed night posts to {notify}", highlight=False, markup=False)
-    serve_nightly(cfg, cron, zone)
+    if subjects is None:
+        from flows.operate import serve_nightly
+
+        serve_nightly(cfg, cron, zone)
+        return
+    from flows.operate import serve_subjects
+
+    memory = [f"run.device_memory={json.dumps(device_memory)}"] if device_memory is not None else []
+    parameters = {"folder": str(subjects.resolve()), "config": str(config or ""), "settings": [*(set_ or []), *memory],
+                  "artifacts": str(cfg.run.artifacts_root), "pool": pool or "", "slots": slots}  # fmt: skip
+    serve_subjects(parameters, cron, zone)
+
+
+def _deployment(subjects: Path | None) -> str:
+    from flows.operate import SERVED_DEPLOYMENT, SUBJECTS_DEPLOYMENT
+
+    return f"dreambooth-subjects/{SUBJECTS_DEPLOYMENT}" if subjects else f"dreambooth/{SERVED_DEPLOYMENT}"
 
 
 def notify(
@@ -99,3 +145,52 @@ def _check_webhook(url: str | None) -> None:
     if url is not None and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         error(f"webhook {url!r}: expected an http(s) URL")
         raise typer.Exit(2)
+
+
+def worker(
+    pool: Annotated[str, typer.Option("--pool", help="Work pool to serve (created as a process pool if missing)")],
+    gpus: Annotated[str | None, typer.Option("--gpus", help=GPUS_HELP)] = None,
+):
+    """Start one Prefect process worker per GPU, each running one flow run at a time on its own GPU, and supervise
+    them: Ctrl-C or SIGTERM stops them all and says what happened to the runs in flight."""
+    if not os.environ.get("PREFECT_API_URL"):
+        error("workers and the runs they take need one Prefect server: set PREFECT_API_URL (`boothflow ui` starts one)")
+        raise typer.Exit(2)
+    ids = _gpu_ids(gpus)
+    from flows.sweep import GPU_LIMIT, gpu_limit
+    from flows.workers import start_workers, stop_workers, visible_gpus
+
+    ids = visible_gpus() if ids is None else ids
+    slots = gpu_limit(at_least=max(len(ids), 1))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the workers as Ctrl-C does
+    workers = start_workers(pool, ids)
+    for started in workers:
+        where = f"GPU {started.gpu} (CUDA_VISIBLE_DEVICES={started.gpu})" if started.gpu is not None else "no GPU"
+        console.print(f"worker {started.name} on pool {pool}: {where}", highlight=False, markup=False)
+    console.print(f"concurrency limit {GPU_LIMIT}: {slots} slots; Ctrl-C stops the workers", highlight=False,
+                  markup=False)  # fmt: skip
+    exited = None
+    try:
+        while exited is None:
+            time.sleep(1)
+            exited = next((w for w in workers if w.process.poll() is not None), None)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        for line in stop_workers(workers):
+            console.print(line, highlight=False, markup=False)
+    if exited is not None:
+        error(f"worker {exited.name} exited with code {exited.process.returncode}; the others were stopped")
+        raise typer.Exit(1)
+    console.print(f"stopped {len(workers)} workers", highlight=False, markup=False)
+
+
+def _gpu_ids(gpus: str | None) -> list[str] | None:
+    """`0,1,3` -> ['0', '1', '3']: device indices or UUIDs, each once."""
+    if gpus is None:
+        return None
+    ids = [part.strip() for part in gpus.split(",")]
+    if not all(re.fullmatch(r"[A-Za-z0-9-]+", part) for part in ids) or len(set(ids)) < len(ids):
+        error(f"--gpus {gpus!r}: expected GPU indices or UUIDs, each once, e.g. 0,1,2,3")
+        raise typer.Exit(2)
+    return ids

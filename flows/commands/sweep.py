@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from flows.commands.common import ArtifactsOpt, SummaryOpt, console, error
+from flows.commands.common import ArtifactsOpt, SlotsOpt, SummaryOpt, check_pool, console, error, finished_record
 from flows.commands.temporary_server import report_to_server
 from tasks.core.config import ConfigError
 
@@ -23,10 +20,7 @@ def sweep(
     pool: Annotated[
         str | None, typer.Option("--pool", help="Work pool whose workers run the cells (default: here, in turn)")
     ] = None,
-    gpus: Annotated[
-        int | None,
-        typer.Option("--gpus", min=1, help="With --pool: slots of the concurrency limit boothflow-gpu (default 1)"),
-    ] = None,
+    slots: SlotsOpt = None,
     artifacts: ArtifactsOpt = None,
     summary: SummaryOpt = None,
     set_: Annotated[
@@ -35,19 +29,15 @@ def sweep(
     ] = None,
 ):
     """Run a sweep file's cells as dreambooth runs under one parent run, then write their comparison page."""
-    from flows.preflight import check_before_start
+    from flows.preflight import check_before_start, check_settings
     from tasks.core.sweeps import load_sweep
 
     try:
         spec = load_sweep(file, set_ or [], artifacts)
-        if pool is None and gpus is not None:
-            raise ConfigError("--gpus sets the slots cells on a work pool share; it needs --pool")
-        if pool is not None and not os.environ.get("PREFECT_API_URL"):
-            raise ConfigError(f"--pool {pool}: workers and this command need one Prefect server: set PREFECT_API_URL "
-                              "(`boothflow ui` starts one)")  # fmt: skip
+        check_pool(pool, slots)
         for cell in spec.cells:
             try:
-                check_before_start(cell.config)
+                check_settings(cell.config) if pool else check_before_start(cell.config)
             except ConfigError as err:
                 raise ConfigError(f"sweep {spec.name}, cell {cell.name!r}: {err}") from None
     except ConfigError as err:
@@ -56,21 +46,15 @@ def sweep(
     root = spec.base.run.artifacts_root
     server_ready = report_to_server()
     from flows.operate import mark_crashed_runs
+    from flows.runner import parent_record
     from flows.sweep import sweep as sweep_flow
-    from flows.sweep import sweep_record
 
     server_ready()
     mark_crashed_runs()
     started = time.monotonic()
-    state = sweep_flow(spec, pool or "", gpus, return_state=True)
-    record = sweep_record(root, str(state.state_details.flow_run_id))
-    if not record.is_file():
-        console.print(f"[red]failed[/red]: {escape(str(state.result(raise_on_failure=False)))}", highlight=False)
-        raise typer.Exit(1)
-    result = json.loads(record.read_text())
-    if summary is not None:
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps(result, indent=1))
+    state = sweep_flow(spec, pool or "", slots, return_state=True)
+    record = parent_record(root, str(state.state_details.flow_run_id), "sweep")
+    result = finished_record(state, record, summary)
     _print_sweep(result, time.monotonic() - started)
     if state.is_failed():
         raise typer.Exit(1)

@@ -57,16 +57,16 @@ def _outputs(cell: CellRun, name: str) -> Path | None:
     return Path(value).parent if value else None
 
 
-def _metrics(facts: dict[str, Any] | None) -> dict[str, float | None]:
+def scores(facts: dict[str, Any] | None) -> dict[str, float | None]:
     """The fine-tuned model's scores, and the toy analyser's leak into prompts without the identifier."""
     if facts is None:
         return {}
     rows = [row for row in facts["metrics"]["rows"] if row["kind"] == "finetuned"]
-    scores = {name: rows[0].get(name) if rows else None for name in METRICS}
+    found = {name: rows[0].get(name) if rows else None for name in METRICS}
     plain = [row for row in facts["metrics"].get("analyser", []) if row["kind"] == "finetuned" and not row["token"]]
     if plain:
-        scores[LEAK] = sum(row["subject"] * row["images"] for row in plain) / sum(row["images"] for row in plain)
-    return scores
+        found[LEAK] = sum(row["subject"] * row["images"] for row in plain) / sum(row["images"] for row in plain)
+    return found
 
 
 def _status(cell: CellRun) -> str:
@@ -172,8 +172,8 @@ def write(
                     "differs": [c for c in columns if repr(settings.get(c)) != repr(base_settings.get(c))],
                     "training_seconds": float(losses["seconds"].iloc[-1]) if losses is not None else None,
                     "final_loss": float(losses["loss"].iloc[-1]) if losses is not None else None,
-                    "metrics": _metrics(found),
-                    "report": _relative(found["html"], target) if found else None,
+                    "metrics": scores(found),
+                    "report": relative_link(found["html"], target) if found else None,
                 }
             )
         shown = [m for m in (*METRICS, LEAK) if any(row["metrics"].get(m) is not None for row in rows)]
@@ -203,8 +203,8 @@ def write(
     return {**record, "html": target / PAGE}
 
 
-def _relative(path: Path, target: Path) -> str:
-    """A cell's report as a link from the comparison: both live under the artifact root."""
+def relative_link(path: Path, target: Path) -> str:
+    """A run's report as a link from a page in `target`: both live under the artifact root."""
     return Path(os.path.relpath(path, target)).as_posix()
 
 

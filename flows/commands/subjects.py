@@ -1,0 +1,98 @@
+"""`boothflow subjects`: every subfolder of a folder trained as its own subject under one parent run, and the
+night's summary as a table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.commands.common import (
+    ArtifactsOpt,
+    ConfigOpt,
+    SetOpt,
+    SlotsOpt,
+    SummaryOpt,
+    check_pool,
+    console,
+    error,
+    finished_record,
+)
+from flows.commands.temporary_server import report_to_server
+from tasks.core.config import ConfigError
+
+FolderArg = Annotated[Path, typer.Argument(help="Folder with one subfolder of images per subject (and an optional "
+                                                "subject.toml in each)")]  # fmt: skip
+PoolOpt = Annotated[
+    str | None, typer.Option("--pool", help="Work pool whose workers run the subjects (default: here, in turn)")
+]
+
+
+def check_night(folder: Path, config: Path | None, set_: list[str], artifacts: Path | None) -> None:
+    """What a night can check before it starts: the folder, the base config and `--set` (one line, exit 2)."""
+    from tasks.core.config_load import load_config
+    from tasks.core.subjects import subject_folders
+
+    try:
+        subject_folders(folder)
+        load_config(config, set_, artifacts)
+    except ConfigError as err:
+        error(err)
+        raise typer.Exit(2) from None
+
+
+def subjects(
+    folder: FolderArg,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    artifacts: ArtifactsOpt = None,
+    pool: PoolOpt = None,
+    slots: SlotsOpt = None,
+    summary: SummaryOpt = None,
+):
+    """Train every subfolder of FOLDER as a subject (an unchanged one is all cache hits), then write the summary."""
+    check_night(folder, config, set_ or [], artifacts)
+    try:
+        check_pool(pool, slots)
+    except ConfigError as err:
+        error(err)
+        raise typer.Exit(2) from None
+    server_ready = report_to_server()
+    from flows.operate import mark_crashed_runs
+    from flows.runner import parent_record
+    from flows.subjects import subjects as subjects_flow
+
+    server_ready()
+    mark_crashed_runs()
+    started = time.monotonic()
+    state = subjects_flow(str(folder.resolve()), str(config or ""), set_ or [], str(artifacts or ""), pool or "",
+                          slots, return_state=True)  # fmt: skip
+    record = parent_record(_root(config, set_ or [], artifacts), str(state.state_details.flow_run_id), "night")
+    result = finished_record(state, record, summary)
+    _print_night(result, time.monotonic() - started)
+    if state.is_failed():
+        raise typer.Exit(1)
+
+
+def _root(config: Path | None, set_: list[str], artifacts: Path | None) -> Path:
+    from tasks.core.config_load import load_config
+
+    return load_config(config, set_, artifacts).run.artifacts_root
+
+
+def _print_night(result: dict, seconds: float) -> None:
+    """One row per subject, failed first: its state (and cause), what each stage did, where it ran."""
+    table = Table(title=f"boothflow subjects {Path(result['folder']).name} ({seconds:.1f} s)")
+    for column in ("subject", "state", "stages", "training (s)", "worker", "GPU"):
+        table.add_column(column, overflow="fold")
+    for row in result["subjects"]:
+        stages = ", ".join(f"{s['stage']} {s['text']}" for s in row["stages"])
+        seconds_trained = f"{row['training_seconds']:.1f}" if row["training_seconds"] is not None else "—"
+        state = f"{row['state']}: {row['cause']}" if row["cause"] else row["state"]
+        table.add_row(row["subject"], state, stages, seconds_trained, row["worker"] or "here", row["gpu"] or "—")
+    Console(width=max(console.width, 160), markup=False).print(table)
+    console.print(f"summary: {result['summary']}", highlight=False, markup=False)

@@ -1,0 +1,118 @@
+"""A night of many subjects as one parent flow run: the subjects folder is listed when the run starts, each subject
+becomes a `dreambooth` run under it (here in turn, or on a work pool's workers, one subject per GPU), and the night
+ends with its morning summary: one page and one Prefect artifact.
+
+Subjects share the artifact root, so an unchanged subject is served from the store end to end and what changed in
+one subject's photos retrains that subject alone.
+"""
+
+# No `from __future__ import annotations`: Prefect builds the flow's parameter model from real annotations.
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
+
+from flows.preflight import check_settings
+from flows.publish import report_link
+from flows.runner import parent_record, summary_path
+from flows.sweep import CellProgress, run_here, run_on_pool
+from tasks.core.config import ConfigError
+from tasks.core.stage import StageError
+from tasks.core.subjects import Subject, list_subjects
+from tasks.core.sweeps import Cell
+from tasks.stages import night
+from tasks.stages.night import SubjectRun
+
+NIGHTS_FOLDER = "nights"  # <artifacts root>/nights/<date>_<run>/night.html
+
+
+def _settings_problem(subject: Subject) -> str | None:
+    """What keeps a subject from being submitted, checked here: its settings and folders, not its devices."""
+    if subject.problem or subject.config is None:
+        return subject.problem
+    try:
+        check_settings(subject.config)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def _run_summary(root: Path, flow_run_id: str) -> dict[str, Any] | None:
+    path = summary_path(root, flow_run_id)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run(ready: list[Subject], pool: str, slots: int | None) -> list[tuple[str, str]]:
+    """Each ready subject's flow run id and final state, run here in turn or on `pool`."""
+    cells = [Cell(name=subject.name, values={}, config=subject.config) for subject in ready]
+    progress = CellProgress(len(cells), "subjects", "subjects-progress")
+    if not pool:
+        return run_here(cells, progress)
+    return [(str(run.id), run.state.name) for run in run_on_pool(cells, pool, slots, "subjects", progress)]
+
+
+@flow(name="dreambooth-subjects")
+def subjects(
+    folder: str, config: str = "", settings: list[str] | None = None, artifacts: str = "", pool: str = "",
+    slots: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train every subfolder of `folder` as a subject (its optional subject.toml on top of `config` and `settings`),
+    here or on work pool `pool`, then write the night's summary; fails naming the subjects that failed."""
+    try:
+        base, found = list_subjects(Path(folder), Path(config) if config else None, settings or [],
+                                    Path(artifacts) if artifacts else None)  # fmt: skip
+    except ConfigError as err:
+        raise StageError("subjects", str(err)) from None
+    root = base.run.artifacts_root
+    if not found:
+        raise StageError("subjects", f"no subjects in {folder!r}: add one subfolder of images per subject")
+    problems = {subject.name: _settings_problem(subject) for subject in found}
+    ready = [subject for subject in found if problems[subject.name] is None]
+    get_run_logger().info(f"{len(found)} subjects in {folder}: {len(ready)} to run, {len(found) - len(ready)} "
+                          "that cannot start")  # fmt: skip
+    ran = dict(zip((s.name for s in ready), _run(ready, pool, slots), strict=True))
+    runs = [
+        SubjectRun(s.name, ran[s.name][1], _run_summary(root, ran[s.name][0])) if s.name in ran
+        else SubjectRun(s.name, "Failed", None, problems[s.name])
+        for s in found
+    ]  # fmt: skip
+    started = flow_run.scheduled_start_time or datetime.now()
+    target = root / NIGHTS_FOLDER / f"{started:%Y-%m-%d_%H%M%S}_{flow_run.name}"
+    facts = night.write(f"night of {started:%Y-%m-%d %H:%M}: {Path(folder).name}", runs, target)
+    publish(facts, root)
+    record = {"folder": folder, "summary": str(facts["html"]), "subjects": facts["subjects"],
+              "flow_runs": {name: run_id for name, (run_id, _) in ran.items()}}  # fmt: skip
+    parent_record(root, str(flow_run.id), "night").write_text(json.dumps(record, indent=1, default=str))
+    failed = [r for r in facts["subjects"] if r["failed"]]
+    if failed:
+        causes = "; ".join(f"{r['subject']} ({r['cause']})" for r in failed)
+        raise StageError("subjects", f"{len(failed)} of {len(runs)} subjects failed: {causes}")
+    return record
+
+
+def publish(facts: dict[str, Any], root: Path) -> None:
+    """The morning summary in the Prefect UI: one markdown table (failed subjects first) and a link to the page."""
+    link = report_link(Path(facts["html"]), root)
+    headers = ["subject", "state", "stages", "training (s)", "worker", "GPU", "report"]
+    lines = [
+        f"# boothflow {facts['title']}",
+        "",
+        f"{len(facts['subjects'])} subjects, {facts['failed']} failed; summary: [{facts['html']}]({link})",
+        "",
+        f"| {' | '.join(headers)} |",
+        "|---" * len(headers) + "|",
+    ]
+    for row in facts["subjects"]:
+        stages = ", ".join(f"{s['stage']} {s['text']}" for s in row["stages"]) or "—"
+        state = f"{row['state']}: {row['cause']}" if row["cause"] else row["state"]
+        seconds = f"{row['training_seconds']:.1f}" if row["training_seconds"] is not None else "—"
+        report = f"[report]({report_link(Path(facts['html']).parent / row['report'], root)})" if row["report"] else "—"
+        cells = [row["subject"], state, stages, seconds, row["worker"] or "here", row["gpu"] or "—", report]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    create_markdown_artifact("\n".join(lines), key="night-summary", description="boothflow morning summary")
+    create_link_artifact(link, link_text=f"morning summary: {facts['html']}", key="night-page",
+                         description="The night's summary page")  # fmt: skip

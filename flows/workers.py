@@ -1,0 +1,130 @@
+"""`boothflow worker`: one Prefect process worker per GPU of this machine (Prefect's own `prefect worker start`),
+each running one flow run at a time on its own GPU, supervised until Ctrl-C or SIGTERM.
+
+A pool's or deployment's job variables may set any environment variable of the runs a worker starts, so the GPU is
+not taken from the run's own environment: each worker is started with `BOOTHFLOW_WORKER_GPU`, and a run reads it
+from the worker process's environment (fixed when the worker started) and sets `CUDA_VISIBLE_DEVICES` from it
+before anything touches CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import psutil
+import torch
+from prefect import get_client
+from prefect.states import Crashed
+
+GPU_ENV = "BOOTHFLOW_WORKER_GPU"  # set on each worker process; its runs take their GPU from it
+FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"  # set by a worker on the process of each run it starts
+STOP_GRACE = 20.0  # seconds workers and their runs have to stop after Ctrl-C before their process groups are killed
+
+
+@dataclass
+class Worker:
+    name: str
+    gpu: str | None
+    process: subprocess.Popen
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them; none without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if shown:
+        return [device.strip() for device in shown.split(",") if device.strip()][: torch.cuda.device_count()]
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def worker_names(gpus: list[str]) -> list[str]:
+    host = socket.gethostname().split(".")[0]
+    return [f"{host}-gpu{gpu}" for gpu in gpus] or [f"{host}-cpu"]
+
+
+def start_workers(pool: str, gpus: list[str]) -> list[Worker]:
+    """One `prefect worker start` per GPU (one without GPUs), each the leader of its own process group."""
+    workers = []
+    for name, gpu in zip(worker_names(gpus), gpus or [None], strict=True):
+        env = dict(os.environ)
+        if gpu is not None:
+            env |= {"CUDA_VISIBLE_DEVICES": gpu, GPU_ENV: gpu}
+        command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+                   "--name", name, "--limit", "1"]  # fmt: skip
+        workers.append(Worker(name, gpu, subprocess.Popen(command, env=env, start_new_session=True)))
+    return workers
+
+
+def runs_in_flight(workers: list[Worker]) -> dict[str, str]:
+    """Flow run id -> worker name for each run a worker's processes are running now."""
+    found = {}
+    for worker in workers:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(worker.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if run_id := child.environ().get(FLOW_RUN_ENV):
+                        found[run_id] = worker.name
+    return found
+
+
+def stop_workers(workers: list[Worker], grace: float = STOP_GRACE) -> list[str]:
+    """Stop the workers and the runs they started: SIGINT (a Prefect worker's way out), `grace` seconds, then
+    SIGKILL to every process group they made. Runs that were in flight and are still shown as running become
+    Crashed; returns one line per such run."""
+    in_flight = runs_in_flight(workers)
+    family = [psutil.Process(w.process.pid) for w in workers if w.process.poll() is None]
+    family += [child for proc in list(family) for child in _children(proc)]
+    for proc in family:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT) if proc.pid == os.getpgid(proc.pid) else proc.send_signal(signal.SIGINT)
+    _, alive = psutil.wait_procs(family, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    for worker in workers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.process.wait(10)
+    return [_crashed(run_id, name) for run_id, name in in_flight.items()]
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _crashed(run_id: str, worker: str) -> str:
+    """Mark a run the stop cut short as Crashed (unless it ended on its own) and say so, with how to resume it."""
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(run_id)
+        if flow_run.state is not None and not flow_run.state.is_final():
+            reason = f"worker {worker} was stopped while the run was in flight"
+            client.set_flow_run_state(flow_run.id, Crashed(message=reason), force=True)
+            return f"run {flow_run.name} ({run_id}) was in flight on {worker}: Crashed; `boothflow rerun {run_id}` " \
+                   "resumes it from its last finished stage"  # fmt: skip
+        state = flow_run.state.name if flow_run.state else "unknown"
+        return f"run {flow_run.name} ({run_id}) on {worker} ended {state} before the stop"
+
+
+def pin_worker_gpu() -> str | None:
+    """In a run a `boothflow worker` started: set CUDA_VISIBLE_DEVICES to that worker's GPU, whatever the run's job
+    variables said, and return it (None elsewhere). The worker is the outermost ancestor that carries GPU_ENV."""
+    gpu = None
+    with contextlib.suppress(psutil.Error):
+        for ancestor in psutil.Process().parents():
+            with contextlib.suppress(psutil.Error):
+                gpu = ancestor.environ().get(GPU_ENV, gpu)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return gpu
