@@ -43,8 +43,10 @@ def night(folder: Path, root: Path, settings: list[str], pool: str, env: dict[st
     command = [BOOTHFLOW, "subjects", folder, "--config", "toy", "--artifacts", root, "--summary", record,
                *(["--pool", pool] if pool else []), *(x for s in settings for x in ("--set", s))]  # fmt: skip
     started = time.monotonic()
-    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"the night failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(record.read_text())
     rows = result["subjects"]
     model = {"training": 0.0, "rendering": 0.0}
@@ -72,6 +74,23 @@ def measure(count: int, settings: list[str], pool: str, env: dict[str, str], wor
         rows.append({"night": name, **result})
         print(f"{name:18} {result['seconds']:7.1f} s  trained {result['trained']}", flush=True)
     return rows
+
+
+def wait_for_worker(api: str, timeout: float = 120) -> None:
+    """Until the worker has created the pool and is online, so the first night does not find the pool missing."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + timeout
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.read_workers_for_work_pool(POOL):
+                    return
+            except Exception:  # the pool does not exist yet
+                pass
+            time.sleep(1)
+    raise SystemExit(f"no worker of pool {POOL} came online in {timeout:.0f} s")
 
 
 def write_results(rows: list[dict], count: int, mode: str, out: Path, command: str) -> None:
@@ -124,6 +143,7 @@ def main() -> None:
                    "PREFECT_WORKER_QUERY_SECONDS": "1"}  # fmt: skip
             worker = subprocess.Popen([BOOTHFLOW, "worker", "--pool", POOL], cwd=REPO, env=env, start_new_session=True,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            wait_for_worker(api_url(port))
             rows = measure(args.subjects, SETTINGS, POOL, env, work)
         finally:
             if worker is not None:

@@ -3,7 +3,8 @@ becomes a `dreambooth` run under it (here in turn, or on a work pool's workers, 
 ends with its morning summary: one page and one Prefect artifact.
 
 Subjects share the artifact root, so an unchanged subject is served from the store end to end and what changed in
-one subject's photos retrains that subject alone.
+one subject's photos retrains that subject alone. A subject the store holds whole is served here, in the parent run:
+it needs no GPU, so it never waits for a worker (nor starts a process on one).
 """
 
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from real annotations.
@@ -16,11 +17,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.dreambooth import check_plan, planned_keys
 from flows.preflight import check_settings
 from flows.publish import report_link
 from flows.runner import parent_record, summary_path
-from flows.sweep import CellProgress, run_here, run_on_pool
-from tasks.core.config import ConfigError
+from flows.sweep import CellProgress, run_here, submit, wait_all
+from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
 from tasks.core.subjects import Subject, list_subjects
 from tasks.core.sweeps import Cell
@@ -46,13 +48,30 @@ def _run_summary(root: Path, flow_run_id: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def served_here(config: RunConfig) -> bool:
+    """Whether the store holds every stage of a subject and this machine's checks pass for it: such a subject needs
+    no GPU, so it is served here, in the parent run, and never waits for a worker."""
+    try:
+        check_plan(config)
+        stages = planned_keys(config)
+    except (StageError, ConfigError):
+        return False
+    return all(stage["status"] in ("cached", "skipped") for stage in stages.values())
+
+
 def _run(ready: list[Subject], pool: str, slots: int | None) -> list[tuple[str, str]]:
-    """Each ready subject's flow run id and final state, run here in turn or on `pool`."""
+    """Each ready subject's flow run id and final state, run here in turn or, unless the store holds all of it, on
+    `pool`."""
     cells = [Cell(name=subject.name, values={}, config=subject.config) for subject in ready]
     progress = CellProgress(len(cells), "subjects", "subjects-progress")
     if not pool:
         return run_here(cells, progress)
-    return [(str(run.id), run.state.name) for run in run_on_pool(cells, pool, slots, "subjects", progress)]
+    here = [cell for cell in cells if served_here(cell.config)]
+    remote = [cell for cell in cells if cell not in here]
+    submitted = submit(remote, pool, slots, "subjects") if remote else []
+    ran = dict(zip((cell.name for cell in here), run_here(here, progress), strict=True))
+    ran |= {run.name: (str(run.id), run.state.name) for run in wait_all(submitted, progress)}
+    return [ran[cell.name] for cell in cells]
 
 
 @flow(name="dreambooth-subjects")

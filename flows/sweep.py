@@ -51,13 +51,12 @@ def deploy_cells(pool: str) -> str:
         try:
             client.read_work_pool(pool)
         except ObjectNotFound:
-            raise StageError("sweep", f"work pool {pool!r} not found; create it (prefect work-pool create {pool} "
-                             f"--type process) and start workers (prefect worker start --pool {pool} --limit 1)",
-                             ) from None  # fmt: skip
+            raise StageError("pool", f"work pool {pool!r} not found; start its workers, one per GPU, on each GPU "
+                             f"machine: boothflow worker --pool {pool}") from None  # fmt: skip
         online = [w for w in client.read_workers_for_work_pool(pool) if w.status == WorkerStatus.ONLINE]
     if not online:
-        get_run_logger().warning(f"no worker of pool {pool!r} is online: cells wait until one starts "
-                                 f"(prefect worker start --pool {pool} --limit 1)")  # fmt: skip
+        get_run_logger().warning(f"no worker of pool {pool!r} is online: runs wait until one starts "
+                                 f"(boothflow worker --pool {pool})")  # fmt: skip
     deployment = RunnerDeployment.from_flow(
         dreambooth,
         name=deployment_name(pool),
@@ -108,9 +107,9 @@ class CellProgress:
         )
 
 
-def run_on_pool(cells: list[Cell], pool: str, slots: int | None, tag: str, progress: CellProgress) -> list[FlowRun]:
-    """Submit every cell as a run of the pool's deployment (each a flow run under this one), then wait for all.
-    Each cell checks its devices on the worker that runs it."""
+def submit(cells: list[Cell], pool: str, slots: int | None, tag: str) -> list[UUID]:
+    """Submit every cell as a run of the pool's deployment (each a flow run under this one); their run ids. Each
+    cell checks its devices on the worker that runs it."""
     name = deploy_cells(pool)
     slots = gpu_limit(slots)
     get_run_logger().info(f"{len(cells)} cells on work pool {pool!r}; stages that load a model hold a slot of "
@@ -121,7 +120,12 @@ def run_on_pool(cells: list[Cell], pool: str, slots: int | None, tag: str, progr
                        flow_run_name=cell.name, timeout=0, tags=["boothflow", tag])
         for cell in cells
     ]  # fmt: skip
-    return asyncio.run(_wait([cell_run.id for cell_run in submitted], progress))
+    return [cell_run.id for cell_run in submitted]
+
+
+def wait_all(ids: list[UUID], progress: CellProgress) -> list[FlowRun]:
+    """Every submitted run once it has finished, in the order given."""
+    return asyncio.run(_wait(ids, progress)) if ids else []
 
 
 async def _wait(ids: list[UUID], progress: CellProgress) -> list[FlowRun]:
@@ -161,7 +165,7 @@ def sweep(spec: Sweep, pool: str = "", slots: int | None = None) -> dict[str, An
             raise StageError("config", f"cell {cell.name!r}: {getattr(err, 'message', err)}") from None
     root = spec.base.run.artifacts_root
     if pool:
-        cell_runs = run_on_pool(spec.cells, pool, slots, f"sweep:{spec.name}", CellProgress(len(spec.cells)))
+        cell_runs = wait_all(submit(spec.cells, pool, slots, f"sweep:{spec.name}"), CellProgress(len(spec.cells)))
         ran = [(str(cell_run.id), cell_run.state.name) for cell_run in cell_runs]
     else:
         ran = run_here(spec.cells, CellProgress(len(spec.cells)))

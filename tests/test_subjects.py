@@ -18,7 +18,7 @@ import psutil
 import pytest
 from browser import chromium
 from PIL import Image
-from prefect.client.schemas.actions import WorkPoolUpdate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolUpdate
 from prefect_api import client_for, run_deployment_now, wait_for, webhook
 from processes import REAPED, start, stop
 
@@ -118,6 +118,8 @@ def test_a_subjects_folder_on_two_gpu_workers_retrains_only_what_changed(
     _, second = _night(boothflow, folder, root, tmp_path / "second.json")
     assert {name for name, row in second.items() if _trained(row)} == {"alice", "dave"}
     assert _all_cached(second["bob"]) and _all_cached(second["carol"]), second
+    assert (second["bob"]["worker"], second["carol"]["worker"]) == ("", "")  # served by the night itself: no GPU
+    assert {second["alice"]["gpu"], second["dave"]["gpu"]} <= {"0", "1"}
     assert all(row["state"] == "Completed" for row in second.values())
 
     page = Path(json.loads((tmp_path / "second.json").read_text())["summary"])
@@ -223,12 +225,17 @@ def test_a_subject_whose_settings_do_not_load_fails_alone_and_a_bad_night_stops_
 def test_ctrl_c_stops_both_workers_and_marks_the_run_it_cut_short_crashed(
     workers: dict, prefect_server: str, root: Path, tmp_path: Path
 ) -> None:
-    """Runs last: a long subject is in flight on a worker when `boothflow worker` gets Ctrl-C."""
+    """Runs last: a long subject is in flight on a worker when `boothflow worker` gets Ctrl-C. It holds a limit of
+    its own: the slot of a killed run is leased until the lease expires (minutes), which would hold up the suite's
+    other users of boothflow-gpu."""
     _subject(tmp_path / "subjects", "long", DEMO[:4])
+    limit = "subjects-ctrl-c"
     command = [BIN / "boothflow", "subjects", tmp_path / "subjects", "--config", "demo", "--pool", POOL, "--artifacts",
-               root, *_sets(), "--set", "train.steps=5000"]  # fmt: skip
-    night = start(command, log=tmp_path / "night.log", cwd=REPO, env=workers["env"])
+               root, *_sets(), "--set", "train.steps=5000", "--set", f"run.concurrency_limit={limit}"]  # fmt: skip
     supervisor = workers["supervisor"]
+    with client_for(prefect_server) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+    night = start(command, log=tmp_path / "night.log", cwd=REPO, env=workers["env"])
     try:
         with client_for(prefect_server) as client:
             running = wait_for(lambda: _running(client, "long"), 120, "the long subject running on a worker")
