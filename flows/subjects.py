@@ -87,8 +87,8 @@ def subjects(
     except ConfigError as err:
         raise StageError("subjects", str(err)) from None
     root = base.run.artifacts_root
-    if not found:
-        raise StageError("subjects", f"no subjects in {folder!r}: add one subfolder of images per subject")
+    if not found:  # a served night whose folder has not filled yet: an empty summary, not a failure
+        get_run_logger().warning(f"no subjects in {folder!r} tonight: add one subfolder of images per subject")
     problems = {subject.name: _settings_problem(subject) for subject in found}
     ready = [subject for subject in found if problems[subject.name] is None]
     get_run_logger().info(f"{len(found)} subjects in {folder}: {len(ready)} to run, {len(found) - len(ready)} "

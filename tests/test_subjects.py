@@ -19,6 +19,7 @@ import pytest
 from browser import chromium
 from PIL import Image
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolUpdate
+from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 from prefect_api import client_for, run_deployment_now, wait_for, webhook
 from processes import REAPED, start, stop
 
@@ -214,11 +215,13 @@ def test_a_subject_whose_settings_do_not_load_fails_alone_and_a_bad_night_stops_
 
     missing = boothflow("subjects", tmp_path / "nowhere", "--config", "demo", check=False)
     assert missing.returncode == 2 and "does not exist; give a folder with one subfolder per subject" in missing.stderr
+    flat = boothflow("subjects", folder / "fine", "--config", "demo", check=False)  # photos, not subject folders
+    assert flat.returncode == 2 and "has no subfolders: give a folder with one subfolder of images" in flat.stderr
     slots = boothflow("subjects", folder, "--slots", "2", check=False)
     assert slots.returncode == 2 and "it needs --pool" in slots.stderr
     gpus = boothflow("worker", "--pool", POOL, "--gpus", "0,0", check=False)
     assert gpus.returncode == 2 and "--gpus '0,0': expected GPU indices or UUIDs, each once" in gpus.stderr
-    for done in (missing, slots, gpus):
+    for done in (missing, flat, slots, gpus):
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
@@ -259,3 +262,15 @@ def _running(client, name: str):
     found = client.read_flow_runs(flow_run_filter=FlowRunFilter(
         name=FlowRunFilterName(any_=[name]), state=FlowRunFilterState(type={"any_": ["RUNNING"]})))  # fmt: skip
     return found[0] if found else None
+
+
+def test_a_night_whose_folder_is_still_empty_completes_with_an_empty_summary(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    from flows.subjects import subjects
+
+    (tmp_path / "subjects").mkdir()
+    with temporary_settings({PREFECT_API_URL: prefect_server, PREFECT_LOGGING_TO_API_ENABLED: False}):
+        state = subjects(str(tmp_path / "subjects"), "demo", [], str(tmp_path / "artifacts"), return_state=True)
+    assert state.is_completed() and state.result()["subjects"] == []
+    assert "0 subjects: 0 completed, 0 failed" in Path(state.result()["summary"]).read_text()

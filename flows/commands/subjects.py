@@ -24,6 +24,7 @@ from flows.commands.common import (
 )
 from flows.commands.temporary_server import report_to_server
 from tasks.core.config import ConfigError
+from tasks.core.subjects import subject_folders
 
 FolderArg = Annotated[Path, typer.Argument(help="Folder with one subfolder of images per subject (and an optional "
                                                 "subject.toml in each)")]  # fmt: skip
@@ -35,7 +36,6 @@ PoolOpt = Annotated[
 def check_night(folder: Path, config: Path | None, set_: list[str], artifacts: Path | None) -> None:
     """What a night can check before it starts: the folder, the base config and `--set` (one line, exit 2)."""
     from tasks.core.config_load import load_config
-    from tasks.core.subjects import subject_folders
 
     try:
         subject_folders(folder)
@@ -57,6 +57,9 @@ def subjects(
     """Train every subfolder of FOLDER as a subject (an unchanged one is all cache hits), then write the summary."""
     check_night(folder, config, set_ or [], artifacts)
     try:
+        if not subject_folders(folder):  # a served night may start empty; a night run now has nothing to do
+            raise ConfigError(f"subjects folder {str(folder)!r} has no subfolders: give a folder with one subfolder of "
+                              "images per subject (its name is the subject's)")  # fmt: skip
         check_pool(pool, slots)
     except ConfigError as err:
         error(err)
