@@ -83,7 +83,10 @@ def stop_workers(workers: list[Worker], grace: float = STOP_GRACE) -> list[str]:
     family += [child for proc in list(family) for child in _children(proc)]
     for proc in family:
         with contextlib.suppress(psutil.Error, ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT) if proc.pid == os.getpgid(proc.pid) else proc.send_signal(signal.SIGINT)
+            if proc.pid == os.getpgid(proc.pid):  # a group leader (a worker, a run): the whole group
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.send_signal(signal.SIGINT)
     _, alive = psutil.wait_procs(family, timeout=grace)
     for proc in alive:
         with contextlib.suppress(psutil.Error, ProcessLookupError):

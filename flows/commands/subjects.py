@@ -33,13 +33,14 @@ PoolOpt = Annotated[
 ]
 
 
-def check_night(folder: Path, config: Path | None, set_: list[str], artifacts: Path | None) -> None:
-    """What a night can check before it starts: the folder, the base config and `--set` (one line, exit 2)."""
+def check_night(folder: Path, config: Path | None, set_: list[str], artifacts: Path | None) -> Path:
+    """What a night can check before it starts: the folder, the base config and `--set` (one line, exit 2).
+    Returns the night's artifact root."""
     from tasks.core.config_load import load_config
 
     try:
         subject_folders(folder)
-        load_config(config, set_, artifacts)
+        return load_config(config, set_, artifacts).run.artifacts_root
     except ConfigError as err:
         error(err)
         raise typer.Exit(2) from None
@@ -55,7 +56,7 @@ def subjects(
     summary: SummaryOpt = None,
 ):
     """Train every subfolder of FOLDER as a subject (an unchanged one is all cache hits), then write the summary."""
-    check_night(folder, config, set_ or [], artifacts)
+    root = check_night(folder, config, set_ or [], artifacts)
     try:
         if not subject_folders(folder):  # a served night may start empty; a night run now has nothing to do
             raise ConfigError(f"subjects folder {str(folder)!r} has no subfolders: give a folder with one subfolder of "
@@ -74,17 +75,11 @@ def subjects(
     started = time.monotonic()
     state = subjects_flow(str(folder.resolve()), str(config or ""), set_ or [], str(artifacts or ""), pool or "",
                           slots, return_state=True)  # fmt: skip
-    record = parent_record(_root(config, set_ or [], artifacts), str(state.state_details.flow_run_id), "night")
+    record = parent_record(root, str(state.state_details.flow_run_id), "night")
     result = finished_record(state, record, summary)
     _print_night(result, time.monotonic() - started)
     if state.is_failed():
         raise typer.Exit(1)
-
-
-def _root(config: Path | None, set_: list[str], artifacts: Path | None) -> Path:
-    from tasks.core.config_load import load_config
-
-    return load_config(config, set_, artifacts).run.artifacts_root
 
 
 def _print_night(result: dict, seconds: float) -> None:
