@@ -5,6 +5,7 @@ folder with no usable image fails alone and the webhook names it; fp16 is checke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -54,7 +55,7 @@ def workers(cli_env: dict, prefect_server: str, tmp_path_factory: pytest.TempPat
     """`boothflow worker --gpus 0,1` on a pool whose job variables set CUDA_VISIBLE_DEVICES=7 for every run; the last
     test stops it with Ctrl-C, and whatever is left is stopped at the end."""
     log = tmp_path_factory.mktemp("workers") / "worker.log"
-    env = {**cli_env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env = {**cli_env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONFAULTHANDLER": "1"}
     supervisor = start([BIN / "boothflow", "worker", "--pool", POOL, "--gpus", "0,1"], log=log, cwd=REPO, env=env)
     try:
         with client_for(prefect_server) as client:
@@ -248,7 +249,12 @@ def test_ctrl_c_stops_both_workers_and_marks_the_run_it_cut_short_crashed(
             try:
                 assert supervisor.wait(STOPPED) == 0, workers["log"].read_text()
             except subprocess.TimeoutExpired:
-                pytest.fail(f"boothflow worker did not stop in {STOPPED} s: {_where(supervisor.pid)}")
+                where = _where(supervisor.pid)
+                supervisor.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack into the log
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    supervisor.wait(REAPED)
+                said = workers["log"].read_text()[-6000:]
+                pytest.fail(f"boothflow worker did not stop in {STOPPED} s: {where}\n{said}")
             _, alive = psutil.wait_procs(family, timeout=REAPED)
             assert not alive, alive  # no worker, run or training process outlives the supervisor
             state = client.read_flow_run(running.id).state
