@@ -34,7 +34,7 @@ from tasks.stages.comparison import SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "bin"
-QUICK = ["train.steps=20", "generate.seeds=4", "prior.num_images=8"]  # short cells: 20 steps, 4 seeds, 8 classes
+QUICK = ["train.steps=8", "generate.seeds=2", "prior.num_images=8"]  # short cells: 8 steps, 2 seeds, 8 classes
 CLOSE_UP, TOY, AMONG = "data/toy_sets/close_up", "data/toy", "data/toy_sets/among_shapes"
 
 
@@ -238,7 +238,7 @@ def test_a_sweep_on_a_process_pool_uses_both_workers_one_training_at_a_time(
             workers.append(processes.start([prefect, "worker", "start", "--pool", pool, "--limit", "1", "--name",
                                             name], log=tmp_path / f"{name}.log", env=env))  # fmt: skip
         summary = tmp_path / "pool.json"
-        sets = [*QUICK, "train.steps=10", "train.seed=1", f"data.instance_dir={json.dumps([CLOSE_UP, TOY])}"]
+        sets = [*QUICK, "train.steps=4", "train.seed=1", f"data.instance_dir={json.dumps([CLOSE_UP, TOY])}"]
         boothflow("sweep", "toy", "--pool", pool, "--slots", "1", "--artifacts", root, "--summary", summary,
                   *(x for s in sets for x in ("--set", s)))  # fmt: skip
     finally:
@@ -282,8 +282,8 @@ def test_the_dreambench_preset_runs_its_shape_on_toy_sd_beside_the_papers_figure
     assert len(runs) == 30 and len(runs["cat"]["generate.prompts"]) == len(preset["set"]["generate.prompts"]) == 25
     subjects = [{**runs["backpack"], "data.instance_dir": "toy"},  # an object subject and a live one, on toy images
                 {**runs["cat"], "data.instance_dir": "toy_sets/close_up"}]  # fmt: skip
-    small = {"evaluate.clip_model": str(clip), "evaluate.dino_model": str(dino), "train.steps": 10,
-             "generate.seeds": 2, "generate.steps": 4, "prior.num_images": 4, "prior.steps": 4}  # fmt: skip
+    small = {"evaluate.clip_model": str(clip), "evaluate.dino_model": str(dino), "train.steps": 4,
+             "generate.seeds": 1, "generate.steps": 4, "prior.num_images": 4, "prior.steps": 4}  # fmt: skip
     shape = {**preset, "config": "toy", "root": str(REPO / "data"), "set": {**preset["set"], **small}, "runs": subjects}
     (tmp_path / "dreambench.toml").write_text(_toml(shape))
     summary = tmp_path / "summary.json"
