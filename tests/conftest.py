@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,10 @@ from flows.server import api_url, free_port, start_server, wait_healthy
 # A short spin costs nothing idle (13.1 s) and keeps a loaded machine at about 2x. Set before any test imports torch;
 # every process a test starts inherits it. Waiting does not change any result.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# A suite started in the background (`make test &`) inherits SIGINT ignored, and so would every process a test starts:
+# the Prefect workers and `boothflow worker` the tests stop with SIGINT would ignore it. A handled signal is reset to
+# the default when a child starts.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]

@@ -52,11 +52,14 @@ def _sets() -> list[str]:
 
 @pytest.fixture(scope="module")
 def workers(cli_env: dict, prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """`boothflow worker --gpus 0,1` on a pool whose job variables set CUDA_VISIBLE_DEVICES=7 for every run; the last
-    test stops it with Ctrl-C, and whatever is left is stopped at the end."""
+    """`boothflow worker --gpus 0,1`, started as in the background, on a pool whose job variables set
+    CUDA_VISIBLE_DEVICES=7 for every run; the last test stops it with Ctrl-C's signal, and whatever is left is stopped
+    at the end."""
     log = tmp_path_factory.mktemp("workers") / "worker.log"
     env = {**cli_env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONFAULTHANDLER": "1"}
-    supervisor = start([BIN / "boothflow", "worker", "--pool", POOL, "--gpus", "0,1"], log=log, cwd=REPO, env=env)
+    supervisor = start([BIN / "boothflow", "worker", "--pool", POOL, "--gpus", "0,1"], log=log, cwd=REPO, env=env,
+                       preexec_fn=_as_in_the_background)  # fmt: skip
+    started: list[psutil.Process] = []  # the workers, each in its own session
     try:
         with client_for(prefect_server) as client:
             pool = wait_for(lambda: _pool(client), 90, "the pool the workers create")
@@ -64,15 +67,25 @@ def workers(cli_env: dict, prefect_server: str, tmp_path_factory: pytest.TempPat
             template["variables"]["properties"]["env"]["default"] = {"CUDA_VISIBLE_DEVICES": "7"}
             client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=template))
             wait_for(lambda: len(client.read_workers_for_work_pool(POOL)) == 2, 90, "two workers online")
+        started += psutil.Process(supervisor.pid).children()
         yield {"log": log, "env": env, "supervisor": supervisor}
     finally:
         stop(supervisor, first=signal.SIGINT)
+        for worker in started:  # a supervisor that died without stopping them would leave them and their runs
+            with contextlib.suppress(psutil.Error):
+                for proc in [*worker.children(recursive=True), worker]:
+                    proc.kill()
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One artifact root for the module's nights: a subject another test trained is served from the store."""
     return tmp_path_factory.mktemp("subjects-artifacts")
+
+
+def _as_in_the_background() -> None:
+    """What `boothflow worker &` or nohup does to the process: SIGINT ignored, which its workers would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _pool(client):

@@ -163,6 +163,9 @@ def worker(
     ids = visible_gpus() if ids is None else ids
     slots = gpu_limit(at_least=max(len(ids), 1))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the workers as Ctrl-C does
+    # Started in the background (`cmd &`, nohup), a process inherits SIGINT ignored, and Python then leaves it so:
+    # Ctrl-C's signal would stop nothing, here or in the workers (a handled signal is reset to the default at exec).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     workers = start_workers(pool, ids)
     for started in workers:
         where = f"GPU {started.gpu} (CUDA_VISIBLE_DEVICES={started.gpu})" if started.gpu is not None else "no GPU"
