@@ -31,11 +31,14 @@ from flows.dreambooth import dreambooth, dreambooth_stage
 from flows.gc import process_gone
 from flows.runner import summary_path
 from flows.server import HOST
-from tasks.core.config import RunConfig
+from flows.subjects import subjects
+from flows.sweep import sweep
+from tasks.core.config import ConfigError, RunConfig
+from tasks.core.config_load import load_config
 
 SERVED_DEPLOYMENT = "nightly"
 SUBJECTS_DEPLOYMENT = "nightly-subjects"
-FLOWS = {"dreambooth": dreambooth, "dreambooth-stage": dreambooth_stage}
+FLOWS = {flow.name: flow for flow in (dreambooth, dreambooth_stage, sweep, subjects)}
 
 
 def local_timezone() -> str:
@@ -57,8 +60,6 @@ def serve_nightly(config: RunConfig, cron: str, timezone: str) -> None:
 def serve_subjects(parameters: dict[str, Any], cron: str, timezone: str) -> None:
     """Serve the subjects flow on a cron schedule: each night lists the folder anew; its parent run runs here, in this
     process, never on a GPU worker."""
-    from flows.subjects import subjects
-
     subjects.serve(
         name=SUBJECTS_DEPLOYMENT,
         schedules=[Cron(cron, timezone=timezone)],
@@ -68,8 +69,20 @@ def serve_subjects(parameters: dict[str, Any], cron: str, timezone: str) -> None
     )
 
 
-def artifacts_root(flow_run: FlowRun) -> Path:
-    return Path(flow_run.parameters.get("config", {}).get("run", {}).get("artifacts_root", "artifacts"))
+def artifacts_root(flow_run: FlowRun) -> Path | None:
+    """Where a run keeps its records: a run's config, a sweep's base config, or a night's config file and settings
+    (None when those no longer load: such a night never started)."""
+    parameters = flow_run.parameters
+    if "folder" in parameters:  # a night of subjects
+        config, artifacts = parameters.get("config"), parameters.get("artifacts")
+        try:
+            base = load_config(Path(config) if config else None, parameters.get("settings") or [],
+                               Path(artifacts) if artifacts else None)  # fmt: skip
+        except ConfigError:
+            return None
+        return base.run.artifacts_root
+    config = parameters["spec"]["base"] if "spec" in parameters else parameters.get("config", {})
+    return Path(config.get("run", {}).get("artifacts_root", "artifacts"))
 
 
 def mark_crashed(client: SyncPrefectClient, flow_run: FlowRun) -> FlowRun:
@@ -77,7 +90,8 @@ def mark_crashed(client: SyncPrefectClient, flow_run: FlowRun) -> FlowRun:
     Crashed, with the reason; any other run is returned as it is."""
     if flow_run.state is None or not flow_run.state.is_running():
         return flow_run
-    if (reason := process_gone(artifacts_root(flow_run), str(flow_run.id))) is None:
+    root = artifacts_root(flow_run)
+    if root is None or (reason := process_gone(root, str(flow_run.id))) is None:
         return flow_run
     client.set_flow_run_state(flow_run.id, Crashed(message=reason), force=True)
     return client.read_flow_run(flow_run.id)
@@ -124,23 +138,26 @@ def notify_failed_nights(url: str, deployment: str = SERVED_DEPLOYMENT) -> UUID:
     return automation.create().id
 
 
-def rerun(run_id: str) -> tuple[FlowRun, State | None]:
+def rerun(run_id: str) -> tuple[FlowRun, str, State | None]:
     """Retry a finished run under the same id: ad-hoc runs execute here and now; deployment runs are handed back to
-    their `serve` process or worker, as the UI's Retry does. Cached stages are skipped, the failed one resumes."""
+    their `serve` process or worker, as the UI's Retry does. Cached stages are skipped, the failed one resumes.
+    Returns the run, its flow's name and (when it ran here) its final state."""
     with get_client(sync_client=True) as client:
         flow_run = mark_crashed(client, client.read_flow_run(UUID(run_id)))
         flow = FLOWS[client.read_flow(flow_run.flow_id).name]
         client.set_flow_run_state(flow_run.id, AwaitingRetry(message="boothflow rerun"), force=True)
         flow_run = client.read_flow_run(flow_run.id)
     if flow_run.deployment_id is not None:
-        return flow_run, None
-    return flow_run, run_flow(flow=flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        return flow_run, flow.name, None
+    return flow_run, flow.name, run_flow(flow=flow, flow_run=flow_run, parameters=flow_run.parameters,
+                                         return_type="state")  # fmt: skip
 
 
 def run_summary(flow_run: FlowRun) -> dict[str, Any] | None:
     """The summary a run wrote under its own artifact root, if it got far enough to write one."""
-    path = summary_path(artifacts_root(flow_run), str(flow_run.id))
-    return json.loads(path.read_text()) if path.is_file() else None
+    root = artifacts_root(flow_run)
+    path = summary_path(root, str(flow_run.id)) if root is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def _crash_reason(flow_run: FlowRun) -> str:

@@ -18,6 +18,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.dreambooth import check_plan, planned_keys
+from flows.gc import RunKeys
 from flows.preflight import check_settings
 from flows.publish import report_link
 from flows.runner import parent_record, summary_path
@@ -87,6 +88,11 @@ def subjects(
     except ConfigError as err:
         raise StageError("subjects", str(err)) from None
     root = base.run.artifacts_root
+    with RunKeys(root, str(flow_run.id)):  # its lock: `runs` marks the night Crashed once its process is gone
+        return _night(folder, found, root, pool, slots)
+
+
+def _night(folder: str, found: list[Subject], root: Path, pool: str, slots: int | None) -> dict[str, Any]:
     if not found:  # a served night whose folder has not filled yet: an empty summary, not a failure
         get_run_logger().warning(f"no subjects in {folder!r} tonight: add one subfolder of images per subject")
     problems = {subject.name: _settings_problem(subject) for subject in found}

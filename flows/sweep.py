@@ -20,7 +20,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.client.schemas.objects import FlowRun, WorkerStatus
+from prefect.client.schemas.objects import FlowRun, WorkQueueStatus
 from prefect.deployments import run_deployment
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
@@ -28,9 +28,11 @@ from prefect.flow_runs import wait_for_flow_run
 from prefect.runtime import flow_run
 
 from flows.dreambooth import check_plan, dreambooth
+from flows.gc import RunKeys
 from flows.preflight import check_settings
 from flows.publish import report_link
 from flows.runner import parent_record, summary_path
+from flows.workers import queue_for
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
 from tasks.core.sweeps import Cell, Sweep
@@ -53,10 +55,6 @@ def deploy_cells(pool: str) -> str:
         except ObjectNotFound:
             raise StageError("pool", f"work pool {pool!r} not found; start its workers, one per GPU, on each GPU "
                              f"machine: boothflow worker --pool {pool}") from None  # fmt: skip
-        online = [w for w in client.read_workers_for_work_pool(pool) if w.status == WorkerStatus.ONLINE]
-    if not online:
-        get_run_logger().warning(f"no worker of pool {pool!r} is online: runs wait until one starts "
-                                 f"(boothflow worker --pool {pool})")  # fmt: skip
     deployment = RunnerDeployment.from_flow(
         dreambooth,
         name=deployment_name(pool),
@@ -115,12 +113,24 @@ def submit(cells: list[Cell], pool: str, slots: int | None, tag: str) -> list[UU
     get_run_logger().info(f"{len(cells)} cells on work pool {pool!r}; stages that load a model hold a slot of "
                           f"concurrency limit {GPU_LIMIT!r} ({slots}); change it with "
                           f"prefect global-concurrency-limit update {GPU_LIMIT} --limit N")  # fmt: skip
+    queues = {cell.name: queue_for(cell.config.train.num_processes) for cell in cells}
+    _warn_unpolled(pool, set(queues.values()))
     submitted = [
         run_deployment(name, parameters={"config": _on_pool(cell.config).model_dump(mode="json")},
-                       flow_run_name=cell.name, timeout=0, tags=["boothflow", tag])
+                       flow_run_name=cell.name, timeout=0, tags=["boothflow", tag], work_queue_name=queues[cell.name])
         for cell in cells
     ]  # fmt: skip
     return [cell_run.id for cell_run in submitted]
+
+
+def _warn_unpolled(pool: str, queues: set[str]) -> None:
+    """Say which runs will wait: those whose work queue no worker of the pool polls now."""
+    with get_client(sync_client=True) as client:
+        ready = {q.name for q in client.read_work_queues(work_pool_name=pool) if q.status == WorkQueueStatus.READY}
+    for queue in sorted(queues - ready):
+        gpus = "" if queue == "default" else f" --gpus {'+'.join(map(str, range(int(queue.split('-')[1]))))}"
+        get_run_logger().warning(f"no worker polls work queue {queue!r} of pool {pool!r} now: its runs wait until one "
+                                 f"starts (boothflow worker --pool {pool}{gpus})")  # fmt: skip
 
 
 def wait_all(ids: list[UUID], progress: CellProgress) -> list[FlowRun]:
@@ -164,6 +174,11 @@ def sweep(spec: Sweep, pool: str = "", slots: int | None = None) -> dict[str, An
         except (StageError, ConfigError) as err:
             raise StageError("config", f"cell {cell.name!r}: {getattr(err, 'message', err)}") from None
     root = spec.base.run.artifacts_root
+    with RunKeys(root, str(flow_run.id)):  # its lock: `runs` marks the sweep Crashed once its process is gone
+        return _sweep(spec, root, pool, slots)
+
+
+def _sweep(spec: Sweep, root: Path, pool: str, slots: int | None) -> dict[str, Any]:
     if pool:
         cell_runs = wait_all(submit(spec.cells, pool, slots, f"sweep:{spec.name}"), CellProgress(len(spec.cells)))
         ran = [(str(cell_run.id), cell_run.state.name) for cell_run in cell_runs]

@@ -1,5 +1,8 @@
-"""`boothflow worker`: one Prefect process worker per GPU of this machine (Prefect's own `prefect worker start`),
-each running one flow run at a time on its own GPU, supervised until Ctrl-C or SIGTERM.
+"""`boothflow worker`: one Prefect process worker per GPU (or per group of GPUs) of this machine, Prefect's own
+`prefect worker start`, each running one flow run at a time on its own GPUs, supervised until Ctrl-C or SIGTERM.
+
+A run of N training processes needs a worker that sees N GPUs: it is submitted to the pool's work queue for N
+(`default` for one, `processes-N` otherwise), and each worker polls only the queue of its GPU count.
 
 A pool's or deployment's job variables may set any environment variable of the runs a worker starts, so the GPU is
 not taken from the run's own environment: each worker is started with `BOOTHFLOW_WORKER_GPU`, and a run reads it
@@ -30,8 +33,22 @@ STOP_GRACE = 20.0  # seconds workers and their runs have to stop after Ctrl-C be
 @dataclass
 class Worker:
     name: str
-    gpu: str | None
+    gpu: str | None  # its CUDA_VISIBLE_DEVICES, e.g. "0" or "2,3"; None without GPUs
+    queues: list[str]
     process: subprocess.Popen
+
+
+def queue_for(processes: int) -> str:
+    """The work queue of runs with this many training processes: only a worker that sees that many GPUs polls it."""
+    return "default" if processes == 1 else f"processes-{processes}"
+
+
+def queues_polled(gpus: list[str]) -> list[str]:
+    """A worker with k GPUs takes runs of k processes; one without GPUs, runs of up to as many processes as it has
+    CPU cores (the training check's limit there)."""
+    if gpus:
+        return [queue_for(len(gpus))]
+    return [queue_for(n) for n in range(1, len(os.sched_getaffinity(0)) + 1)]
 
 
 def visible_gpus() -> list[str]:
@@ -44,21 +61,20 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
-def worker_names(gpus: list[str]) -> list[str]:
+def start_workers(pool: str, groups: list[list[str]]) -> list[Worker]:
+    """One `prefect worker start` per group of GPUs (one without GPUs), each the leader of its own process group and
+    named `<host>-gpu<ids>` (`<host>-cpu`)."""
     host = socket.gethostname().split(".")[0]
-    return [f"{host}-gpu{gpu}" for gpu in gpus] or [f"{host}-cpu"]
-
-
-def start_workers(pool: str, gpus: list[str]) -> list[Worker]:
-    """One `prefect worker start` per GPU (one without GPUs), each the leader of its own process group."""
     workers = []
-    for name, gpu in zip(worker_names(gpus), gpus or [None], strict=True):
-        env = dict(os.environ)
-        if gpu is not None:
-            env |= {"CUDA_VISIBLE_DEVICES": gpu, GPU_ENV: gpu}
+    for gpus in groups or [[]]:
+        gpu = ",".join(gpus) or None
+        name = f"{host}-gpu{'+'.join(gpus)}" if gpus else f"{host}-cpu"
+        env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": gpu, GPU_ENV: gpu} if gpu else {})
+        queues = queues_polled(gpus)
         command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                    "--name", name, "--limit", "1"]  # fmt: skip
-        workers.append(Worker(name, gpu, subprocess.Popen(command, env=env, start_new_session=True)))
+        command += [arg for queue in queues for arg in ("--work-queue", queue)]
+        workers.append(Worker(name, gpu, queues, subprocess.Popen(command, env=env, start_new_session=True)))
     return workers
 
 

@@ -1,5 +1,6 @@
-"""A subjects folder on a work pool served by `boothflow worker --gpus 0,1` (fake device ids on CPU): each subject
-runs on one worker, pinned to its GPU even against the pool's job variables; the second night trains only what
+"""A subjects folder on a work pool served by `boothflow worker --gpus 0,1,2+3` (fake device ids on CPU): each subject
+runs on one worker, pinned to its GPUs even against the pool's job variables, and a subject of two training processes
+on the worker with two GPUs; the second night trains only what
 changed; the summary page holds in a browser; a deployment of the subjects flow lists the folder when it runs; a
 folder with no usable image fails alone and the webhook names it; fp16 is checked where the subject runs."""
 
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import psutil
 import pytest
@@ -52,12 +54,12 @@ def _sets() -> list[str]:
 
 @pytest.fixture(scope="module")
 def workers(cli_env: dict, prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """`boothflow worker --gpus 0,1`, started as in the background, on a pool whose job variables set
+    """`boothflow worker --gpus 0,1,2+3`, started as in the background, on a pool whose job variables set
     CUDA_VISIBLE_DEVICES=7 for every run; the last test stops it with Ctrl-C's signal, and whatever is left is stopped
     at the end."""
     log = tmp_path_factory.mktemp("workers") / "worker.log"
     env = {**cli_env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONFAULTHANDLER": "1"}
-    supervisor = start([BIN / "boothflow", "worker", "--pool", POOL, "--gpus", "0,1"], log=log, cwd=REPO, env=env,
+    supervisor = start([BIN / "boothflow", "worker", "--pool", POOL, "--gpus", "0,1,2+3"], log=log, cwd=REPO, env=env,
                        preexec_fn=_as_in_the_background)  # fmt: skip
     started: list[psutil.Process] = []  # the workers, each in its own session
     try:
@@ -66,7 +68,7 @@ def workers(cli_env: dict, prefect_server: str, tmp_path_factory: pytest.TempPat
             template = pool.base_job_template
             template["variables"]["properties"]["env"]["default"] = {"CUDA_VISIBLE_DEVICES": "7"}
             client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=template))
-            wait_for(lambda: len(client.read_workers_for_work_pool(POOL)) == 2, 90, "two workers online")
+            wait_for(lambda: len(client.read_workers_for_work_pool(POOL)) == 3, 90, "three workers online")
         started += psutil.Process(supervisor.pid).children()
         yield {"log": log, "env": env, "supervisor": supervisor}
     finally:
@@ -118,13 +120,15 @@ def test_a_subjects_folder_on_two_gpu_workers_retrains_only_what_changed(
 ) -> None:
     folder = tmp_path / "subjects"
     _subject(folder, "alice", DEMO[:4])
-    _subject(folder, "bob", DEMO[1:5], '[data]\ntoken = "zwx"\n')
+    _subject(folder, "bob", DEMO[1:5], '[data]\ntoken = "zwx"\n[train]\nnum_processes = 2\n')
     _subject(folder, "carol", DEMO[2:6])
     _, first = _night(boothflow, folder, root, tmp_path / "first.json")
     assert {name: row["state"] for name, row in first.items()} == dict.fromkeys(("alice", "bob", "carol"), "Completed")
     host = socket.gethostname().split(".")[0]
-    for row in first.values():
+    for name in ("alice", "carol"):
+        row = first[name]
         assert row["gpu"] in ("0", "1") and row["worker"] == f"{host}-gpu{row['gpu']}", row  # not the pool's "7"
+    assert (first["bob"]["gpu"], first["bob"]["worker"]) == ("2,3", f"{host}-gpu2+3")  # two processes, two GPUs
     page = Path(json.loads((tmp_path / "first.json").read_text())["summary"])
     prompts = {name: _prompts(page.parent / row["report"]) for name, row in first.items()}
     assert "a photo of zwx toy" in prompts["bob"] and "a photo of sks toy" in prompts["alice"]  # bob's subject.toml
@@ -240,7 +244,7 @@ def test_a_subject_whose_settings_do_not_load_fails_alone_and_a_bad_night_stops_
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_ctrl_c_stops_both_workers_and_marks_the_run_it_cut_short_crashed(
+def test_ctrl_c_stops_every_worker_and_marks_the_run_it_cut_short_crashed(
     workers: dict, prefect_server: str, root: Path, tmp_path: Path
 ) -> None:
     """Runs last: a long subject is in flight on a worker when `boothflow worker` gets Ctrl-C. It holds a limit of
@@ -276,7 +280,7 @@ def test_ctrl_c_stops_both_workers_and_marks_the_run_it_cut_short_crashed(
     said = workers["log"].read_text()
     assert f"run long ({running.id}) was in flight on " in said and f"boothflow rerun {running.id}" in said, said
     assert state.is_crashed() and "was stopped while the run was in flight" in state.message, state
-    assert "stopped 2 workers" in said
+    assert "stopped 3 workers" in said
 
 
 def _where(pid: int) -> str:
@@ -304,3 +308,32 @@ def test_a_night_whose_folder_is_still_empty_completes_with_an_empty_summary(
         state = subjects(str(tmp_path / "subjects"), "demo", [], str(tmp_path / "artifacts"), return_state=True)
     assert state.is_completed() and state.result()["subjects"] == []
     assert "0 subjects: 0 completed, 0 failed" in Path(state.result()["summary"]).read_text()
+
+
+def test_a_killed_night_and_its_subject_show_as_crashed_in_runs(boothflow, prefect_server: str, tmp_path: Path):
+    _subject(tmp_path / "subjects", "kim", DEMO[:3])
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"kill_at": "preprocess-items:after-1"}))  # the night's process, mid-subject
+    killed = boothflow("subjects", tmp_path / "subjects", "--config", "demo", "--artifacts", tmp_path / "a", *_sets(),
+                       check=False, env={"BOOTHFLOW_FAULTS": str(faults)})  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ids = [folder.name for folder in (tmp_path / "a" / "runs").iterdir()]
+    with client_for(prefect_server) as client:
+        runs = {client.read_flow(run.flow_id).name: run for run in (client.read_flow_run(UUID(i)) for i in ids)}
+        assert sorted(runs) == ["dreambooth", "dreambooth-subjects"]
+        assert {run.state.name for run in runs.values()} == {"Running"}  # nobody told the server
+
+    listed = boothflow("runs").stdout.splitlines()
+    for run_id in ids:
+        [row] = [line for line in listed if run_id in line]
+        assert "Crashed" in row and "is gone" in row, row
+    with client_for(prefect_server) as client:
+        assert {client.read_flow_run(UUID(run_id)).state.name for run_id in ids} == {"Crashed"}
+
+    faults.unlink()
+    night = str(runs["dreambooth-subjects"].id)
+    boothflow("rerun", night, "--summary", tmp_path / "night.json")
+    [kim] = json.loads((tmp_path / "night.json").read_text())["subjects"]
+    assert kim["state"] == "Completed" and _trained(kim), kim
+    with client_for(prefect_server) as client:
+        assert client.read_flow_run(UUID(night)).state.name == "Completed"

@@ -14,6 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from flows.commands.common import ArtifactsOpt, ConfigOpt, MemoryOpt, SetOpt, SummaryOpt, console, error, run_config
+from flows.commands.subjects import finish_night
+from flows.commands.sweep import finish_sweep
 from flows.commands.temporary_server import report_to_server, server_line
 from tasks.core.config import ConfigError, RunConfig
 
@@ -45,19 +47,21 @@ def rerun(
     run_id: Annotated[str, typer.Argument(help="Flow run id, as `boothflow runs` lists it")],
     summary: SummaryOpt = None,
 ):
-    """Retry a finished run under the same id: cached stages are skipped, the failed one resumes."""
+    """Retry a finished run (a night or sweep too) under the same id: cached stages are skipped, the failed one
+    resumes."""
+    from flows.operate import artifacts_root
     from flows.operate import rerun as retry
 
     console.print(server_line(), highlight=False, markup=False)
     started = time.monotonic()
-    flow_run, state = retry(run_id)
+    flow_run, flow_name, state = retry(run_id)
     if state is None:
         console.print(
             f"run {run_id} belongs to a deployment: its serve process or worker will pick it up", markup=False
         )
         return
-    root = Path(flow_run.parameters["config"]["run"]["artifacts_root"])
-    _finish(state, root, summary, started)
+    finish = {"dreambooth-subjects": finish_night, "dreambooth-sweep": finish_sweep}.get(flow_name, _finish)
+    finish(state, artifacts_root(flow_run), summary, started)
 
 
 def runs(limit: Annotated[int, typer.Option(help="How many recent runs to list")] = 20):

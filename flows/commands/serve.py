@@ -31,7 +31,10 @@ from flows.commands.temporary_server import server_line
 from tasks.core.config import ConfigError
 
 SUBJECTS_HELP = "Serve a subjects night instead: every subfolder of this folder, listed each night, is a subject"
-GPUS_HELP = "GPUs, one worker each, e.g. 0,1,2,3 (default: every visible CUDA device; one worker without CUDA)"
+GPUS_HELP = (
+    "GPUs, one worker each, e.g. 0,1,2,3; '+' gives one worker several, for runs of that many training "
+    "processes: 0,1,2+3 (default: every visible CUDA device alone; one worker without CUDA)"
+)
 
 
 def serve(
@@ -151,25 +154,26 @@ def worker(
     pool: Annotated[str, typer.Option("--pool", help="Work pool to serve (created as a process pool if missing)")],
     gpus: Annotated[str | None, typer.Option("--gpus", help=GPUS_HELP)] = None,
 ):
-    """Start one Prefect process worker per GPU, each running one flow run at a time on its own GPU, and supervise
-    them: Ctrl-C or SIGTERM stops them all and says what happened to the runs in flight."""
+    """Start one Prefect process worker per GPU (or group of GPUs), each running one flow run at a time on its own
+    GPUs, and supervise them: Ctrl-C or SIGTERM stops them all and says what happened to the runs in flight."""
     if not os.environ.get("PREFECT_API_URL"):
         error("workers and the runs they take need one Prefect server: set PREFECT_API_URL (`boothflow ui` starts one)")
         raise typer.Exit(2)
-    ids = _gpu_ids(gpus)
+    groups = _gpu_groups(gpus)
     from flows.sweep import GPU_LIMIT, gpu_limit
     from flows.workers import start_workers, stop_workers, visible_gpus
 
-    ids = visible_gpus() if ids is None else ids
-    slots = gpu_limit(at_least=max(len(ids), 1))
+    groups = [[gpu] for gpu in visible_gpus()] if groups is None else groups
+    slots = gpu_limit(at_least=max(len(groups), 1))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the workers as Ctrl-C does
     # Started in the background (`cmd &`, nohup), a process inherits SIGINT ignored, and Python then leaves it so:
     # Ctrl-C's signal would stop nothing, here or in the workers (a handled signal is reset to the default at exec).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    workers = start_workers(pool, ids)
+    workers = start_workers(pool, groups)
     for started in workers:
-        where = f"GPU {started.gpu} (CUDA_VISIBLE_DEVICES={started.gpu})" if started.gpu is not None else "no GPU"
-        console.print(f"worker {started.name} on pool {pool}: {where}", highlight=False, markup=False)
+        where = f"CUDA_VISIBLE_DEVICES={started.gpu}" if started.gpu is not None else "no GPU"
+        console.print(f"worker {started.name} on pool {pool}: {where}; work queue {', '.join(started.queues)}",
+                      highlight=False, markup=False)  # fmt: skip
     console.print(f"concurrency limit {GPU_LIMIT}: {slots} slots; Ctrl-C stops the workers", highlight=False,
                   markup=False)  # fmt: skip
     exited = None
@@ -188,12 +192,13 @@ def worker(
     console.print(f"stopped {len(workers)} workers", highlight=False, markup=False)
 
 
-def _gpu_ids(gpus: str | None) -> list[str] | None:
-    """`0,1,3` -> ['0', '1', '3']: device indices or UUIDs, each once."""
+def _gpu_groups(gpus: str | None) -> list[list[str]] | None:
+    """`0,1,2+3` -> [['0'], ['1'], ['2', '3']]: one worker per group; device indices or UUIDs, each once."""
     if gpus is None:
         return None
-    ids = [part.strip() for part in gpus.split(",")]
-    if not all(re.fullmatch(r"[A-Za-z0-9-]+", part) for part in ids) or len(set(ids)) < len(ids):
-        error(f"--gpus {gpus!r}: expected GPU indices or UUIDs, each once, e.g. 0,1,2,3")
+    groups = [[gpu.strip() for gpu in part.split("+")] for part in gpus.split(",")]
+    ids = [gpu for group in groups for gpu in group]
+    if not all(re.fullmatch(r"[A-Za-z0-9-]+", gpu) for gpu in ids) or len(set(ids)) < len(ids):
+        error(f"--gpus {gpus!r}: expected GPU indices or UUIDs, each once, e.g. 0,1,2,3 or 0,1,2+3")
         raise typer.Exit(2)
-    return ids
+    return groups

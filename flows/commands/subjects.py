@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -67,7 +67,6 @@ def subjects(
         raise typer.Exit(2) from None
     server_ready = report_to_server()
     from flows.operate import mark_crashed_runs
-    from flows.runner import parent_record
     from flows.subjects import subjects as subjects_flow
 
     server_ready()
@@ -75,9 +74,15 @@ def subjects(
     started = time.monotonic()
     state = subjects_flow(str(folder.resolve()), str(config or ""), set_ or [], str(artifacts or ""), pool or "",
                           slots, return_state=True)  # fmt: skip
+    finish_night(state, root, summary, started)
+
+
+def finish_night(state: Any, root: Path, summary: Path | None, started: float) -> None:
+    """Print the night's record and copy it to `summary`; exit 1 when the night failed."""
+    from flows.runner import parent_record
+
     record = parent_record(root, str(state.state_details.flow_run_id), "night")
-    result = finished_record(state, record, summary)
-    _print_night(result, time.monotonic() - started)
+    _print_night(finished_record(state, record, summary), time.monotonic() - started)
     if state.is_failed():
         raise typer.Exit(1)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -46,16 +46,21 @@ def sweep(
     root = spec.base.run.artifacts_root
     server_ready = report_to_server()
     from flows.operate import mark_crashed_runs
-    from flows.runner import parent_record
     from flows.sweep import sweep as sweep_flow
 
     server_ready()
     mark_crashed_runs()
     started = time.monotonic()
     state = sweep_flow(spec, pool or "", slots, return_state=True)
+    finish_sweep(state, root, summary, started)
+
+
+def finish_sweep(state: Any, root: Path, summary: Path | None, started: float) -> None:
+    """Print the sweep's record and copy it to `summary`; exit 1 when the sweep failed."""
+    from flows.runner import parent_record
+
     record = parent_record(root, str(state.state_details.flow_run_id), "sweep")
-    result = finished_record(state, record, summary)
-    _print_sweep(result, time.monotonic() - started)
+    _print_sweep(finished_record(state, record, summary), time.monotonic() - started)
     if state.is_failed():
         raise typer.Exit(1)
 
