@@ -29,11 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 BOOTHFLOW = Path(sys.executable).parent / "boothflow"
 POOL = "subjects-benchmark"
 NIGHTS = ("cold", "one photo changed", "nothing changed")
+# The photos are written just before each night: none of them is still arriving (data.settle_minutes).
 SETTINGS = ["train.steps=100", "train.checkpoint_every=0", "train.sample_every=0", "train.pick=last",
-            "generate.seeds=[0,1,2,3]", "generate.validation_prompts=[]"]  # fmt: skip
+            "generate.seeds=[0,1,2,3]", "generate.validation_prompts=[]", "data.settle_minutes=0"]  # fmt: skip
 QUICK = ["prior.enabled=false", "train.steps=4", "train.checkpoint_every=0", "train.sample_every=0",
          "train.pick=last", "generate.seeds=[0]", "generate.steps=2", "generate.compare_base=false",
-         "generate.validation_prompts=[]"]  # fmt: skip
+         "generate.validation_prompts=[]", "data.settle_minutes=0"]  # fmt: skip
 MODEL_STAGES = {"train": "training", "class_images": "rendering", "generate": "rendering"}
 STOP_WAIT = 60  # seconds the worker has to stop after Ctrl-C
 

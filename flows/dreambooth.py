@@ -48,7 +48,13 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
     with stages:
         if not stages.plan:
             check_plan(config)
-        instance = stages.run(preprocess.stage, preprocess.PreprocessInputs.of(config))
+        photos = preprocess.PreprocessInputs.of(config)
+        stages.summary["waiting"] = list(photos.waiting)
+        if photos.waiting and not stages.plan:
+            get_run_logger().warning(f"{len(photos.waiting)} instance files were modified in the last "
+                                     f"{config.data.settle_minutes:g} minutes (data.settle_minutes) and wait for the "
+                                     f"next run: {', '.join(photos.waiting)}")  # fmt: skip
+        instance = stages.run(preprocess.stage, photos)
         model = base_model(config, needed_by=config.stage_names()[1])
         classes = None
         if config.prior.enabled:
@@ -59,7 +65,8 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
         generated = stages.run(generate.stage, generate.GenerateInputs.of(config, model, picked or trained))
         scored = stages.run(evaluate.stage, evaluate.EvaluateInputs.of(config, instance, generated))
         results = (instance, classes, trained, generated, scored)
-        stages.run(report.stage, report.ReportInputs.of(config, stages.summary["stages"], *results, selection=picked))
+        stages.run(report.stage, report.ReportInputs.of(config, stages.summary["stages"], *results, selection=picked,
+                                                        waiting=photos.waiting))  # fmt: skip
 
 
 def pick(config: RunConfig, stages: StageRunner, model: ResolvedModel, instance: StageResult, trained: StageResult):

@@ -169,6 +169,7 @@ class StageRunner:
             "stages": {name: {"status": "skipped"} for name in stage_names},
             "outputs": {},
             "models_loaded": [],
+            "waiting": [],  # instance files modified too recently: left for the next run
             "error": None,
         }
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -417,3 +418,31 @@ def test_a_failure_to_publish_never_hides_the_stages_own_error(
     assert summary["error"]["message"] == error.message
     assert "the run's artifacts were not published: OSError: the artifact API is down" in warnings
     assert str(succeeded.result(raise_on_failure=False)) == "the artifact API is down"
+
+
+def test_a_photo_still_arriving_waits_for_the_next_run_and_is_listed(boothflow, tmp_path: Path) -> None:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "photos")
+    now = time.time()
+    hour_ago, minute_ago = now - 3600, now - 60
+    for photo in images.iterdir():
+        os.utime(photo, (hour_ago, hour_ago))  # arrived during the day
+    arriving = images / "arriving.png"
+    Image.open(next(images.iterdir())).rotate(90).save(arriving)
+    os.utime(arriving, (minute_ago, minute_ago))
+    settings = [f"data.instance_dir='{images}'", "data.settle_minutes=5", "train.steps=2", "train.checkpoint_every=0",
+                "generate.steps=2", "generate.seeds=[0]"]  # fmt: skip
+    base = ["run", "--config", "configs/demo.toml", "--artifacts", tmp_path / "artifacts"]
+    base += [arg for setting in settings for arg in ("--set", setting)]
+
+    done = boothflow(*base, "--summary", tmp_path / "1.json")
+    first = _summary(tmp_path / "1.json")
+    assert first["waiting"] == ["arriving.png"] and "arriving.png" not in _outcomes(first)
+    assert "waiting for the next run (modified in the last data.settle_minutes): arriving.png" in done.stderr
+    page = Path(first["outputs"]["report_html"]).read_text()
+    assert "Waiting for the next run (1)" in page and "<li>arriving.png</li>" in page
+
+    os.utime(arriving, (now - 600, now - 600))  # settled
+    boothflow(*base, "--summary", tmp_path / "2.json")
+    second = _summary(tmp_path / "2.json")
+    assert second["waiting"] == [] and _outcomes(second)["arriving.png"].startswith("ok")
+    assert second["stages"]["preprocess"]["items_processed"] == 1 and second["stages"]["train"]["status"] == "ran"

@@ -42,6 +42,7 @@ CHANGES = [
     ("data.class_name", "dog", CLASS_SIDE),
     ("data.instance_prompt", "a {token}", TRAIN),
     ("data.min_images", 2, LISTING),  # still satisfied
+    ("data.settle_minutes", 0, set()),  # enters no key: which files settled does (test_flow_preprocess)
     ("preprocess.resolution", 128, ALL),
     ("preprocess.crop", "face", LISTING),  # no face in these images: the centre crop
     ("preprocess.min_side", 100, LISTING),  # rejects none of them

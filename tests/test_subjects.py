@@ -32,8 +32,10 @@ from tasks.core.subjects import list_subjects
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 POOL = "subjects-test-pool"
+# The photos are copied just before each night: none of them is still arriving (data.settle_minutes).
 QUICK = ["train.steps=3", "train.checkpoint_every=0", "train.sample_every=0", "generate.steps=2", "generate.seeds=[0]",
-         "generate.prompts=['a photo of {token} {class}']", "generate.compare_base=false"]  # fmt: skip
+         "generate.prompts=['a photo of {token} {class}']", "generate.compare_base=false",
+         "data.settle_minutes=0"]  # fmt: skip
 DEMO = sorted((REPO / "data" / "demo").iterdir())
 STOPPED = 120  # seconds `boothflow worker` may take to stop its workers after Ctrl-C (its own grace is 20 s)
 
@@ -215,6 +217,7 @@ def test_a_subject_whose_settings_do_not_load_fails_alone_and_a_bad_night_stops_
 ) -> None:
     folder = tmp_path / "subjects"
     _subject(folder, "fine", DEMO[:3], '[data]\ntoken = "zwx"\n')
+    _subject(folder, "settled", DEMO[:3], "[data]\nsettle_minutes = 0\n")
     _subject(folder, "broken", DEMO[:3], "[data\ntoken = 1")
     _subject(folder, "unknown", DEMO[:3], "[train]\nstepz = 3\n")
     _subject(folder, "moved", DEMO[:3], '[data]\ninstance_dir = "/elsewhere"\n')
@@ -222,9 +225,10 @@ def test_a_subject_whose_settings_do_not_load_fails_alone_and_a_bad_night_stops_
     _subject(folder, ".cache", DEMO[:3])
     base, found = list_subjects(folder, Path("demo"), ["train.steps=7"], tmp_path / "artifacts")
     problems = {subject.name: subject.problem for subject in found}
-    assert list(problems) == ["bad name!", "broken", "fine", "moved", "unknown"]  # hidden folders are not subjects
+    assert list(problems) == ["bad name!", "broken", "fine", "moved", "settled", "unknown"]  # hidden ones are not
     assert problems["fine"] is None and base.train.steps == 7
-    fine = next(subject for subject in found if subject.name == "fine").config
+    fine, settled = (next(subject.config for subject in found if subject.name == name) for name in ("fine", "settled"))
+    assert (fine.data.settle_minutes, settled.data.settle_minutes, base.data.settle_minutes) == (5, 0, None)
     assert (fine.data.token, fine.train.steps, fine.run.name) == ("zwx", 7, "fine")
     assert fine.data.instance_dir == (folder / "fine").resolve()
     assert "subject.toml: not valid TOML" in problems["broken"]

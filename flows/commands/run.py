@@ -131,6 +131,9 @@ def _print_summary(result: dict, seconds: float) -> None:
     console.print(table)
     for name, path in result["outputs"].items():
         console.print(f"{name}: {path}", highlight=False, markup=False)
+    if result.get("waiting"):
+        console.print(f"waiting for the next run (modified in the last data.settle_minutes): "
+                      f"{', '.join(result['waiting'])}", highlight=False, markup=False)  # fmt: skip
     failed = result["error"]
     if failed:
         where = ", ".join(str(failed[k]) for k in ("stage", "item") if failed.get(k))

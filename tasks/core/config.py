@@ -124,6 +124,16 @@ class DataSection(Section):
         description="sidecar: a .txt beside an image is its training prompt ({token} and {class} filled in; an image"
         " without one uses the instance prompt); empty: the instance prompt for every image",
     )
+    settle_minutes: float | None = no_key(
+        "Leave files modified less than this many minutes ago for the next run (photos still being copied); empty: "
+        "5 in a subjects night, 0 in a single run",
+        default=None,
+        ge=0,
+        le=10_080,
+    )
+
+    def settle_seconds(self) -> float:
+        return 60 * (self.settle_minutes or 0)
 
 
 class PreprocessSection(Section):

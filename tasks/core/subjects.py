@@ -23,6 +23,7 @@ from tasks.core.sweeps import flatten
 SETTINGS_FILE = "subject.toml"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # a run name, a flow run name and a folder of the store
 FIXED = ("data.instance_dir", "run.name", "run.artifacts_root")  # the folder and the night set these
+NIGHT_SETTLE_MINUTES = 5.0  # photos arrive during the day: one modified in the last minutes may still be copying
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,16 @@ def _subject(folder: Path, config: Path | None, overrides: list[str], artifacts:
     try:
         own = _own_settings(folder / SETTINGS_FILE)
         settings = {**own, "data.instance_dir": str(folder.resolve()), "run.name": name}
-        return Subject(name, folder, load_config(config, overrides, artifacts, settings))
+        return Subject(name, folder, _settling(load_config(config, overrides, artifacts, settings)))
     except ConfigError as err:
         return Subject(name, folder, None, str(err))
+
+
+def _settling(config: RunConfig) -> RunConfig:
+    """A night leaves photos modified in its last minutes for the next night, unless a setting says otherwise."""
+    if config.data.settle_minutes is not None:
+        return config
+    return config.model_copy(update={"data": config.data.model_copy(update={"settle_minutes": NIGHT_SETTLE_MINUTES})})
 
 
 def _own_settings(file: Path) -> dict[str, object]:

@@ -71,6 +71,7 @@ def row(subject: SubjectRun, target: Path) -> dict[str, Any]:
         "training_seconds": train.get("seconds") if train.get("status") == "ran" else None,
         "worker": (summary.get("run") or {}).get("worker") or "",
         "gpu": (summary.get("run") or {}).get("gpu") or "",
+        "waiting": summary.get("waiting") or [],
         "metrics": scores(facts),
         "report": relative_link(Path(report), target) if facts else None,
     }

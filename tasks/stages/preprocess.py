@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,14 +50,17 @@ class PreprocessInputs:
     instance_dir: Path
     files: tuple[SourceFile, ...]
     min_images: int
+    waiting: tuple[str, ...] = ()  # files modified too recently (still being copied?): left for the next run
 
     @classmethod
     def of(cls, config: RunConfig) -> PreprocessInputs:
         """The instance folder as it is now: every file scanned by `scan`, hashed only when it changed since a run with
-        this artifact root last hashed it."""
+        this artifact root last hashed it; files modified less than `data.settle_minutes` ago wait, unread."""
         data = config.data
+        waiting = recently_modified(data.instance_dir, data.settle_seconds()) if data.settle_seconds() else ()
         with HashMemo(config.run.artifacts_root) as memo:
-            return cls(data.instance_dir, scan(data.instance_dir, memo.sha256), data.min_images)
+            files = scan(data.instance_dir, memo.sha256, skip=frozenset(waiting))
+        return cls(data.instance_dir, files, data.min_images, waiting)
 
     @property
     def fingerprint(self) -> str:
@@ -68,8 +72,30 @@ def _is_ignored(path: Path) -> bool:
     return path.name.startswith(".") or path.suffix.lower() in SIDECAR_SUFFIXES
 
 
-def scan(instance_dir: Path, sha256: Callable[[Path], str] = file_sha256) -> tuple[SourceFile, ...]:
-    """Every candidate file under `instance_dir`, sorted, hashed by `sha256`, with scan-level problems marked."""
+def scan(
+    instance_dir: Path, sha256: Callable[[Path], str] = file_sha256, skip: frozenset[str] = frozenset()
+) -> tuple[SourceFile, ...]:
+    """Every candidate file under `instance_dir` but those in `skip` (relative paths), sorted, hashed by `sha256`,
+    with scan-level problems marked."""
+    candidates = _candidates(instance_dir)
+    real_root = Path(instance_dir).resolve()
+    first_by_hash: dict[str, str] = {}
+    return tuple(
+        _examine(candidates[rel], rel, real_root, first_by_hash, sha256)
+        for rel in sorted(candidates)
+        if rel not in skip
+    )
+
+
+def recently_modified(instance_dir: Path, seconds: float) -> tuple[str, ...]:
+    """The candidate files modified in the last `seconds`, sorted: perhaps still being copied. A file dated further
+    in the future than that has a wrong clock behind it, not a copy in progress, and is not held back."""
+    now, candidates = time.time(), _candidates(instance_dir)
+    return tuple(rel for rel in sorted(candidates) if now - seconds < _modified(candidates[rel]) < now + seconds)
+
+
+def _candidates(instance_dir: Path) -> dict[str, Path]:
+    """Every file under `instance_dir` that may be an image, by its path relative to the folder."""
     root = Path(instance_dir)
     if not root.is_dir():
         raise StageError(STAGE, "instance folder not found; set data.instance_dir to a folder of images", str(root))
@@ -80,9 +106,16 @@ def scan(instance_dir: Path, sha256: Callable[[Path], str] = file_sha256) -> tup
             path = Path(folder) / name
             if not _is_ignored(path):
                 candidates[path.relative_to(root).as_posix()] = path
-    real_root = root.resolve()
-    first_by_hash: dict[str, str] = {}
-    return tuple(_examine(candidates[rel], rel, real_root, first_by_hash, sha256) for rel in sorted(candidates))
+    return candidates
+
+
+def _modified(path: Path) -> float:
+    """When the file (a symlink's target) last changed; a file that cannot be read counts as settled, so it is
+    examined and rejected with its reason."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return float("-inf")
 
 
 def _examine(
@@ -170,10 +203,13 @@ def build(cfg: PreprocessSection, inputs: PreprocessInputs, store: Store, key: s
     rejected = table[table["status"] == "rejected"]
     if len(usable) < inputs.min_images:
         listing = "; ".join(f"{r.source} ({r.reason})" for r in rejected.itertuples()) or "none"
+        waiting = f"; {len(inputs.waiting)} more wait (modified too recently): the next run takes them" * bool(
+            inputs.waiting
+        )
         raise StageError(
             STAGE,
             f"only {len(usable)} usable images, data.min_images is {inputs.min_images}; "
-            f"add images or lower data.min_images. Rejected: {listing}",
+            f"add images or lower data.min_images. Rejected: {listing}{waiting}",
             str(inputs.instance_dir),
         )
 

@@ -49,14 +49,15 @@ class ReportInputs:
     token: str
     class_name: str
     selection: StageResult | None = None  # the select stage, when train.pick chose the weights by a metric
+    waiting: tuple[str, ...] = ()  # instance files left for the next run: modified too recently
 
     @classmethod
     def of(cls, config: RunConfig, stages: dict[str, Any], *results: StageResult | None,
-           selection: StageResult | None = None) -> ReportInputs:  # fmt: skip
+           selection: StageResult | None = None, waiting: tuple[str, ...] = ()) -> ReportInputs:  # fmt: skip
         """`results`: preprocess, class images (None without prior preservation), train, generate and evaluate."""
         data = config.data
         return cls(config.run.name, config.model_dump(mode="json"), copy.deepcopy(stages), data.instance_dir,
-                   *results, data.token, data.class_name, selection)  # fmt: skip
+                   *results, data.token, data.class_name, selection, waiting)  # fmt: skip
 
 
 def stage_key_for(cfg: ReportSection, inputs: ReportInputs) -> str:
@@ -73,6 +74,7 @@ def stage_key_for(cfg: ReportSection, inputs: ReportInputs) -> str:
         evaluate=inputs.evaluate.key,
         run_name=inputs.run_name,
         **({"selection": inputs.selection.key} if inputs.selection else {}),
+        **({"waiting": list(inputs.waiting)} if inputs.waiting else {}),
     )
 
 
@@ -256,7 +258,13 @@ def _writer(cfg: ReportSection, inputs: ReportInputs, key: str) -> Callable[[Pat
                 "summary": list({**summary, "final loss": report_page.number(summary["final loss"], 4)}.items()),
                 "settings": report_page.settings(inputs.settings),
                 "stages": report_page.stages(inputs.stages),
-                "inputs": {"shown": shown, "rejected": rejected, "classes": classes},
+                "inputs": {
+                    "shown": shown,
+                    "rejected": rejected,
+                    "classes": classes,
+                    "waiting": inputs.waiting,
+                    "settle_minutes": inputs.settings["data"]["settle_minutes"],
+                },
                 "loss": loss,
                 "samples": report_page.samples(samples, cfg.seeds_shown),
                 "checkpoints": report_page.checkpoints(samples, training.get("steps")),
