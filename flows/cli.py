@@ -25,6 +25,7 @@ for command in (
     plan.plan,
     run.rerun,
     run.runs,
+    cache.forget,
     serve.serve,
     serve.worker,
     serve.notify,

@@ -31,7 +31,7 @@ CHECKPOINTS_SUFFIX = ".checkpoints"
 DAY = 86400.0
 
 
-def _gc_lock(root: Path) -> FileLock:
+def gc_lock(root: Path) -> FileLock:
     (root / ".locks").mkdir(parents=True, exist_ok=True)
     return FileLock(root / ".locks" / "gc.lock")
 
@@ -63,7 +63,7 @@ class RunKeys:
     def use(self, stage: str, key: str) -> None:
         folder = self.root / "runs" / self.run_id
         folder.mkdir(parents=True, exist_ok=True)
-        with _gc_lock(self.root):
+        with gc_lock(self.root):
             self.keys.append(f"{stage}/{key}")
             temp = folder / f"{KEYS_FILE}.{uuid.uuid4().hex[:8]}.tmp"
             temp.write_text(json.dumps(self.keys))
@@ -125,7 +125,7 @@ def _created(folder: Path) -> float:
         return folder.stat().st_mtime
 
 
-def _inodes(folder: Path) -> set[int]:
+def inodes(folder: Path) -> set[int]:
     return {f.stat().st_ino for f in folder.rglob("*") if f.is_file()}
 
 
@@ -197,7 +197,7 @@ def plan(
         age_days = (now - max(last_use.get(name, 0.0), _created(folder))) / DAY
         why = None if name in protected else _stale(name in (recent or ()), age_days, keep_last, older_than_days)
         if why is None:
-            kept_inodes |= _inodes(folder)
+            kept_inodes |= inodes(folder)
         else:
             removals.append(Removal(entry["stage"], entry["key"], entry["bytes"], why))
     if items and running:
@@ -205,7 +205,7 @@ def plan(
     elif keep_last is not None or older_than_days is not None:
         for entry in items:
             folder = store.path(entry["stage"], entry["key"])
-            if entry["state"] == "complete" and not _inodes(folder) & kept_inodes:
+            if entry["state"] == "complete" and not inodes(folder) & kept_inodes:
                 removals.append(Removal(entry["stage"], entry["key"], entry["bytes"], "no kept entry uses it"))
     return removals, notes
 
@@ -241,7 +241,7 @@ def collect(
 ) -> tuple[list[Removal], list[str], int]:
     """`boothflow cache gc`: plan and (unless `dry_run`) remove, all under the gc lock; with the bytes freed (or that
     removing would free)."""
-    with _gc_lock(Path(root)):
+    with gc_lock(Path(root)):
         removals, notes = plan(Path(root), stages, keep_last, older_than_days, damaged)
         if dry_run:
             return removals, notes, bytes_freed([Store(root).path(r.stage, r.folder) for r in removals])

@@ -165,6 +165,7 @@ class StageRunner:
                 "stage": only,
                 "worker": os.environ.get(WORKER_ENV),
                 "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "instance_dir": str(Path(config.data.instance_dir).resolve()),  # what `forget` finds its runs by
             },
             "stages": {name: {"status": "skipped"} for name in stage_names},
             "outputs": {},
@@ -190,6 +191,7 @@ class StageRunner:
                 "stage": stage,
                 "item": getattr(error, "item", None),
                 "message": getattr(error, "message", None) or f"{type(error).__name__}: {error}",
+                "expected": isinstance(error, EXPECTED),  # a setting, a photo or the disk: trying again changes nothing
             }
             if stage in self.summary["stages"]:
                 self.summary["stages"][stage] = {"status": "failed"}

@@ -22,7 +22,7 @@ from flows.gc import RunKeys
 from flows.preflight import check_settings
 from flows.publish import report_link
 from flows.runner import parent_record, summary_path
-from flows.sweep import CellProgress, run_here, submit, wait_all
+from flows.sweep import CellProgress, Ran, run_here, submit, wait_all
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
 from tasks.core.subjects import Subject, list_subjects
@@ -60,28 +60,29 @@ def served_here(config: RunConfig) -> bool:
     return all(stage["status"] in ("cached", "skipped") for stage in stages.values())
 
 
-def _run(ready: list[Subject], pool: str, slots: int | None) -> list[tuple[str, str]]:
-    """Each ready subject's flow run id and final state, run here in turn or, unless the store holds all of it, on
-    `pool`."""
+def _run(ready: list[Subject], root: Path, pool: str, slots: int | None, retries: int) -> list[Ran]:
+    """Each ready subject's run, here in turn or, unless the store holds all of it, on `pool`; a run that crashed or
+    failed unexpectedly is tried again, up to `retries` times."""
     cells = [Cell(name=subject.name, values={}, config=subject.config) for subject in ready]
     progress = CellProgress(len(cells), "subjects", "subjects-progress")
     if not pool:
-        return run_here(cells, progress)
+        return run_here(cells, progress, root, retries)
     here = [cell for cell in cells if served_here(cell.config)]
     remote = [cell for cell in cells if cell not in here]
     submitted = submit(remote, pool, slots, "subjects") if remote else []
-    ran = dict(zip((cell.name for cell in here), run_here(here, progress), strict=True))
-    ran |= {run.name: (str(run.id), run.state.name) for run in wait_all(submitted, progress)}
+    ran = dict(zip((cell.name for cell in here), run_here(here, progress, root, retries), strict=True))
+    ran |= dict(zip((cell.name for cell in remote), wait_all(submitted, progress, root, retries), strict=True))
     return [ran[cell.name] for cell in cells]
 
 
 @flow(name="dreambooth-subjects")
 def subjects(
     folder: str, config: str = "", settings: list[str] | None = None, artifacts: str = "", pool: str = "",
-    slots: int | None = None,
+    slots: int | None = None, retries: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """Train every subfolder of `folder` as a subject (its optional subject.toml on top of `config` and `settings`),
-    here or on work pool `pool`, then write the night's summary; fails naming the subjects that failed."""
+    here or on work pool `pool`, trying a crashed subject again up to `retries` times, then write the night's
+    summary; fails naming the subjects that failed."""
     try:
         base, found = list_subjects(Path(folder), Path(config) if config else None, settings or [],
                                     Path(artifacts) if artifacts else None)  # fmt: skip
@@ -89,20 +90,20 @@ def subjects(
         raise StageError("subjects", str(err)) from None
     root = base.run.artifacts_root
     with RunKeys(root, str(flow_run.id)):  # its lock: `runs` marks the night Crashed once its process is gone
-        return _night(folder, found, root, pool, slots)
+        return _night(folder, found, root, pool, slots, retries)
 
 
-def _night(folder: str, found: list[Subject], root: Path, pool: str, slots: int | None) -> dict[str, Any]:
+def _night(folder: str, found: list[Subject], root: Path, pool: str, slots: int | None, retries: int) -> dict[str, Any]:
     if not found:  # a served night whose folder has not filled yet: an empty summary, not a failure
         get_run_logger().warning(f"no subjects in {folder!r} tonight: add one subfolder of images per subject")
     problems = {subject.name: _settings_problem(subject) for subject in found}
     ready = [subject for subject in found if problems[subject.name] is None]
     get_run_logger().info(f"{len(found)} subjects in {folder}: {len(ready)} to run, {len(found) - len(ready)} "
                           "that cannot start")  # fmt: skip
-    ran = dict(zip((s.name for s in ready), _run(ready, pool, slots), strict=True))
+    ran = dict(zip((s.name for s in ready), _run(ready, root, pool, slots, retries), strict=True))
     runs = [
-        SubjectRun(s.name, ran[s.name][1], _run_summary(root, ran[s.name][0])) if s.name in ran
-        else SubjectRun(s.name, "Failed", None, problems[s.name])
+        SubjectRun(s.name, ran[s.name].state, _run_summary(root, ran[s.name].flow_run_id), tries=ran[s.name].tries)
+        if s.name in ran else SubjectRun(s.name, "Failed", None, problems[s.name])
         for s in found
     ]  # fmt: skip
     started = flow_run.scheduled_start_time or datetime.now()
@@ -110,7 +111,7 @@ def _night(folder: str, found: list[Subject], root: Path, pool: str, slots: int 
     facts = night.write(f"night of {started:%Y-%m-%d %H:%M}: {Path(folder).name}", runs, target)
     publish(facts, root)
     record = {"folder": folder, "summary": str(facts["html"]), "subjects": facts["subjects"],
-              "flow_runs": {name: run_id for name, (run_id, _) in ran.items()}}  # fmt: skip
+              "flow_runs": {name: run.flow_run_id for name, run in ran.items()}}  # fmt: skip
     parent_record(root, str(flow_run.id), "night").write_text(json.dumps(record, indent=1, default=str))
     failed = [r for r in facts["subjects"] if r["failed"]]
     if failed:
@@ -133,7 +134,7 @@ def publish(facts: dict[str, Any], root: Path) -> None:
     ]
     for row in facts["subjects"]:
         stages = ", ".join(f"{s['stage']} {s['text']}" for s in row["stages"]) or "—"
-        state = f"{row['state']}: {row['cause']}" if row["cause"] else row["state"]
+        state = night.state_line(row)
         seconds = f"{row['training_seconds']:.1f}" if row["training_seconds"] is not None else "—"
         report = f"[report]({report_link(Path(facts['html']).parent / row['report'], root)})" if row["report"] else "—"
         cells = [row["subject"], state, stages, seconds, row["worker"] or "here", row["gpu"] or "—", report]

@@ -8,7 +8,7 @@ of a base model) is built once; on a pool, stages that load a model hold a slot 
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger
@@ -20,12 +20,14 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.client.schemas.objects import FlowRun, WorkQueueStatus
+from prefect.client.schemas.objects import WorkQueueStatus
 from prefect.deployments import run_deployment
+from prefect.deployments.flow_runs import arun_deployment
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.flow_runs import wait_for_flow_run
 from prefect.runtime import flow_run
+from prefect.states import State
 
 from flows.dreambooth import check_plan, dreambooth
 from flows.gc import RunKeys
@@ -133,28 +135,62 @@ def _warn_unpolled(pool: str, queues: set[str]) -> None:
                                  f"starts (boothflow worker --pool {pool}{gpus})")  # fmt: skip
 
 
-def wait_all(ids: list[UUID], progress: CellProgress) -> list[FlowRun]:
-    """Every submitted run once it has finished, in the order given."""
-    return asyncio.run(_wait(ids, progress)) if ids else []
+class Ran(NamedTuple):
+    """A cell's run as it ended: its flow run id, its final state and how many times it was tried."""
+
+    flow_run_id: str
+    state: str
+    tries: int = 1
 
 
-async def _wait(ids: list[UUID], progress: CellProgress) -> list[FlowRun]:
-    """Every cell's run once it has finished, in cell order."""
-    finished = {}
-    for done in asyncio.as_completed([wait_for_flow_run(flow_run_id, timeout=None) for flow_run_id in ids]):
-        cell_run = await done
-        finished[cell_run.id] = cell_run
-        await progress.finished(cell_run.name, cell_run.state.name)
+def worth_retrying(state: State, summary: dict[str, Any] | None) -> bool:
+    """A run whose process or machine went away, or that failed on an error no setting, photo or disk explains; a
+    run that failed before it wrote a summary (its parameters) would fail again."""
+    if state.is_crashed():
+        return True
+    return state.is_failed() and ((summary or {}).get("error") or {}).get("expected") is False
+
+
+def wait_all(ids: list[UUID], progress: CellProgress, root: Path, retries: int = 0) -> list[Ran]:
+    """Every submitted run once it has finished, in the order given. A run worth retrying is submitted again, as a
+    new run of the same deployment with the same parameters, up to `retries` times. (Not the same run sent back: the
+    worker that ran it still holds it, and marks it Crashed once more, after its process is gone.)"""
+    return asyncio.run(_wait(ids, progress, root, retries)) if ids else []
+
+
+async def _wait(ids: list[UUID], progress: CellProgress, root: Path, retries: int) -> list[Ran]:
+    finished, cell_of, tries = {}, {flow_run_id: flow_run_id for flow_run_id in ids}, dict.fromkeys(ids, 1)
+    waiting = {asyncio.ensure_future(wait_for_flow_run(flow_run_id, timeout=None)) for flow_run_id in ids}
+    while waiting:
+        done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for cell_run in (task.result() for task in done):
+            cell = cell_of.pop(cell_run.id)
+            if tries[cell] <= retries and worth_retrying(cell_run.state, _summary(root, str(cell_run.id))):
+                tries[cell] += 1
+                get_run_logger().warning(f"{cell_run.name} ended {cell_run.state.name}: {cell_run.state.message}; "
+                                         f"try {tries[cell]} of {retries + 1}")  # fmt: skip
+                again = await arun_deployment(cell_run.deployment_id, parameters=cell_run.parameters, timeout=0,
+                                              flow_run_name=cell_run.name, tags=cell_run.tags,
+                                              work_queue_name=cell_run.work_queue_name)  # fmt: skip
+                cell_of[again.id] = cell
+                waiting.add(asyncio.ensure_future(wait_for_flow_run(again.id, timeout=None)))
+                continue
+            finished[cell] = Ran(str(cell_run.id), cell_run.state.name, tries[cell])
+            await progress.finished(cell_run.name, cell_run.state.name)
     return [finished[flow_run_id] for flow_run_id in ids]
 
 
-def run_here(cells: list[Cell], progress: CellProgress) -> list[tuple[str, str]]:
-    """Each cell as a subflow run of this one, in turn; their run ids and final states (a failed cell stops no
-    other)."""
+def run_here(cells: list[Cell], progress: CellProgress, root: Path, retries: int = 0) -> list[Ran]:
+    """Each cell as a subflow run of this one, in turn (a failed cell stops no other); one that failed on an
+    unexpected error runs again, as a new subflow run, up to `retries` times."""
     ran = []
     for cell in cells:
-        state = dreambooth.with_options(flow_run_name=cell.name)(cell.config, return_state=True)
-        ran.append((str(state.state_details.flow_run_id), state.name))
+        for tried in range(1, retries + 2):
+            state = dreambooth.with_options(flow_run_name=cell.name)(cell.config, return_state=True)
+            flow_run_id = str(state.state_details.flow_run_id)
+            if tried > retries or not worth_retrying(state, _summary(root, flow_run_id)):
+                break
+        ran.append(Ran(flow_run_id, state.name, tried))
         asyncio.run(progress.finished(cell.name, state.name))
     return ran
 
@@ -180,13 +216,12 @@ def sweep(spec: Sweep, pool: str = "", slots: int | None = None) -> dict[str, An
 
 def _sweep(spec: Sweep, root: Path, pool: str, slots: int | None) -> dict[str, Any]:
     if pool:
-        cell_runs = wait_all(submit(spec.cells, pool, slots, f"sweep:{spec.name}"), CellProgress(len(spec.cells)))
-        ran = [(str(cell_run.id), cell_run.state.name) for cell_run in cell_runs]
+        ran = wait_all(submit(spec.cells, pool, slots, f"sweep:{spec.name}"), CellProgress(len(spec.cells)), root)
     else:
-        ran = run_here(spec.cells, CellProgress(len(spec.cells)))
+        ran = run_here(spec.cells, CellProgress(len(spec.cells)), root)
     cells = [
-        comparison.CellRun(cell.name, cell.config.model_dump(mode="json"), state, _summary(root, flow_run_id))
-        for cell, (flow_run_id, state) in zip(spec.cells, ran, strict=True)
+        comparison.CellRun(cell.name, cell.config.model_dump(mode="json"), run.state, _summary(root, run.flow_run_id))
+        for cell, run in zip(spec.cells, ran, strict=True)
     ]
     target = root / SWEEPS_FOLDER / spec.name
     facts = comparison.write(spec.name, spec.base.model_dump(mode="json"), cells, target, spec.reference)
@@ -194,8 +229,8 @@ def _sweep(spec: Sweep, root: Path, pool: str, slots: int | None) -> dict[str, A
     record = {
         "sweep": spec.name,
         "comparison": str(facts["html"]),
-        "cells": [{"cell": cell.name, "flow_run_id": flow_run_id, "state": cell.state, "summary": cell.summary}
-                  for cell, (flow_run_id, _) in zip(cells, ran, strict=True)],
+        "cells": [{"cell": cell.name, "flow_run_id": run.flow_run_id, "state": cell.state, "summary": cell.summary}
+                  for cell, run in zip(cells, ran, strict=True)],
     }  # fmt: skip
     parent_record(root, str(flow_run.id), "sweep").write_text(json.dumps(record, indent=1, default=str))
     failed = [row["cell"] for row in facts["cells"] if row["failed"]]

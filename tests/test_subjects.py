@@ -60,6 +60,7 @@ def workers(cli_env: dict, prefect_server: str, tmp_path_factory: pytest.TempPat
     CUDA_VISIBLE_DEVICES=7 for every run; the last test stops it with Ctrl-C's signal, and whatever is left is stopped
     at the end."""
     log = tmp_path_factory.mktemp("workers") / "worker.log"
+    faults = log.with_name("faults.json")  # every run on the pool reads it; a test writes it, a kill `once` removes it
     env = {**cli_env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PYTHONFAULTHANDLER": "1"}
     supervisor = start([BIN / "boothflow", "worker", "--pool", POOL, "--gpus", "0,1,2+3"], log=log, cwd=REPO, env=env,
                        preexec_fn=_as_in_the_background)  # fmt: skip
@@ -68,11 +69,12 @@ def workers(cli_env: dict, prefect_server: str, tmp_path_factory: pytest.TempPat
         with client_for(prefect_server) as client:
             pool = wait_for(lambda: _pool(client), 90, "the pool the workers create")
             template = pool.base_job_template
-            template["variables"]["properties"]["env"]["default"] = {"CUDA_VISIBLE_DEVICES": "7"}
+            template["variables"]["properties"]["env"]["default"] = {"CUDA_VISIBLE_DEVICES": "7",
+                                                                     "BOOTHFLOW_FAULTS": str(faults)}  # fmt: skip
             client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=template))
             wait_for(lambda: len(client.read_workers_for_work_pool(POOL)) == 3, 90, "three workers online")
         started += psutil.Process(supervisor.pid).children()
-        yield {"log": log, "env": env, "supervisor": supervisor}
+        yield {"log": log, "env": env, "supervisor": supervisor, "faults": faults}
     finally:
         stop(supervisor, first=signal.SIGINT)
         for worker in started:  # a supervisor that died without stopping them would leave them and their runs
@@ -184,6 +186,7 @@ def test_a_deployed_night_lists_the_folder_when_it_runs_and_a_failed_subject_fai
     assert [row["subject"] for row in nights[1]] == ["empty", "alice", "carol", "erin"]  # listed when it ran
     failed = nights[0][0]
     assert failed["state"] == "Failed" and "only 0 usable images" in failed["cause"] and "\n" not in failed["cause"]
+    assert failed["tries"] == 1  # bad photos: trying again changes nothing
     assert [row["state"] for row in nights[0][1:]] == ["Completed", "Completed"]
     assert all(_all_cached(row) for row in nights[0][1:] + nights[1][1:3]), nights  # the first test trained them
     erin = {stage["stage"]: stage["status"] for stage in nights[1][3]["stages"]}
@@ -198,18 +201,28 @@ def _deployment(client):
         return None
 
 
-def test_fp16_is_checked_on_the_worker_that_runs_the_subject(
+def test_fp16_is_checked_on_the_worker_and_a_crashed_subject_is_tried_again_within_the_night(
     boothflow, workers: dict, root: Path, tmp_path: Path
 ) -> None:
     """This machine has no CUDA, so a check on the submitting side would refuse fp16 before anything ran; the
-    subject reaches a worker instead, and fails there, in one line."""
+    subject reaches a worker instead, and fails there, in one line, once. Beside it, the process of another subject's
+    run is killed mid-preprocess: the night sends that run back to the pool, and it completes."""
     folder = tmp_path / "subjects"
     _subject(folder, "half", DEMO[:4], '[train]\nmixed_precision = "fp16"\n')
-    done, rows = _night(boothflow, folder, root, tmp_path / "night.json", check=False)
+    crashy = _subject(folder, "crashy", DEMO[3:6])
+    Image.open(DEMO[3]).rotate(180).save(crashy / "turned.png")  # one image no other subject has: preprocess commits it
+    workers["faults"].write_text(json.dumps({"kill_at": "preprocess-items:after-1", "once": True}))
+    try:
+        done, rows = _night(boothflow, folder, root, tmp_path / "night.json", check=False)
+    finally:
+        workers["faults"].unlink(missing_ok=True)
     assert done.returncode == 1, done.stderr
-    row = rows["half"]
-    assert row["worker"].endswith(("-gpu0", "-gpu1")), row  # it ran on a worker
-    assert row["cause"].startswith("plan: train.mixed_precision asks for fp16, which needs a CUDA GPU"), row
+    half, crashy = rows["half"], rows["crashy"]
+    assert half["worker"].endswith(("-gpu0", "-gpu1")), half  # it ran on a worker
+    assert half["cause"].startswith("plan: train.mixed_precision asks for fp16, which needs a CUDA GPU"), half
+    assert half["tries"] == 1  # an expected failure is not retried
+    assert (crashy["state"], crashy["tries"]) == ("Completed", 2) and _trained(crashy), crashy
+    assert "Completed (2 tries)" in done.stdout
 
 
 def test_a_subject_whose_settings_do_not_load_fails_alone_and_a_bad_night_stops_first(

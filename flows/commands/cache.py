@@ -1,8 +1,10 @@
-"""`boothflow cache ls|verify|gc`: the stage cache, looked at, checked byte for byte and pruned."""
+"""`boothflow cache ls|verify|gc`: the stage cache, looked at, checked byte for byte and pruned; `boothflow forget`:
+what one subject's photos made, removed."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.commands.common import ArtifactsOpt, ConfigOpt, SetOpt, console, error, run_config, size
-from tasks.core.config import RunConfig
+from tasks.core.config import ConfigError, RunConfig
 
 app = typer.Typer(no_args_is_help=True, help="Inspect the stage cache.")
 
@@ -97,6 +99,33 @@ def cache_gc(
     for note in notes:
         out.print(note, highlight=False)
     out.print(f"{len(removals)} entries, {size(freed)} {'to free' if dry_run else 'freed'} at {root}", highlight=False)
+
+
+def forget(
+    target: Annotated[Path, typer.Argument(help="The subject's instance folder, or with --subjects its name")],
+    subjects: Annotated[Path | None, typer.Option("--subjects", help="The subjects folder TARGET is a name in")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; remove nothing")] = False,
+    config: ConfigOpt = None,
+    artifacts: ArtifactsOpt = None,
+    set_: SetOpt = None,
+):
+    """Remove every entry a subject's photos made (preprocessing, latents, training and its checkpoints, samples,
+    scores, report) and the runs' records; nothing another subject still uses, and never class images."""
+    from flows.forget import forget as forget_folder
+
+    folder = subjects / target if subjects is not None else target
+    root = run_config(config, set_, artifacts).run.artifacts_root
+    try:
+        done = forget_folder(root, folder, dry_run)
+    except ConfigError as err:
+        error(err)
+        raise typer.Exit(2) from None
+    out = Console(soft_wrap=True, markup=False)
+    verb = "would remove" if dry_run else "removed"
+    for removal in done.removals:
+        out.print(f"{verb} {removal.stage}/{removal.folder} ({size(removal.bytes)}): {removal.why}", highlight=False)
+    out.print(f"{len(done.removals)} entries and {len(done.runs)} runs' records of {folder}, {size(done.bytes)} "
+              f"{'to free' if dry_run else 'freed'} at {root}", highlight=False)  # fmt: skip
 
 
 def _age(seconds: float) -> str:

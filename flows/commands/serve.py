@@ -26,7 +26,7 @@ from flows.commands.common import (
     error,
     run_config,
 )
-from flows.commands.subjects import PoolOpt, check_night
+from flows.commands.subjects import PoolOpt, RetriesOpt, check_night
 from flows.commands.temporary_server import server_line
 from tasks.core.config import ConfigError
 
@@ -52,6 +52,7 @@ def serve(
     subjects: Annotated[Path | None, typer.Option("--subjects", help=SUBJECTS_HELP)] = None,
     pool: PoolOpt = None,
     slots: SlotsOpt = None,
+    retries: RetriesOpt = 1,
 ):
     """Serve the nightly deployment: the config is frozen in now, so restart serve after editing it. With
     --subjects, the folder is read each night; its parent run runs here and its subjects here or on --pool."""
@@ -86,7 +87,8 @@ def serve(
 
     memory = [f"run.device_memory={json.dumps(device_memory)}"] if device_memory is not None else []
     parameters = {"folder": str(subjects.resolve()), "config": str(config or ""), "settings": [*(set_ or []), *memory],
-                  "artifacts": str(cfg.run.artifacts_root), "pool": pool or "", "slots": slots}  # fmt: skip
+                  "artifacts": str(cfg.run.artifacts_root), "pool": pool or "", "slots": slots,
+                  "retries": retries}  # fmt: skip
     serve_subjects(parameters, cron, zone)
 
 

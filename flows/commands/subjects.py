@@ -31,6 +31,11 @@ FolderArg = Annotated[Path, typer.Argument(help="Folder with one subfolder of im
 PoolOpt = Annotated[
     str | None, typer.Option("--pool", help="Work pool whose workers run the subjects (default: here, in turn)")
 ]
+RetriesOpt = Annotated[
+    int,
+    typer.Option("--retries", min=0, max=10, help="Try a subject whose run crashed or failed on an unexpected error "
+                 "again, up to this many times (bad photos or settings are never retried)"),
+]  # fmt: skip
 
 
 def check_night(folder: Path, config: Path | None, set_: list[str], artifacts: Path | None) -> Path:
@@ -53,6 +58,7 @@ def subjects(
     artifacts: ArtifactsOpt = None,
     pool: PoolOpt = None,
     slots: SlotsOpt = None,
+    retries: RetriesOpt = 1,
     summary: SummaryOpt = None,
 ):
     """Train every subfolder of FOLDER as a subject (an unchanged one is all cache hits), then write the summary."""
@@ -73,7 +79,7 @@ def subjects(
     mark_crashed_runs()
     started = time.monotonic()
     state = subjects_flow(str(folder.resolve()), str(config or ""), set_ or [], str(artifacts or ""), pool or "",
-                          slots, return_state=True)  # fmt: skip
+                          slots, retries, return_state=True)  # fmt: skip
     finish_night(state, root, summary, started)
 
 
@@ -89,13 +95,15 @@ def finish_night(state: Any, root: Path, summary: Path | None, started: float) -
 
 def _print_night(result: dict, seconds: float) -> None:
     """One row per subject, failed first: its state (and cause), what each stage did, where it ran."""
+    from tasks.stages.night import state_line
+
     table = Table(title=f"boothflow subjects {Path(result['folder']).name} ({seconds:.1f} s)")
     for column in ("subject", "state", "stages", "training (s)", "worker", "GPU"):
         table.add_column(column, overflow="fold")
     for row in result["subjects"]:
         stages = ", ".join(f"{s['stage']} {s['text']}" for s in row["stages"])
         seconds_trained = f"{row['training_seconds']:.1f}" if row["training_seconds"] is not None else "—"
-        state = f"{row['state']}: {row['cause']}" if row["cause"] else row["state"]
+        state = state_line(row)
         table.add_row(row["subject"], state, stages, seconds_trained, row["worker"] or "here", row["gpu"] or "—")
     Console(width=max(console.width, 160), markup=False).print(table)
     console.print(f"summary: {result['summary']}", highlight=False, markup=False)

@@ -3,7 +3,8 @@
 Never part of a cache key or a flow parameter; reread on every call, so deleting the file ends the fault.
 `kill_at` names one point where boothflow is SIGKILLed: `<store stage>:before-manifest`, `<store stage>:before-rename`,
 `<store stage>:after-<k>` (the k-th entry of that store stage this process committed, e.g. an item),
-`train:mid-checkpoint-<step>` and `train:mid-export`.
+`train:mid-checkpoint-<step>` and `train:mid-export`. With `"once": true` the file is removed before the kill, so the
+process that runs again (a retry) is not killed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def kill_if_injected(point: str, flow_pid: int = 0) -> None:
     first, so the whole run dies at once, as it would when the machine loses power."""
     if fault("kill_at") != point:
         return
+    if fault("once"):
+        Path(os.environ[ENV]).unlink(missing_ok=True)
     if flow_pid > 0:
         os.kill(flow_pid, signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)

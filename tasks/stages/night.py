@@ -32,6 +32,7 @@ class SubjectRun:
     state: str
     summary: dict[str, Any] | None
     problem: str | None = None
+    tries: int = 0  # how many times its run was started tonight (0: it never started)
 
 
 def cause(subject: SubjectRun) -> str:
@@ -43,6 +44,12 @@ def cause(subject: SubjectRun) -> str:
         where = ", ".join(str(error[k]) for k in ("stage", "item") if error.get(k))
         return f"{where}: {error['message']}"
     return "" if subject.state == "Completed" else f"the run ended {subject.state} without a summary"
+
+
+def state_line(row: dict[str, Any]) -> str:
+    """A row's state as the CLI and the UI say it: `Completed (2 tries)`, or `Failed: <cause>`."""
+    tries = f" ({row['tries']} tries)" if row.get("tries", 0) > 1 else ""
+    return f"{row['state']}{tries}: {row['cause']}" if row["cause"] else f"{row['state']}{tries}"
 
 
 def _stages(summary: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -72,6 +79,7 @@ def row(subject: SubjectRun, target: Path) -> dict[str, Any]:
         "worker": (summary.get("run") or {}).get("worker") or "",
         "gpu": (summary.get("run") or {}).get("gpu") or "",
         "waiting": summary.get("waiting") or [],
+        "tries": subject.tries,
         "metrics": scores(facts),
         "report": relative_link(Path(report), target) if facts else None,
     }
