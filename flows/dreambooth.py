@@ -23,7 +23,8 @@ from tasks.stages import class_images, evaluate, generate, latents, preprocess, 
 
 def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
     try:
-        return resolve(config.model.id, config.model.vae, config.run.artifacts_root)
+        model = config.model
+        return resolve(model.id, model.vae, config.run.artifacts_root, model.revision, model.vae_revision)
     except (ModelUnavailable, ValueError, OSError) as err:  # unreachable, unsupported or unreadable model
         raise StageError(needed_by, str(err), item=config.model.id) from None
 

@@ -16,7 +16,7 @@ import torch
 
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
-from tasks.sd.models import ModelUnavailable, available_family, resolve_vae
+from tasks.sd.models import ModelUnavailable, available_family, hub_repo, resolve_vae
 from tasks.stages.train import SUPPORTED, read_captions
 
 
@@ -40,15 +40,21 @@ def _instance_folder(folder: Path) -> None:
 
 
 def _model_and_method(config: RunConfig) -> None:
+    model = config.model
+    for setting, revision, pinned in (("model.revision", model.revision, model.id), ("model.vae_revision",
+                                      model.vae_revision, model.vae)):  # fmt: skip
+        if revision and hub_repo(pinned) is None:
+            raise ConfigError(f"{setting} = {revision!r} pins a hub repo, and {pinned!r} is not one (a preset, a "
+                              f"folder or empty): remove {setting}")  # fmt: skip
     try:
-        family = available_family(config.model.id, config.run.artifacts_root)
+        family = available_family(model.id, config.run.artifacts_root, model.revision)
     except (ModelUnavailable, ValueError, OSError) as err:
-        raise ConfigError(f"model.id = {config.model.id!r}: {err}") from None
-    if config.model.vae:
+        raise ConfigError(f"model.id = {model.id!r}: {err}") from None
+    if model.vae:
         try:
-            resolve_vae(config.model.vae)
+            resolve_vae(model.vae, model.vae_revision)
         except (ModelUnavailable, OSError) as err:
-            raise ConfigError(f"model.vae = {config.model.vae!r}: {err}") from None
+            raise ConfigError(f"model.vae = {model.vae!r}: {err}") from None
     if (family, config.train.method) not in SUPPORTED:
         methods = ", ".join(method for known, method in sorted(SUPPORTED) if known == family)
         raise ConfigError(

@@ -20,7 +20,10 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from processes import run
 
+from flows.preflight import check_settings
 from tasks.core import hash_memo
+from tasks.core.config import ConfigError
+from tasks.core.config_load import load_config
 from tasks.core.hash_memo import HashMemo
 from tasks.sd.models import ModelUnavailable, component_identity, model_family, resolve_model
 from tasks.sd.presets import PRESETS, SHIPPED_FOLDER, list_models
@@ -246,10 +249,13 @@ HUB_SCRIPT = textwrap.dedent(
     root = Path(sys.argv[1])
     cached = resolve_model("someone/tiny-sd15", root)
     result = {"cached": str(cached), "family": model_family(cached), "unet": component_identity(cached, "unet")}
-    try:
-        resolve_model("someone/not-a-model", root)
-    except ModelUnavailable as error:
-        result["error"] = str(error)
+    pinned = {revision: resolve_model("someone/tiny-sd15", root, revision) for revision in sys.argv[2:]}
+    result["pinned"] = {revision: component_identity(path, "unet") for revision, path in pinned.items()}
+    for name, revision in (("error", ""), ("revision_error", "v9")):
+        try:
+            resolve_model("someone/not-a-model" if not revision else "someone/tiny-sd15", root, revision)
+        except ModelUnavailable as error:
+            result[name] = str(error)
     result["reached"] = reached
     print(json.dumps(result))
     """
@@ -257,19 +263,41 @@ HUB_SCRIPT = textwrap.dedent(
 
 
 def test_hub_ids_resolve_from_the_cache_or_fail_in_one_line(root: Path, tmp_path: Path) -> None:
-    commit = "0123456789abcdef0123456789abcdef01234567"
+    commit, tagged = "0123456789abcdef0123456789abcdef01234567", "89abcdef0123456789abcdef0123456789abcdef"
     repo = tmp_path / "hf" / "hub" / "models--someone--tiny-sd15"
-    shutil.copytree(root / "models" / "tiny-sd15", repo / "snapshots" / commit)
+    for snapshot in (commit, tagged):
+        shutil.copytree(root / "models" / "tiny-sd15", repo / "snapshots" / snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / "v1").write_text(tagged)  # a tag that names another commit than main
     env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    process = run([sys.executable, "-c", HUB_SCRIPT, root], env=env, capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-c", HUB_SCRIPT, root, "v1", commit]
+    process = run(command, env=env, capture_output=True, text=True, timeout=60)
     assert process.returncode == 0, process.stderr
     result = json.loads(process.stdout.splitlines()[-1])
     assert result["cached"] == str(repo / "snapshots" / commit)
     assert result["family"] == "sd15"
     assert result["unet"] == f"hub:someone/tiny-sd15@{commit}"
+    # model.revision pins a snapshot, and the keys' identity is the commit it names
+    assert result["pinned"] == {"v1": f"hub:someone/tiny-sd15@{tagged}", commit: f"hub:someone/tiny-sd15@{commit}"}
+    assert "'someone/tiny-sd15' at revision 'v9' is not in the local Hugging Face cache" in result["revision_error"]
+    assert "\n" not in result["revision_error"]
     assert "\n" not in result["error"] and "'someone/not-a-model'" in result["error"]
     assert "local Hugging Face cache" in result["error"] and "tiny-sd15" in result["error"]
     assert result["reached"] == []  # it fails at once: offline, it never waits on the network
+
+
+def test_a_revision_pins_only_a_hub_model_and_is_checked_before_the_run(tmp_path: Path) -> None:
+    images = shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "demo", tmp_path / "images")
+    base = [f"data.instance_dir='{images}'"]
+    for setting, line in (
+        ("model.revision='v1'", "model.revision = 'v1' pins a hub repo, and 'tiny-sd15' is not one"),
+        ("model.vae_revision='v1'", "model.vae_revision = 'v1' pins a hub repo, and '' is not one"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            check_settings(load_config(None, [*base, setting], tmp_path / "a"))
+        assert str(caught.value).startswith(line), caught.value
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [*base, "model.revision='main; rm -rf'"], tmp_path / "a")
+    assert "model.revision" in str(caught.value)

@@ -20,7 +20,7 @@ def plan(
     from tasks.sd.memory_plan import estimates, verdict
 
     cfg = run_config(config, set_, artifacts, device_memory)
-    arch = architecture(cfg.model.id, cfg.run.artifacts_root)
+    arch = architecture(cfg.model.id, cfg.run.artifacts_root, cfg.model.revision)
     if arch is None:
         console.print(
             f"the architecture of {cfg.model.id!r} is unknown until it is downloaded", highlight=False, markup=False

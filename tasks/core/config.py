@@ -23,6 +23,7 @@ def no_key(description: str, **kwargs: Any) -> Any:
 
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+REVISION = r"^[A-Za-z0-9._/-]*$"  # a branch, tag or commit of a hub repo
 # The samplers SD 1.5 and SDXL pipelines list as compatible (diffusers' KarrasDiffusionSchedulers) but those that need
 # a library we do not install (LMSDiscreteScheduler: scipy, DPMSolverSDEScheduler: torchsde) and EDMEulerScheduler
 # (for EDM-trained models): named here, so a config is checked without importing diffusers, which a fully cached run
@@ -78,8 +79,21 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     id: str = Field("tiny-sd15", description="Base model: a preset name (tiny-sd15, tiny-sdxl), hub id or folder")
+    revision: str = no_key(
+        "Hub revision (branch, tag or commit) model.id is pinned to; keys hold the commit it names. Empty: the main "
+        "branch as cached",
+        default="",
+        pattern=REVISION,
+        max_length=255,
+    )
     vae: str = Field(
         "", description="Separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; empty: the base's"
+    )
+    vae_revision: str = no_key(
+        "Hub revision model.vae is pinned to (as model.revision)",
+        default="",
+        pattern=REVISION,
+        max_length=255,
     )
     safety_checker: bool = Field(
         False, description="Keep the base model's safety checker (if it has one) in the fine-tuned pipeline"

@@ -69,13 +69,13 @@ class Architecture:
     configs: dict[str, dict[str, Any]] = field(repr=False)
 
 
-def architecture(model_id: str, root: Path) -> Architecture | None:
+def architecture(model_id: str, root: Path, revision: str = "") -> Architecture | None:
     """The architecture of a model without loading weights: from its folder when it is on disk (presets, folders,
     the local hub cache), else from the configs written here for known hub ids; None when it is unknown."""
     if model_id in presets.ARCH_PRESETS:
         family = presets.ARCH_PRESETS[model_id]
         return Architecture(family, COMPONENT_CONFIGS[family])
-    folder = models.local_model_folder(model_id, root)
+    folder = models.local_model_folder(model_id, root, revision)
     if folder is not None:
         configs = {
             name: json.loads((folder / name / "config.json").read_text())

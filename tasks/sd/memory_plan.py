@@ -118,7 +118,7 @@ def preflight(config: RunConfig) -> list[str]:
 def check_memory(config: RunConfig, memory: int) -> list[str]:
     """Stop when a stage cannot fit `memory` bytes (MemoryPlanError, one line); the warnings for stages within
     WARN_MARGIN of it. Unknown architectures (a hub id not downloaded yet) are not checked: that is one warning."""
-    arch = architecture(config.model.id, config.run.artifacts_root)
+    arch = architecture(config.model.id, config.run.artifacts_root, config.model.revision)
     if arch is None:
         return [f"memory plan: the architecture of {config.model.id!r} is unknown until it is downloaded; not checked"]
     return verdict(config, arch, estimates(config, arch), memory)

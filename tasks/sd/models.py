@@ -38,26 +38,32 @@ def _first_line(error: Exception, limit: int = 200) -> str:
     return f"{type(error).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
 
 
-def _hub_snapshot(model_id: str, download: Callable[[str, bool], str], what: str) -> Path:
-    """The cached snapshot of a hub repo, looked up with the file patterns its download uses (a cache filled by a
-    pipeline download lacks the repo's other files, so a plain snapshot lookup would call it incomplete); the
-    download runs only when the cache does not have it."""
+Download = Callable[[str, bool, str | None], str]  # (repo id, local files only, revision) -> snapshot folder
+
+
+def _hub_snapshot(model_id: str, download: Download, what: str, revision: str = "") -> Path:
+    """The cached snapshot of a hub repo (at `revision`; empty: main), looked up with the file patterns its download
+    uses (a cache filled by a pipeline download lacks the repo's other files, so a plain snapshot lookup would call it
+    incomplete); the download runs only when the cache does not have it."""
     try:
         validate_repo_id(model_id)
     except HFValidationError as error:
         raise _unavailable(model_id, f"is not {what} or a valid hub id") from error
     try:
-        return Path(download(model_id, True))
+        return Path(download(model_id, True, revision or None))
     except Exception:
         pass
     try:
-        return Path(download(model_id, False))
+        return Path(download(model_id, False, revision or None))
     except Exception as error:
-        why = f"is not in the local Hugging Face cache and the hub is unreachable or lacks it ({_first_line(error)})"
+        at = f"at revision {revision!r} " if revision else ""
+        why = (
+            f"{at}is not in the local Hugging Face cache and the hub is unreachable or lacks it ({_first_line(error)})"
+        )
         raise _unavailable(model_id, why) from error
 
 
-def _download_pipeline(model_id: str, local_only: bool) -> str:
+def _download_pipeline(model_id: str, local_only: bool, revision: str | None = None) -> str:
     """Only the files a pipeline needs (not every fp16/ema/ckpt variant of each weight). diffusers' own warning when
     the hub is out of reach stays quiet: the error the caller raises says all of it."""
     from diffusers import DiffusionPipeline
@@ -66,17 +72,18 @@ def _download_pipeline(model_id: str, local_only: bool) -> str:
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        return DiffusionPipeline.download(model_id, local_files_only=local_only)
+        return DiffusionPipeline.download(model_id, local_files_only=local_only, revision=revision)
     finally:
         diffusers_logging.set_verbosity(level)
 
 
-def _download_vae(vae_id: str, local_only: bool) -> str:
-    return snapshot_download(vae_id, allow_patterns=["config.json", "*.safetensors"], local_files_only=local_only)
+def _download_vae(vae_id: str, local_only: bool, revision: str | None = None) -> str:
+    patterns = ["config.json", "*.safetensors"]
+    return snapshot_download(vae_id, allow_patterns=patterns, local_files_only=local_only, revision=revision)
 
 
-def resolve_model(model_id: str, root: Path) -> Path:
-    """The diffusers folder for a preset name (built on first use), a local folder or a hub id."""
+def resolve_model(model_id: str, root: Path, revision: str = "") -> Path:
+    """The diffusers folder for a preset name (built on first use), a local folder or a hub id (at `revision`)."""
     if model_id in PRESETS:
         return build_preset(model_id, root)
     if model_id in SHIPPED:
@@ -86,7 +93,9 @@ def resolve_model(model_id: str, root: Path) -> Path:
                 f"preset {model_id!r} should ship in {folder}, which is missing; restore it with git or a reinstall"
             )
         return folder
-    return _folder_or_hub(model_id, "model_index.json", "a diffusers pipeline", _download_pipeline, "a preset, ")
+    return _folder_or_hub(
+        model_id, "model_index.json", "a diffusers pipeline", _download_pipeline, "a preset, ", revision
+    )
 
 
 def cached_folder(model_id: str) -> Path | None:
@@ -100,7 +109,7 @@ def cached_folder(model_id: str) -> Path | None:
         return None
 
 
-def local_model_folder(model_id: str, root: Path) -> Path | None:
+def local_model_folder(model_id: str, root: Path, revision: str = "") -> Path | None:
     """The model's diffusers folder when it is on disk or cheap to build (tiny presets), without downloading;
     None otherwise (a hub id not in the local cache, an unbuilt full-size preset, a name that is nothing)."""
     if model_id in ARCH_PRESETS:
@@ -110,7 +119,7 @@ def local_model_folder(model_id: str, root: Path) -> Path | None:
         if model_id in PRESETS or model_id in SHIPPED or Path(model_id).expanduser().is_dir():
             return resolve_model(model_id, root)
         validate_repo_id(model_id)
-        return Path(_download_pipeline(model_id, True))
+        return Path(_download_pipeline(model_id, True, revision or None))
     except Exception:  # not on disk: the caller decides what an unknown model means
         return None
 
@@ -141,12 +150,12 @@ class ResolvedModel:
         return {name: self.identities[name] for name in components}
 
 
-def resolve(model_id: str, vae_id: str, root: Path) -> ResolvedModel:
-    """Resolve the base pipeline (and an optional separate VAE) once, hashing each component's files: only those
-    that changed since a run with this artifact root last hashed them."""
-    path = resolve_model(model_id, root)
+def resolve(model_id: str, vae_id: str, root: Path, revision: str = "", vae_revision: str = "") -> ResolvedModel:
+    """Resolve the base pipeline (and an optional separate VAE), each at its hub revision, once, hashing each
+    component's files: only those that changed since a run with this artifact root last hashed them."""
+    path = resolve_model(model_id, root, revision)
     components = [c for c in json.loads((path / "model_index.json").read_text()) if not c.startswith("_")]
-    vae_path = resolve_vae(vae_id) if vae_id else path / "vae"
+    vae_path = resolve_vae(vae_id, vae_revision) if vae_id else path / "vae"
     with HashMemo(root) as memo:
         identities = {c: component_identity(path, c, memo.sha256) for c in components if (path / c).is_dir()}
         if vae_id:
@@ -154,26 +163,26 @@ def resolve(model_id: str, vae_id: str, root: Path) -> ResolvedModel:
     return ResolvedModel(model_id, path, model_family(path), vae_path, identities)
 
 
-def available_family(model_id: str, root: Path) -> str:
+def available_family(model_id: str, root: Path, revision: str = "") -> str:
     """The model's family, once the model proved to be at hand: without building a preset or hashing a file, so a
     run can check it before anything starts."""
-    return PRESETS[model_id].family if model_id in PRESETS else model_family(resolve_model(model_id, root))
+    return PRESETS[model_id].family if model_id in PRESETS else model_family(resolve_model(model_id, root, revision))
 
 
-def resolve_vae(vae_id: str) -> Path:
+def resolve_vae(vae_id: str, revision: str = "") -> Path:
     """A standalone AutoencoderKL: a local folder with config.json, or a hub repo such as sdxl-vae-fp16-fix."""
-    return _folder_or_hub(vae_id, "config.json", "a diffusers AutoencoderKL", _download_vae, "")
+    return _folder_or_hub(vae_id, "config.json", "a diffusers AutoencoderKL", _download_vae, "", revision)
 
 
-def _folder_or_hub(model_id: str, marker: str, kind: str, download: Callable[[str, bool], str], preset: str) -> Path:
-    """A local folder holding `marker`, or the hub repo's snapshot (from the local cache first); `preset` says
-    whether a preset name would also have been accepted, for the error."""
+def _folder_or_hub(model_id: str, marker: str, kind: str, download: Download, preset: str, revision: str) -> Path:
+    """A local folder holding `marker`, or the hub repo's snapshot at `revision` (from the local cache first);
+    `preset` says whether a preset name would also have been accepted, for the error."""
     local = Path(model_id).expanduser()
     if local.is_dir():
         if not (local / marker).is_file():
             raise ModelUnavailable(f"folder {str(local)!r} has no {marker}: not {kind}")
         return local
-    return _hub_snapshot(model_id, download, f"{preset}an existing folder")
+    return _hub_snapshot(model_id, download, f"{preset}an existing folder", revision)
 
 
 def model_family(path: Path) -> str:
