@@ -380,7 +380,8 @@ def test_a_concurrency_limit_the_server_lacks_stops_the_flow_before_any_stage(pr
     summary = json.loads(next((root / "runs").glob("*/summary.json")).read_text())
     assert summary["error"] == {"stage": "config", "item": None, "message": "the Prefect server has no global "
                                 "concurrency limit 'no-such-limit' (run.concurrency_limit); create it: prefect "
-                                "global-concurrency-limit create no-such-limit --limit 1"}  # fmt: skip
+                                "global-concurrency-limit create no-such-limit --limit 1",
+                                "expected": True}  # fmt: skip
     assert {s["status"] for s in summary["stages"].values()} == {"skipped"}
     assert task_states(prefect_server, summary["run"]["flow_run_id"]) == {}
     assert not (root / "preprocess").exists()
