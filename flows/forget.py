@@ -5,7 +5,7 @@ A run registers every stage key it uses (`runs/<id>/keys.json`) and its instance
 to forget are the keys the folder's runs used that no other run used, but class images (made from the base model and
 the class prompt, never from photos); with them go the item entries only they hold (a stage entry hard-links its
 items' files, so an item whose files no kept entry links is one only the forgotten entries used), the training's
-checkpoints, the runs' own records, and the hash memo's rows for the folder's files.
+checkpoints, the runs' own records, the subject's published model, and the hash memo's rows for the folder's files.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from flows.runner import summary_path
 from tasks.core.config import ConfigError
 from tasks.core.hash_memo import MEMO_FILE
 from tasks.core.store import Store
+from tasks.stages import promotion
 
 NOT_FROM_PHOTOS = frozenset({"class_images", "class_images-items"})
 
@@ -35,13 +36,23 @@ class Forgetting:
     bytes: int
 
 
-def instance_dir(root: Path, run_id: str) -> Path | None:
-    """The instance folder a run trained from, as its summary recorded it (None: not recorded)."""
+def _recorded(root: Path, run_id: str, name: str) -> str | None:
+    """A fact of the run's summary (its `run` section), None when not recorded."""
     try:
-        recorded = json.loads(summary_path(root, run_id).read_text())["run"].get("instance_dir")
-    except (OSError, ValueError, KeyError, TypeError):
+        return json.loads(summary_path(root, run_id).read_text())["run"].get(name) or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def instance_dir(root: Path, run_id: str) -> Path | None:
+    """The instance folder a run trained from, as its summary recorded it."""
+    recorded = _recorded(root, run_id, "instance_dir")
     return Path(recorded) if recorded else None
+
+
+def _run_name(root: Path, run_id: str) -> str | None:
+    """The run's name: a subject's, whose published model goes too."""
+    return _recorded(root, run_id, "name")
 
 
 def plan(root: Path, folder: Path) -> tuple[list[Run], list[Removal]]:
@@ -82,6 +93,8 @@ def forget(root: Path, folder: Path, dry_run: bool) -> Forgetting:
         if dry_run:
             return Forgetting(ids, removals, bytes_freed([Store(root).path(r.stage, r.folder) for r in removals]))
         freed = remove(root, removals)
+        for name in {_run_name(root, run_id) for run_id in ids} - {None}:
+            promotion.forget(root, name)
         for run_id in ids:
             shutil.rmtree(root / "runs" / run_id, ignore_errors=True)
         _forget_hashes(root, folder)

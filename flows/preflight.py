@@ -71,6 +71,7 @@ def check_settings(config: RunConfig) -> None:
     _model_and_method(config)
     _captions(config)
     _pick(config)
+    _publish(config)
 
 
 def check_before_start(config: RunConfig) -> None:
@@ -95,6 +96,14 @@ def _processes(config: RunConfig) -> None:
 
 
 PICK_NEEDS = {"clip_t": "clip_model", "clip_i": "clip_model", "dino": "dino_model", "analyser": "analyser"}
+
+
+def _publish(config: RunConfig) -> None:
+    """The promotion gate's metric comes from the evaluate stage: its scorer must be set."""
+    metric = config.publish.metric
+    if metric and not getattr(config.evaluate, PICK_NEEDS[metric]):
+        raise ConfigError(f"publish.metric = {metric!r} is scored by evaluate.{PICK_NEEDS[metric]}: set it, or empty "
+                          "publish.metric to publish every night's model")  # fmt: skip
 
 
 def _pick(config: RunConfig) -> None:

@@ -9,6 +9,7 @@ it needs no GPU, so it never waits for a worker (nor starts a process on one).
 
 # No `from __future__ import annotations`: Prefect builds the flow's parameter model from real annotations.
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
 from tasks.core.subjects import Subject, list_subjects
 from tasks.core.sweeps import Cell
-from tasks.stages import night
+from tasks.stages import night, promotion
 from tasks.stages.night import SubjectRun
 
 NIGHTS_FOLDER = "nights"  # <artifacts root>/nights/<date>_<run>/night.html
@@ -101,14 +102,12 @@ def _night(folder: str, found: list[Subject], root: Path, pool: str, slots: int 
     get_run_logger().info(f"{len(found)} subjects in {folder}: {len(ready)} to run, {len(found) - len(ready)} "
                           "that cannot start")  # fmt: skip
     ran = dict(zip((s.name for s in ready), _run(ready, root, pool, slots, retries), strict=True))
-    runs = [
-        SubjectRun(s.name, ran[s.name].state, _run_summary(root, ran[s.name].flow_run_id), tries=ran[s.name].tries)
-        if s.name in ran else SubjectRun(s.name, "Failed", None, problems[s.name])
-        for s in found
-    ]  # fmt: skip
     started = flow_run.scheduled_start_time or datetime.now()
+    title = f"night of {started:%Y-%m-%d %H:%M}: {Path(folder).name}"
+    runs = [_subject_run(s, ran[s.name], root, title) if s.name in ran else
+            SubjectRun(s.name, "Failed", None, problems[s.name]) for s in found]  # fmt: skip
     target = root / NIGHTS_FOLDER / f"{started:%Y-%m-%d_%H%M%S}_{flow_run.name}"
-    facts = night.write(f"night of {started:%Y-%m-%d %H:%M}: {Path(folder).name}", runs, target)
+    facts = night.write(title, runs, target)
     publish(facts, root)
     record = {"folder": folder, "summary": str(facts["html"]), "subjects": facts["subjects"],
               "flow_runs": {name: run.flow_run_id for name, run in ran.items()}}  # fmt: skip
@@ -120,10 +119,26 @@ def _night(folder: str, found: list[Subject], root: Path, pool: str, slots: int 
     return record
 
 
+def _subject_run(subject: Subject, ran: Ran, root: Path, title: str) -> SubjectRun:
+    """A subject as its run left it; a completed one's model goes through the promotion gate, and is published when
+    it passes (a Prefect link artifact to its published folder)."""
+    summary, gate = _run_summary(root, ran.flow_run_id), subject.config.publish
+    promoted = None
+    if ran.state == "Completed" and summary is not None:
+        promoted = promotion.promote(root, subject.name, summary, gate.metric, gate.tolerance, title)
+    if promoted is not None:
+        get_run_logger().info(f"{subject.name}: {'published' if promoted.published else 'kept'} ({promoted.why})")
+    if promoted is not None and promoted.published:
+        link = report_link(promotion.folder(root, subject.name), root)
+        create_link_artifact(link, link_text=f"{subject.name}: published model", description=promoted.why,
+                             key=f"published-{re.sub(r'[^a-z0-9-]', '-', subject.name.lower())}")  # fmt: skip
+    return SubjectRun(subject.name, ran.state, summary, tries=ran.tries, promotion=promoted)
+
+
 def publish(facts: dict[str, Any], root: Path) -> None:
     """The morning summary in the Prefect UI: one markdown table (failed subjects first) and a link to the page."""
     link = report_link(Path(facts["html"]), root)
-    headers = ["subject", "state", "stages", "training (s)", "worker", "GPU", "report"]
+    headers = ["subject", "state", "stages", "training (s)", "worker", "GPU", "published", "report"]
     lines = [
         f"# boothflow {facts['title']}",
         "",
@@ -137,7 +152,8 @@ def publish(facts: dict[str, Any], root: Path) -> None:
         state = night.state_line(row)
         seconds = f"{row['training_seconds']:.1f}" if row["training_seconds"] is not None else "—"
         report = f"[report]({report_link(Path(facts['html']).parent / row['report'], root)})" if row["report"] else "—"
-        cells = [row["subject"], state, stages, seconds, row["worker"] or "here", row["gpu"] or "—", report]
+        cells = [row["subject"], state, stages, seconds, row["worker"] or "here", row["gpu"] or "—", row["published"],
+                 report]  # fmt: skip
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     create_markdown_artifact("\n".join(lines), key="night-summary", description="boothflow morning summary")
     create_link_artifact(link, link_text=f"morning summary: {facts['html']}", key="night-page",

@@ -43,6 +43,8 @@ CHANGES = [
     ("data.instance_prompt", "a {token}", TRAIN),
     ("data.min_images", 2, LISTING),  # still satisfied
     ("data.settle_minutes", 0, set()),  # enters no key: which files settled does (test_flow_preprocess)
+    ("publish.metric", "analyser", set()),  # a subjects night's gate, after every stage
+    ("publish.tolerance", 0.1, set()),
     ("preprocess.resolution", 128, ALL),
     ("preprocess.crop", "face", LISTING),  # no face in these images: the centre crop
     ("preprocess.min_side", 100, LISTING),  # rejects none of them

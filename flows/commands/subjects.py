@@ -98,12 +98,13 @@ def _print_night(result: dict, seconds: float) -> None:
     from tasks.stages.night import state_line
 
     table = Table(title=f"boothflow subjects {Path(result['folder']).name} ({seconds:.1f} s)")
-    for column in ("subject", "state", "stages", "training (s)", "worker", "GPU"):
+    for column in ("subject", "state", "stages", "training (s)", "worker", "GPU", "published"):
         table.add_column(column, overflow="fold")
     for row in result["subjects"]:
         stages = ", ".join(f"{s['stage']} {s['text']}" for s in row["stages"])
         seconds_trained = f"{row['training_seconds']:.1f}" if row["training_seconds"] is not None else "—"
         state = state_line(row)
-        table.add_row(row["subject"], state, stages, seconds_trained, row["worker"] or "here", row["gpu"] or "—")
+        table.add_row(row["subject"], state, stages, seconds_trained, row["worker"] or "here", row["gpu"] or "—",
+                      row["published"])  # fmt: skip
     Console(width=max(console.width, 160), markup=False).print(table)
     console.print(f"summary: {result['summary']}", highlight=False, markup=False)

@@ -324,6 +324,21 @@ class ReportSection(Section):
         return values
 
 
+class PublishSection(Section):
+    metric: Literal["", "clip_t", "clip_i", "dino", "analyser"] = no_key(
+        "In a subjects night, the evaluate score a subject's new model must reach to replace its published one "
+        "(<artifacts>/published/<subject>): no worse than the published model's by more than publish.tolerance; "
+        "empty: every completed night publishes",
+        default="",
+    )
+    tolerance: float = no_key(
+        "How far below the published model's publish.metric a new model may score and still be published",
+        default=0.0,
+        ge=0,
+        le=1,
+    )
+
+
 class RunConfig(Section):
     """Everything one boothflow run needs; the flow's only parameter."""
 
@@ -337,6 +352,7 @@ class RunConfig(Section):
     generate: GenerateSection = Field(default_factory=GenerateSection, description="Sample generation")
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="Sample metrics")
     report: ReportSection = Field(default_factory=ReportSection, description="HTML report")
+    publish: PublishSection = Field(default_factory=PublishSection, description="A subject's published model")
 
     def instance_prompt(self) -> str:
         return fill_prompt(self.data.instance_prompt, self.data.token, self.data.class_name)

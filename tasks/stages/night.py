@@ -8,13 +8,14 @@ It reads what each subject's run summary and report already hold: no model loads
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.core.atomic import atomic_folder
 from tasks.stages import report_page
 from tasks.stages.comparison import LEAK, METRICS, relative_link, scores
+from tasks.stages.promotion import Promotion
 from tasks.stages.report import report_facts
 
 TEMPLATE = "night.html.j2"
@@ -33,6 +34,7 @@ class SubjectRun:
     summary: dict[str, Any] | None
     problem: str | None = None
     tries: int = 0  # how many times its run was started tonight (0: it never started)
+    promotion: Promotion | None = None  # the gate's decision on its model (None: no model tonight)
 
 
 def cause(subject: SubjectRun) -> str:
@@ -50,6 +52,15 @@ def state_line(row: dict[str, Any]) -> str:
     """A row's state as the CLI and the UI say it: `Completed (2 tries)`, or `Failed: <cause>`."""
     tries = f" ({row['tries']} tries)" if row.get("tries", 0) > 1 else ""
     return f"{row['state']}{tries}: {row['cause']}" if row["cause"] else f"{row['state']}{tries}"
+
+
+def published_line(row: dict[str, Any]) -> str:
+    """Whether the subject's model was published tonight, with the gate's numbers: `published`, `kept: dino 0.41 <
+    0.45 - 0.02`; a dash without a model."""
+    promoted = row.get("promotion")
+    if not promoted:
+        return "—"
+    return f"published: {promoted['why']}" if promoted["published"] else f"kept: {promoted['why']}"
 
 
 def _stages(summary: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -80,6 +91,7 @@ def row(subject: SubjectRun, target: Path) -> dict[str, Any]:
         "gpu": (summary.get("run") or {}).get("gpu") or "",
         "waiting": summary.get("waiting") or [],
         "tries": subject.tries,
+        "promotion": asdict(subject.promotion) if subject.promotion else None,
         "metrics": scores(facts),
         "report": relative_link(Path(report), target) if facts else None,
     }
@@ -91,6 +103,7 @@ def write(title: str, subjects: list[SubjectRun], target: Path) -> dict[str, Any
         rows = sorted((row(subject, target) for subject in subjects), key=lambda r: not r["failed"])
         shown = [m for m in (*METRICS, LEAK) if any(r["metrics"].get(m) is not None for r in rows)]
         for found in rows:
+            found["published"] = published_line(found)
             found["numbers"] = [report_page.percent(found["metrics"].get(m)) if m in ("subject", LEAK) else
                                 report_page.number(found["metrics"].get(m), 3) for m in shown]  # fmt: skip
         failed = sum(r["failed"] for r in rows)
