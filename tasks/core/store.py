@@ -34,7 +34,7 @@ MANIFEST = "manifest.json"
 STAT_MEMO = "stat-memo.json"
 KEY_LENGTH = 24
 DAMAGED = ".damaged-"
-NOT_STAGES = {"runs", "models", "sweeps"}  # the artifact root also holds run records, presets and comparisons
+NOT_STAGES = {"runs", "models", "sweeps", "nights", "published"}  # run records, presets, pages, published models
 Build = Callable[[Path], dict[str, Any]]  # writes an entry's files into the folder given; returns its info
 VERSIONED_PACKAGES = ("boothflow", "torch", "diffusers", "transformers", "peft", "pillow", "opencv-python-headless")
 
