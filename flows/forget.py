@@ -10,7 +10,6 @@ checkpoints, the runs' own records, the subject's published model, and the hash 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.gc import CHECKPOINTS_SUFFIX, ITEMS_SUFFIX, Removal, Run, bytes_freed, gc_lock, inodes, remove, runs
-from flows.runner import summary_path
+from flows.runner import read_summary
 from tasks.core.config import ConfigError
 from tasks.core.hash_memo import MEMO_FILE
 from tasks.core.store import Store
@@ -39,8 +38,8 @@ class Forgetting:
 def _recorded(root: Path, run_id: str, name: str) -> str | None:
     """A fact of the run's summary (its `run` section), None when not recorded."""
     try:
-        return json.loads(summary_path(root, run_id).read_text())["run"].get(name) or None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ((read_summary(root, run_id) or {}).get("run") or {}).get(name) or None
+    except (OSError, ValueError):  # unreadable or not JSON: a run that recorded nothing
         return None
 
 

@@ -6,7 +6,6 @@ Thin wrappers over Prefect's own serve, client and flow engine, so the UI shows 
 from __future__ import annotations
 
 import functools
-import json
 import threading
 import urllib.parse
 from http import HTTPStatus
@@ -29,7 +28,7 @@ from prefect.states import AwaitingRetry, Crashed, State
 
 from flows.dreambooth import dreambooth, dreambooth_stage
 from flows.gc import process_gone
-from flows.runner import summary_path
+from flows.runner import read_summary
 from flows.server import HOST
 from flows.subjects import subjects
 from flows.sweep import sweep
@@ -156,8 +155,7 @@ def rerun(run_id: str) -> tuple[FlowRun, str, State | None]:
 def run_summary(flow_run: FlowRun) -> dict[str, Any] | None:
     """The summary a run wrote under its own artifact root, if it got far enough to write one."""
     root = artifacts_root(flow_run)
-    path = summary_path(root, str(flow_run.id)) if root is not None else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+    return read_summary(root, str(flow_run.id)) if root is not None else None
 
 
 def _crash_reason(flow_run: FlowRun) -> str:

@@ -137,6 +137,12 @@ def summary_path(root: Path, flow_run_id: str) -> Path:
     return Path(root) / "runs" / flow_run_id / "summary.json"
 
 
+def read_summary(root: Path, flow_run_id: str) -> dict[str, Any] | None:
+    """The summary a run wrote under `root`, if it got far enough to write one."""
+    path = summary_path(root, flow_run_id)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def parent_record(root: Path, flow_run_id: str, kind: str) -> Path:
     """What a parent run (`sweep`, `night`) did, run by run, beside where its summary would be: the CLI's table and
     --summary."""

@@ -22,7 +22,7 @@ from flows.dreambooth import check_plan, planned_keys
 from flows.gc import RunKeys
 from flows.preflight import check_settings
 from flows.publish import report_link
-from flows.runner import parent_record, summary_path
+from flows.runner import parent_record, read_summary
 from flows.sweep import CellProgress, Ran, run_here, submit, wait_all
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
@@ -43,11 +43,6 @@ def _settings_problem(subject: Subject) -> str | None:
     except ConfigError as err:
         return str(err)
     return None
-
-
-def _run_summary(root: Path, flow_run_id: str) -> dict[str, Any] | None:
-    path = summary_path(root, flow_run_id)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def served_here(config: RunConfig) -> bool:
@@ -122,7 +117,7 @@ def _night(folder: str, found: list[Subject], root: Path, pool: str, slots: int 
 def _subject_run(subject: Subject, ran: Ran, root: Path, title: str) -> SubjectRun:
     """A subject as its run left it; a completed one's model goes through the promotion gate, and is published when
     it passes (a Prefect link artifact to its published folder)."""
-    summary, gate = _run_summary(root, ran.flow_run_id), subject.config.publish
+    summary, gate = read_summary(root, ran.flow_run_id), subject.config.publish
     promoted = None
     if ran.state == "Completed" and summary is not None:
         promoted = promotion.promote(root, subject.name, summary, gate.metric, gate.tolerance, title)

@@ -33,7 +33,7 @@ from flows.dreambooth import check_plan, dreambooth
 from flows.gc import RunKeys
 from flows.preflight import check_settings
 from flows.publish import report_link
-from flows.runner import parent_record, summary_path
+from flows.runner import parent_record, read_summary
 from flows.workers import queue_for
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError
@@ -165,7 +165,7 @@ async def _wait(ids: list[UUID], progress: CellProgress, root: Path, retries: in
         done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         for cell_run in (task.result() for task in done):
             cell = cell_of.pop(cell_run.id)
-            if tries[cell] <= retries and worth_retrying(cell_run.state, _summary(root, str(cell_run.id))):
+            if tries[cell] <= retries and worth_retrying(cell_run.state, read_summary(root, str(cell_run.id))):
                 tries[cell] += 1
                 get_run_logger().warning(f"{cell_run.name} ended {cell_run.state.name}: {cell_run.state.message}; "
                                          f"try {tries[cell]} of {retries + 1}")  # fmt: skip
@@ -188,16 +188,11 @@ def run_here(cells: list[Cell], progress: CellProgress, root: Path, retries: int
         for tried in range(1, retries + 2):
             state = dreambooth.with_options(flow_run_name=cell.name)(cell.config, return_state=True)
             flow_run_id = str(state.state_details.flow_run_id)
-            if tried > retries or not worth_retrying(state, _summary(root, flow_run_id)):
+            if tried > retries or not worth_retrying(state, read_summary(root, flow_run_id)):
                 break
         ran.append(Ran(flow_run_id, state.name, tried))
         asyncio.run(progress.finished(cell.name, state.name))
     return ran
-
-
-def _summary(root: Path, flow_run_id: str) -> dict[str, Any] | None:
-    path = summary_path(root, flow_run_id)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @flow(name="dreambooth-sweep")
@@ -220,7 +215,9 @@ def _sweep(spec: Sweep, root: Path, pool: str, slots: int | None) -> dict[str, A
     else:
         ran = run_here(spec.cells, CellProgress(len(spec.cells)), root)
     cells = [
-        comparison.CellRun(cell.name, cell.config.model_dump(mode="json"), run.state, _summary(root, run.flow_run_id))
+        comparison.CellRun(
+            cell.name, cell.config.model_dump(mode="json"), run.state, read_summary(root, run.flow_run_id)
+        )
         for cell, run in zip(spec.cells, ran, strict=True)
     ]
     target = root / SWEEPS_FOLDER / spec.name
