@@ -16,8 +16,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.gc import CHECKPOINTS_SUFFIX, ITEMS_SUFFIX, Removal, Run, bytes_freed, gc_lock, inodes, remove, runs
-from flows.runner import read_summary
+from flows.gc import CHECKPOINTS_SUFFIX, ITEMS_SUFFIX, Removal, bytes_freed, inodes, remove
+from flows.records import Run, gc_lock, instance_dir, recorded, runs
 from tasks.core.config import ConfigError
 from tasks.core.hash_memo import MEMO_FILE
 from tasks.core.store import Store
@@ -35,23 +35,9 @@ class Forgetting:
     bytes: int
 
 
-def _recorded(root: Path, run_id: str, name: str) -> str | None:
-    """A fact of the run's summary (its `run` section), None when not recorded."""
-    try:
-        return ((read_summary(root, run_id) or {}).get("run") or {}).get(name) or None
-    except (OSError, ValueError):  # unreadable or not JSON: a run that recorded nothing
-        return None
-
-
-def instance_dir(root: Path, run_id: str) -> Path | None:
-    """The instance folder a run trained from, as its summary recorded it."""
-    recorded = _recorded(root, run_id, "instance_dir")
-    return Path(recorded) if recorded else None
-
-
 def _run_name(root: Path, run_id: str) -> str | None:
     """The run's name: a subject's, whose published model goes too."""
-    return _recorded(root, run_id, "name")
+    return recorded(root, run_id, "name")
 
 
 def plan(root: Path, folder: Path) -> tuple[list[Run], list[Removal]]:

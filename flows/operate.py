@@ -27,8 +27,7 @@ from prefect.schedules import Cron
 from prefect.states import AwaitingRetry, Crashed, State
 
 from flows.dreambooth import dreambooth, dreambooth_stage
-from flows.gc import process_gone
-from flows.runner import read_summary
+from flows.records import process_gone, read_summary
 from flows.server import HOST
 from flows.subjects import subjects
 from flows.sweep import sweep

@@ -25,7 +25,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 
 from flows.caching import cache_options, forget_record
-from flows.gc import RunKeys
+from flows.records import RunKeys, summary_path
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.faults import ENV, fault
 from tasks.core.stage import Stage, StageError, StageResult, UpstreamPending
@@ -131,16 +131,6 @@ def check_concurrency_limit(limit: str) -> None:
 def _no_limit(limit: str) -> str:
     return (f"the Prefect server has no global concurrency limit {limit!r} (run.concurrency_limit); create it: "
             f"prefect global-concurrency-limit create {limit} --limit 1")  # fmt: skip
-
-
-def summary_path(root: Path, flow_run_id: str) -> Path:
-    return Path(root) / "runs" / flow_run_id / "summary.json"
-
-
-def read_summary(root: Path, flow_run_id: str) -> dict[str, Any] | None:
-    """The summary a run wrote under `root`, if it got far enough to write one."""
-    path = summary_path(root, flow_run_id)
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def parent_record(root: Path, flow_run_id: str, kind: str) -> Path:

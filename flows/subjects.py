@@ -19,10 +19,10 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.dreambooth import check_plan, planned_keys
-from flows.gc import RunKeys
 from flows.preflight import check_settings
 from flows.publish import report_link
-from flows.runner import parent_record, read_summary
+from flows.records import RunKeys, read_summary
+from flows.runner import parent_record
 from flows.sweep import CellProgress, Ran, run_here, submit, wait_all
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError

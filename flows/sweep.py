@@ -30,10 +30,10 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.dreambooth import check_plan, dreambooth
-from flows.gc import RunKeys
 from flows.preflight import check_settings
 from flows.publish import report_link
-from flows.runner import parent_record, read_summary
+from flows.records import RunKeys, read_summary
+from flows.runner import parent_record
 from flows.workers import queue_for
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.stage import StageError

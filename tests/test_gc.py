@@ -11,9 +11,12 @@ import psutil
 from conftest import BIN, REPO
 from processes import started
 
-from flows.gc import RunKeys, collect
+from flows.gc import Rules, collect
+from flows.records import RunKeys, summary_path
 from tasks.core.atomic import link_or_copy
 from tasks.core.store import Store
+from tasks.stages import promotion
+from tasks.stages.promotion import Promotion
 from tasks.stages.train import EMBEDS
 
 STAGES = ["preprocess", "train"]
@@ -64,10 +67,10 @@ def _store(tmp_path: Path) -> Path:
 def test_keep_last_removes_what_older_runs_alone_used_and_their_items(tmp_path: Path) -> None:
     root = _store(tmp_path)
     before = _left(root)
-    removals, _, to_free = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=True)
+    removals, _, to_free = collect(root, STAGES, Rules(keep_last=1), dry_run=True)
     assert {f"{r.stage}/{r.folder}" for r in removals} == {"preprocess/p-old", "train/t-old", "preprocess-items/i-old"}
     assert _left(root) == before  # a dry run removes nothing
-    _, _, freed = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=False)
+    _, _, freed = collect(root, STAGES, Rules(keep_last=1), dry_run=False)
     assert freed == to_free == sum(r.bytes for r in removals) - len(b"i-old" * 10)  # i-old's file, linked in p-old
     assert _left(root) == before - {"preprocess/p-old", "train/t-old", "preprocess-items/i-old"}
     assert Store(root).get("preprocess", "p-new") is not None and Store(root).get("train", "t-new") is not None
@@ -77,10 +80,10 @@ def test_both_rules_must_agree_and_damaged_entries_go_only_when_asked(tmp_path: 
     root = _store(tmp_path)
     (root / "train" / "t-new" / "data.bin").write_bytes(b"rot")
     assert Store(root).get("train", "t-new") is None  # set aside as damaged
-    removals, _, _ = collect(root, STAGES, keep_last=1, older_than_days=1.0, damaged=False, dry_run=False)
+    removals, _, _ = collect(root, STAGES, Rules(keep_last=1, older_than_days=1.0), dry_run=False)
     assert removals == []  # everything was used within a day
     assert any(".damaged-" in name for name in _left(root))
-    removals, _, _ = collect(root, STAGES, keep_last=None, older_than_days=None, damaged=True, dry_run=False)
+    removals, _, _ = collect(root, STAGES, Rules(damaged=True), dry_run=False)
     assert [r.why for r in removals] == ["damaged, set aside"]
     assert not any(".damaged-" in name for name in _left(root))
 
@@ -89,7 +92,7 @@ def test_an_entry_a_running_run_registered_is_never_removed(tmp_path: Path) -> N
     root = _store(tmp_path)
     with RunKeys(root, "running") as run:
         run.use("train", "t-old")
-        removals, notes, freed = collect(root, STAGES, keep_last=0, older_than_days=0, damaged=False, dry_run=False)
+        removals, notes, freed = collect(root, STAGES, Rules(keep_last=0, older_than_days=0), dry_run=False)
         assert {f"{r.stage}/{r.folder}" for r in removals} == {"preprocess/p-old", "preprocess/p-new", "train/t-new"}
         assert notes == ["item entries kept: 1 run(s) running"]
         assert freed == sum(r.bytes for r in removals) - 2 * len(b"i-old" * 10)  # the kept items still hold theirs
@@ -99,7 +102,7 @@ def test_an_entry_a_running_run_registered_is_never_removed(tmp_path: Path) -> N
 def test_removed_entries_take_their_lock_files_with_them(tmp_path: Path) -> None:
     locks = _store(tmp_path) / ".locks" / "store"
     assert (locks / "preprocess-p-old.lock").is_file()
-    collect(tmp_path, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=False)
+    collect(tmp_path, STAGES, Rules(keep_last=1), dry_run=False)
     assert sorted(p.name for p in locks.iterdir()) == [
         "preprocess-items-i-new.lock", "preprocess-p-new.lock", "report-not-a-gc-stage.lock", "train-t-new.lock"
     ]  # fmt: skip
@@ -111,9 +114,9 @@ def test_text_embeddings_are_item_entries_of_train(tmp_path: Path) -> None:
     _entry(Store(root), EMBEDS, "e")
     with RunKeys(root, "running") as run:
         run.use("train", "t-new")
-        removals, _, _ = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=True)
+        removals, _, _ = collect(root, STAGES, Rules(keep_last=1), dry_run=True)
     assert f"{EMBEDS}/e" not in {f"{r.stage}/{r.folder}" for r in removals}
-    removals, _, _ = collect(root, STAGES, keep_last=1, older_than_days=None, damaged=False, dry_run=False)
+    removals, _, _ = collect(root, STAGES, Rules(keep_last=1), dry_run=False)
     assert f"{EMBEDS}/e" in {f"{r.stage}/{r.folder}" for r in removals} and f"{EMBEDS}/e" not in _left(root)
 
 
@@ -151,3 +154,29 @@ def test_gc_during_a_run_removes_an_older_runs_entries_and_the_run_completes(boo
     assert new["error"] is None and new["stages"]["preprocess"]["key"] == old["preprocess"]["key"]
     assert not (root / "train" / old["train"]["key"]).exists()
     assert Store(root).get("train", new["stages"]["train"]["key"]) is not None
+
+
+def test_keep_nights_keeps_each_subjects_last_runs_and_its_published_model(tmp_path: Path) -> None:
+    """Subject a trained three times (its first model published), b once; a run that recorded no instance folder is
+    nobody's night and keeps what it used."""
+    store = Store(tmp_path)
+    for key in ("a1", "a2", "a3", "b1", "x1"):
+        _entry(store, "train", key)
+    _runs(tmp_path, ["train/a1"], ["train/a2"], ["train/a3"], ["train/b1"], ["train/x1"])
+    for number, folder in enumerate(["a", "a", "a", "b"]):
+        summary_path(tmp_path, f"run-{number}").write_text(json.dumps({"run": {"instance_dir": f"/photos/{folder}"}}))
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "unet" / "weights.bin").write_bytes(b"a1")
+    published = Promotion(True, "", None, None, "the subject's first model")
+    promotion.publish(tmp_path, "a", model, {"keys": {"train": "a1", "generate": None}}, published)
+
+    def removed(nights: int) -> set[str]:
+        removals, _, _ = collect(tmp_path, STAGES, Rules(keep_nights=nights), dry_run=True)
+        return {f"{r.stage}/{r.folder}" for r in removals}
+
+    assert removed(1) == {"train/a2"}
+    assert removed(0) == {"train/a2", "train/a3", "train/b1"}
+    assert removed(3) == set()
+    removals, _, _ = collect(tmp_path, STAGES, Rules(keep_last=2, keep_nights=1), dry_run=False)  # both must agree
+    assert {f"{r.stage}/{r.folder}" for r in removals} == {"train/a2"} and "train/a2" not in _left(tmp_path)

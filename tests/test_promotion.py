@@ -89,6 +89,18 @@ NIGHT = ["generate.seeds=16", "generate.prompts=['a photo of {token} {class}']",
 SHORT = ["train.sample_every=0", "train.checkpoint_every=0"]
 
 
+def _train_keys(root: Path, folder: Path) -> set[str]:
+    """The train keys of the runs that trained from `folder`, as their summaries recorded them."""
+    summaries = [json.loads(path.read_text()) for path in (root / "runs").glob("*/summary.json")]
+    mine = [s for s in summaries if Path(s["run"].get("instance_dir") or "/").resolve() == folder.resolve()]
+    return {s["stages"]["train"]["key"] for s in mine if s["stages"].get("train", {}).get("key")}
+
+
+def _gc_would_remove(boothflow, root: Path) -> str:
+    """`cache gc --keep-nights 1 --dry-run`: the store is shared with other tests, so nothing is removed here."""
+    return boothflow("cache", "gc", "--keep-nights", "1", "--dry-run", "--artifacts", root).stdout
+
+
 def test_a_worse_night_keeps_the_published_model_and_a_better_one_replaces_it(
     boothflow, prefect_server: str, toy_root: Path, tmp_path: Path
 ) -> None:
@@ -112,12 +124,19 @@ def test_a_worse_night_keeps_the_published_model_and_a_better_one_replaces_it(
     assert json.loads((published / promotion.RECORD).read_text())["model_dir"] == record["model_dir"]
     page = Path(json.loads((tmp_path / "2.json").read_text())["summary"]).read_text()
     assert f"kept: analyser {kept['score']:.4g} &lt; {kept['before']:.4g} - 0.1" in page
+    [night_2_train] = _train_keys(toy_root, folder / "rex") - {record["keys"]["train"]}
+    would = _gc_would_remove(boothflow, toy_root)  # night 1: not the last night, but published; night 2: the last
+    assert f"train/{record['keys']['train']}" not in would and f"train/{night_2_train}" not in would, would
 
     third = _night(boothflow, folder, toy_root, tmp_path / "3.json")
     assert third["promotion"]["published"] and third["metrics"]["subject"] > first["metrics"]["subject"], third
     now = json.loads((published / promotion.RECORD).read_text())
     assert now["model_dir"] != record["model_dir"] and now["scores"]["subject"] == third["metrics"]["subject"]
     assert now["keys"]["train"] and now["night"].startswith("night of ")
+    would = _gc_would_remove(boothflow, toy_root)  # nights 1 and 2: neither the last night nor published
+    for key in (record["keys"]["train"], night_2_train):
+        assert f"train/{key} " in would and "not used by its subject's last 1 runs nor published" in would, would
+    assert f"train/{now['keys']['train']}" not in would
     with client_for(prefect_server) as client:
         links = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["published-rex"])))
     assert len(links) == 2  # nights 1 and 3

@@ -75,23 +75,29 @@ def cache_gc(
     older_than: Annotated[
         float | None, typer.Option("--older-than", min=0, help="Remove entries not used for DAYS days")
     ] = None,
+    keep_nights: Annotated[
+        int | None,
+        typer.Option("--keep-nights", min=0, help="Keep what each subject's last N runs used, and published models"),
+    ] = None,
     damaged: Annotated[bool, typer.Option("--damaged", help="Remove entries set aside as damaged")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would go; remove nothing")] = False,
     config: ConfigOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
 ):
-    """Remove old or damaged entries; never one a running run uses. With --keep-last and --older-than both,
-    an entry goes only when both say so."""
-    from flows.gc import collect
+    """Remove old or damaged entries; never one a running run uses. With more than one of --keep-last, --older-than and
+    --keep-nights, an entry goes only when each says so. A subject is an instance folder: --keep-nights keeps the
+    entries of its last N runs and of its published model (a subjects night's promotion)."""
+    from flows.gc import Rules, collect
 
-    if keep_last is None and older_than is None and not damaged:
-        error("say what to remove: --keep-last N, --older-than DAYS and/or --damaged")
+    rules = Rules(keep_last, older_than, keep_nights, damaged)
+    if not rules.any_age_rule() and not damaged:
+        error("say what to remove: --keep-last N, --older-than DAYS, --keep-nights N and/or --damaged")
         raise typer.Exit(2)
     root = run_config(config, set_, artifacts).run.artifacts_root
     every = {"prior": {"enabled": True}, "train": {"pick": "best:dino", "sample_every": 1}}  # every stage there is
     stages = [name for name in RunConfig.model_validate(every).stage_names() if name not in ("validate", "score")]
-    removals, notes, freed = collect(root, stages, keep_last, older_than, damaged, dry_run)
+    removals, notes, freed = collect(root, stages, rules, dry_run)
     out = Console(soft_wrap=True, markup=False)
     for removal in removals:
         verb = "would remove" if dry_run else "removed"

@@ -102,7 +102,7 @@ def _execute(cfg: RunConfig, summary: Path | None, stage: str | None) -> None:
 
 def _finish(state, root: Path, summary: Path | None, started: float) -> None:
     """Print and save the run's summary; exit 1 when the run failed."""
-    from flows.runner import summary_path
+    from flows.records import summary_path
 
     record = summary_path(root, str(state.state_details.flow_run_id))
     result = json.loads(record.read_text()) if record.is_file() else None

@@ -52,6 +52,13 @@ def current(root: Path, subject: str) -> dict[str, Any] | None:
         return None
 
 
+def every_record(root: Path) -> list[dict[str, Any]]:
+    """The published model's record of every subject that has one."""
+    base = Path(root) / PUBLISHED
+    names = sorted(p.name for p in base.iterdir() if not p.name.startswith(".")) if base.is_dir() else []
+    return [record for name in names if (record := current(root, name)) is not None]
+
+
 def score(scores: dict[str, Any], metric: str) -> float | None:
     """A night row's score for a gate metric (`analyser`: the toy analyser's subject rate)."""
     value = scores.get("subject" if metric == "analyser" else metric)
