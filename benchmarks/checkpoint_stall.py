@@ -39,9 +39,9 @@ def wide_model(width: int, layers: int, device: torch.device) -> tuple[torch.nn.
 def job_for(folder: Path) -> TrainJob:
     """A job whose only use is where checkpoints go and how many are kept."""
     return TrainJob(
-        family="sd15", base=folder, vae_path=folder, latents_dir=folder, out_dir=folder, checkpoints_dir=folder,
+        family="sd15", base=folder, latents_dir=folder, out_dir=folder, checkpoints_dir=folder,
         train=TrainSection(keep_checkpoints=1), optimizer="adamw", instance_prompt="", class_prompt=None,
-        prior_weight=0.0, text_embeds=None, safety_checker=False, parent_pid=os.getpid(), facts={},
+        prior_weight=0.0, text_embeds=None, parent_pid=os.getpid(), facts={},
     )  # fmt: skip
 
 

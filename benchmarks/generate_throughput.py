@@ -27,7 +27,7 @@ from tasks.core.config import RunConfig, fill_prompt
 from tasks.core.config_load import load_config
 from tasks.core.stage import StageResult
 from tasks.sd.device import release
-from tasks.sd.layout import MODEL_DIR
+from tasks.sd.layout import WEIGHTS_DIR
 from tasks.sd.models import ResolvedModel, resolve
 from tasks.sd.render import RenderRequest, render
 from tasks.stages import generate
@@ -43,17 +43,15 @@ def synchronize() -> None:
 
 
 def train_output(config: RunConfig, model: ResolvedModel, folder: Path) -> StageResult:
-    """A full fine-tune's train output holding the base's weights: the final pipeline folder, and the UNet (and
-    text encoder, when trained) of every sample step."""
+    """A full fine-tune's train output holding the base's weights: the UNet (and text encoder, when trained) of the
+    final weights and of every sample step."""
     pipe = DiffusionPipeline.from_pretrained(model.path)
-    pipe.save_pretrained(folder / MODEL_DIR, safe_serialization=True)
     train = config.train
     steps = [step for step in range(1, train.steps) if train.sample_every and step % train.sample_every == 0]
-    for step in steps:
-        sample = folder / "samples" / f"step-{step:06d}"
-        pipe.unet.save_pretrained(sample / "unet", safe_serialization=True)
+    for weights in [folder / WEIGHTS_DIR, *(folder / "samples" / f"step-{step:06d}" for step in steps)]:
+        pipe.unet.save_pretrained(weights / "unet", safe_serialization=True)
         if train.train_text_encoder:
-            pipe.text_encoder.save_pretrained(sample / "text_encoder", safe_serialization=True)
+            pipe.text_encoder.save_pretrained(weights / "text_encoder", safe_serialization=True)
     training = {"family": model.family, "method": "full", "steps": train.steps, "sample_steps": steps}
     (folder / "training.json").write_text(json.dumps(training))
     return StageResult("train", "benchmark", folder)

@@ -196,10 +196,10 @@ def training_for(case: Case | Checkpoint, root: Path, steps: int):
     work = Path(tempfile.mkdtemp(dir=root))
     cfg = TrainSection(**case.settings, steps=steps + 1, checkpoint_every=0)
     job = TrainJob(
-        family=arch.family, base=path, vae_path=path / "vae", out_dir=work / "out", checkpoints_dir=work / "ckpt",
+        family=arch.family, base=path, out_dir=work / "out", checkpoints_dir=work / "ckpt",
         latents_dir=synthetic_latents(work / "latents", arch, case.resolution), train=cfg,
         optimizer=resolved_optimizer(cfg), instance_prompt=PROMPT, class_prompt=None, prior_weight=0.0,
-        text_embeds=None if cfg.train_text_encoder else synthetic_embeddings(work, arch, PROMPT), safety_checker=False,
+        text_embeds=None if cfg.train_text_encoder else synthetic_embeddings(work, arch, PROMPT),
         parent_pid=0, facts={},
     )  # fmt: skip
     training = build_training(job)

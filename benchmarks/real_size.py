@@ -27,10 +27,10 @@ from tasks.core.config import GIB, RunConfig, fill_prompt
 from tasks.core.config_load import load_config
 from tasks.core.faults import ENV as FAULTS_ENV
 from tasks.core.store import Store
-from tasks.sd.layout import KOHYA_FILE, MODEL_DIR, SINGLE_FILE
+from tasks.sd.layout import KOHYA_FILE, MODEL_DIR, SINGLE_FILE, WEIGHTS_DIR
 from tasks.sd.memory import architecture, estimate_render, estimate_train
 from tasks.sd.models import resolve
-from tasks.stages import generate, latents, preprocess, train
+from tasks.stages import export, generate, latents, preprocess, train
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
@@ -56,6 +56,11 @@ CASES = {
                   "train.mixed_precision='bf16'", "train.learning_rate=1e-4"],
 }  # fmt: skip
 QUICK = {"sd15-arch": "tiny-sd15", "sdxl-arch": "tiny-sdxl"}  # the same families, tiny, at 64 px
+VARIANTS = {  # export settings whose disk per subject is measured beside the defaults
+    "no single file": {"single_file": False},
+    "float16": {"dtype": "float16"},
+    "float16, no single file": {"dtype": "float16", "single_file": False},
+}
 
 
 def config(case: str, root: Path, quick: bool = False) -> RunConfig:
@@ -75,7 +80,7 @@ def stages(cfg: RunConfig, store: Store) -> tuple:
     images = preprocess.run(cfg.preprocess, preprocess.PreprocessInputs(data.instance_dir, files, 3), store)
     encoded = latents.run(cfg.latents, latents.LatentsInputs(model, images, None), store)
     prompt = fill_prompt(data.instance_prompt, data.token, data.class_name)
-    inputs = train.TrainInputs(model, encoded, prompt, None, 0.0, False)
+    inputs = train.TrainInputs(model, encoded, prompt, None, 0.0)
     return model, train.run(cfg.train, inputs, store)
 
 
@@ -150,9 +155,16 @@ def measure(case: str, root: Path, quick: bool) -> dict:
         faults.write_text(json.dumps({"save_trainable_to": str(dump)}))
         os.environ[FAULTS_ENV] = str(faults)
     started = time.monotonic()
-    _, trained = stages(cfg, store)
+    model, trained = stages(cfg, store)
     os.environ.pop(FAULTS_ENV, None)
     train_seconds = time.monotonic() - started
+    started = time.monotonic()
+    exported = export.run(cfg.export, export.ExportInputs(model, trained, cfg.model.safety_checker), store)
+    export_seconds, model_dir = time.monotonic() - started, exported.path / MODEL_DIR
+    variants = {}  # a full fine-tune's disk under other export settings, from the same training
+    for name, update in (VARIANTS if cfg.train.method == "full" else {}).items():
+        other = export.run(cfg.export.model_copy(update=update), export.ExportInputs(model, trained, False), store)
+        variants[name] = disk_per_subject(model.path, trained.path, other.path)["disk_after"]
     memory = json.loads((trained.path / "memory.json").read_text())["peak_mib"]
     metrics = (trained.path / "metrics.csv").read_text().splitlines()[1:]
     arch = architecture(cfg.model.id, root)
@@ -165,11 +177,11 @@ def measure(case: str, root: Path, quick: bool) -> dict:
     )
     generated = child(["--generate-child", case, str(root)], quick)
     if cfg.train.method == "full":
-        checked = child(["--reload-sd15", str(trained.path / MODEL_DIR)], quick)
+        checked = child(["--reload-sd15", str(model_dir)], quick)
         verdict = f"from_single_file == diffusers folder: {checked['equal']}"
     else:
         base = arch and resolve(cfg.model.id, "", root).path
-        checked = child(["--fuse-sdxl", str(trained.path / MODEL_DIR), str(base), str(dump)], quick)
+        checked = child(["--fuse-sdxl", str(model_dir), str(base), str(dump)], quick)
         verdict = (f"kohya file fused on {checked['layers']} layers: largest trained change "
                    f"{checked['max_update']:.2e}, largest difference from base + B @ A "
                    f"{checked['max_abs_error']:.2e}")  # fmt: skip
@@ -177,13 +189,41 @@ def measure(case: str, root: Path, quick: bool) -> dict:
         "case": case, "built_s": built, "train_s": train_seconds, "steps": metrics,
         "train_peak": memory["train"], "export_peak": memory["export"], "plan_train": plan_train,
         "generate_peak": generated["peak_mib"], "generate_s": generated["seconds"], "plan_generate": plan_generate,
-        "check_peak": checked["peak_mib"], "verdict": verdict,
+        "check_peak": checked["peak_mib"], "verdict": verdict, "export_s": export_seconds,
+        **disk_per_subject(model.path, trained.path, exported.path), "disk_variants": variants,
     }  # fmt: skip
+
+
+def _files(folder: Path) -> list[os.stat_result]:
+    return [f.stat() for f in folder.rglob("*") if f.is_file() and not f.is_symlink()]
+
+
+def disk_per_subject(base: Path, train_entry: Path, export_entry: Path) -> dict[str, int]:
+    """What one subject's training and export take on disk beyond the base model, as du counts it (a file with several
+    links once; none that is a link to a base model file), and what the same model took when training wrote the
+    formats itself: the train entry without its weights folder plus every file of the model folder, linked or not
+    (the export writes the same components in the same formats the train entry held)."""
+    seen = {stat.st_ino for stat in _files(base)}
+    after = 0
+    for stat in (*_files(train_entry), *_files(export_entry)):
+        if stat.st_ino not in seen:
+            seen.add(stat.st_ino)
+            after += stat.st_size
+    apparent = [sum(s.st_size for s in _files(folder)) for folder in (train_entry, train_entry / WEIGHTS_DIR)]
+    before = apparent[0] - apparent[1] + sum(s.st_size for s in _files(export_entry / MODEL_DIR))
+    return {"disk_before": before, "disk_after": after}
 
 
 def report(rows: list[dict]) -> list[str]:
     def error(measured: float, planned: float) -> str:
         return f"{100 * (planned - measured) / measured:+.0f}%"
+
+    def disk(row: dict) -> str:
+        if "disk_after" not in row:
+            return "| not measured"
+        others = "; ".join(f"{name}: {size / 2**20:,.0f}" for name, size in row.get("disk_variants", {}).items())
+        after = f"{row['disk_before'] / 2**20:,.0f} → {row['disk_after'] / 2**20:,.0f}"
+        return f"{row['export_s']:.0f} | {after}{f' ({others})' if others else ''}"
 
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     lines = [
@@ -195,10 +235,13 @@ def report(rows: list[dict]) -> list[str]:
         "child), gradient checkpointing; sd15-arch: full UNet + text encoder, fp32, AdamW; sdxl-arch: UNet LoRA",
         "rank 4, bf16 autocast, frozen UNet in bf16. Peaks are each process's resident-set high-water mark (MiB);",
         "the plan estimates accelerator memory, with 1 GiB for the runtime (here: Python, torch and libraries), less",
-        "the optimizer step's scratch that only CUDA's multi-tensor AdamW takes.",
+        "the optimizer step's scratch that only CUDA's multi-tensor AdamW takes. Disk per subject: the train and",
+        "export entries beyond the base model (MiB, du's count: links once), before exports were a stage (training",
+        "wrote every component and the single file itself) and after, with the default export settings (float32 and",
+        "the single file) and in brackets others, exported from the same training; the export stage's time beside it.",
         "",
-        "| case | build s | train stage s | step losses | train peak | plan | error | after export | generate 1 image peak | plan | error | export check |",  # noqa: E501
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| case | build s | train stage s | step losses | train peak | plan | error | after export | generate 1 image peak | plan | error | export s | disk per subject before → after | export check |",  # noqa: E501
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         losses = ", ".join(f"{float(line.split(',')[1]):.4f}" for line in r["steps"])
@@ -206,7 +249,7 @@ def report(rows: list[dict]) -> list[str]:
             f"| {r['case']} | {r['built_s']:.0f} | {r['train_s']:.0f} | {losses} | {r['train_peak']:.0f} |"
             f" {r['plan_train']:.0f} | {error(r['train_peak'], r['plan_train'])} | {r['export_peak']:.0f} |"
             f" {r['generate_peak']:.0f} | {r['plan_generate']:.0f} | {error(r['generate_peak'], r['plan_generate'])} |"
-            f" {r['verdict']} (process peak {r['check_peak']:.0f}); `{r['command']}`, {r['date']} |"
+            f" {disk(r)} | {r['verdict']} (process peak {r['check_peak']:.0f}); `{r['command']}`, {r['date']} |"
         )
     return lines
 

@@ -18,7 +18,7 @@ from tasks.core.stage import StageError, StageResult
 from tasks.sd.memory import MemoryPlanError
 from tasks.sd.memory_plan import preflight
 from tasks.sd.models import ModelUnavailable, ResolvedModel, resolve
-from tasks.stages import class_images, evaluate, generate, latents, preprocess, report, select, train
+from tasks.stages import class_images, evaluate, export, generate, latents, preprocess, report, select, train
 
 
 def base_model(config: RunConfig, needed_by: str) -> ResolvedModel:
@@ -63,6 +63,7 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
         encoded = stages.run(latents.stage, latents.LatentsInputs(model, instance, classes))
         trained = stages.run(train.stage, train.TrainInputs.of(config, model, encoded, instance))
         picked = pick(config, stages, model, instance, trained) if config.train.pick != "last" else None
+        stages.run(export.stage, export.ExportInputs.of(config, model, picked or trained))
         generated = stages.run(generate.stage, generate.GenerateInputs.of(config, model, picked or trained))
         scored = stages.run(evaluate.stage, evaluate.EvaluateInputs.of(config, instance, generated))
         results = (instance, classes, trained, generated, scored)
@@ -72,11 +73,11 @@ def pipeline(config: RunConfig, stages: StageRunner) -> None:
 
 def pick(config: RunConfig, stages: StageRunner, model: ResolvedModel, instance: StageResult, trained: StageResult):
     """`train.pick = best:<metric>`: render the validation prompts x seeds from every kept step and the final weights,
-    score them, and export the best; generate then renders from the pick."""
+    score them, and keep the best; export and generate then read the pick."""
     view = generate.validation_view(config.generate)
     checked = stages.run(generate.stage, generate.GenerateInputs.of(config, model, trained), "validate", view)
     steps_scored = stages.run(evaluate.stage, evaluate.EvaluateInputs.of(config, instance, checked), "score")
-    return stages.run(select.stage, select.SelectInputs.of(config, model, trained, steps_scored))
+    return stages.run(select.stage, select.SelectInputs(trained, steps_scored))
 
 
 def planned_keys(config: RunConfig) -> dict[str, dict]:

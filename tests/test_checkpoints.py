@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _job(folder: Path) -> TrainJob:
     return TrainJob(
-        family="sd15", base=folder, vae_path=folder, latents_dir=folder, out_dir=folder, checkpoints_dir=folder,
+        family="sd15", base=folder, latents_dir=folder, out_dir=folder, checkpoints_dir=folder,
         train=TrainSection(), optimizer="adamw", instance_prompt="", class_prompt=None, prior_weight=0.0,
-        text_embeds=None, safety_checker=False, parent_pid=0, facts={},
+        text_embeds=None, parent_pid=0, facts={},
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from tasks.core.config_load import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-BELOW = ("latents", "train", "generate", "evaluate")
+BELOW = ("latents", "train", "export", "generate", "evaluate")
 QUICK = ["train.steps=3", "train.checkpoint_every=0", "train.sample_every=0", "generate.steps=1", "generate.seeds=[0]",
          "generate.compare_base=false", "data.captions='sidecar'"]  # fmt: skip
 
@@ -49,7 +49,7 @@ def _nothing(images: Path) -> None:
 # (what changes, the edit to the folder, settings added from then on, the stages that run, images preprocessed and
 # encoded). Rows apply in order, each on top of the ones before.
 CACHED = {"preprocess": "ran", "report": "ran", **dict.fromkeys(BELOW, "cached")}
-RETRAIN = {"preprocess": "cached", "latents": "cached", "train": "ran", "generate": "ran", "evaluate": "ran"}
+RETRAIN = {"preprocess": "cached", "latents": "cached", **dict.fromkeys(BELOW[1:], "ran")}
 NEW_PIXELS = {**RETRAIN, "preprocess": "ran", "latents": "ran"}
 ROWS: list[tuple[str, Callable[[Path], None], list[str], dict[str, str], tuple[int, int]]] = [
     ("rename a photo", _rename, [], CACHED, (0, 0)),
@@ -83,7 +83,7 @@ def test_only_content_reruns_stages(prefect_server: str, tmp_path: Path) -> None
     settings: list[str] = []
     first = _run(prefect_server, images, tmp_path / "a", settings)
     assert first["stages"]["train"]["status"] == "ran" and first["stages"]["preprocess"]["items_processed"] == 6
-    training = json.loads((Path(first["outputs"]["model_dir"]).parent / "training.json").read_text())
+    training = json.loads((tmp_path / "a" / "train" / first["stages"]["train"]["key"] / "training.json").read_text())
     assert training["captions"] == {"sidecar": 1, "instance prompt": 5}
     page = Path(first["outputs"]["report_html"]).read_text()
     assert "1 images with their .txt caption, 5 with the instance" in page

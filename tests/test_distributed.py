@@ -50,7 +50,7 @@ def test_two_processes_of_batch_1_train_as_one_process_of_batch_2(
     model, _, lat = _encoded(workspace, model_id, workspace / "images")
     single, double = _settings(model_id, batch_size=2), _settings(model_id, batch_size=1, num_processes=2)
     lr = single.learning_rate
-    inputs = train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False)
+    inputs = train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0)
     assert train.stage_key_for(single, inputs) == train.stage_key_for(double, inputs)  # the same training
 
     runs = {}
@@ -126,7 +126,8 @@ def test_the_demo_runs_with_two_processes_and_its_report_shows_the_global_batch(
               "--artifacts", tmp_path / "artifacts", "--summary", summary)  # fmt: skip
     result = json.loads(summary.read_text())
     assert result["error"] is None and result["stages"]["train"]["items_processed"] == 30
-    training = json.loads((Path(result["outputs"]["model_dir"]).parent / "training.json").read_text())
+    train = tmp_path / "artifacts" / "train" / result["stages"]["train"]["key"]
+    training = json.loads((train / "training.json").read_text())
     assert (training["num_processes"], training["global_batch"], training["sample_steps"]) == (2, 2, [10, 20])
     page = Path(result["outputs"]["report_html"]).read_text()
     assert "2 (1 per process x 1 accumulation x 2 processes)" in page

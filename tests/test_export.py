@@ -1,7 +1,8 @@
-"""Training outputs reload to exactly the trained weights through the loaders their users run.
+"""Exports reload to exactly the trained weights through the loaders their users run.
 
-sd15: the pipeline folder and the A1111/LDM single file beside it (from_single_file); sdxl: LoRA in diffusers and
-kohya layouts (load_lora_weights + fuse_lora); the model card loads with huggingface_hub and keeps user text verbatim.
+sd15: the pipeline folder and the A1111/LDM single file beside it (from_single_file), what training left unchanged
+linked from the base, float16 and bfloat16 as asked; sdxl: LoRA in diffusers and kohya layouts (load_lora_weights +
+fuse_lora); the model card loads with huggingface_hub and keeps user text verbatim.
 """
 
 import json
@@ -21,15 +22,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessor
 
-from tasks.sd.export import (
-    KOHYA_FILE,
-    LORA_FILE,
-    ldm_unet_state,
-    ldm_vae_state,
-    save_sd15_outputs,
-    save_sdxl_lora,
-    write_model_card,
-)
+from tasks.sd.card import write_model_card
+from tasks.sd.export import KOHYA_FILE, LORA_FILE, SINGLE_FILE, export_lora, export_sd15, save_sdxl_lora
+from tasks.sd.ldm import ldm_unet_state, ldm_vae_state
 from tasks.sd.models import ResolvedModel, hub_repo, resolve
 
 SD15_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -95,9 +90,51 @@ def trained_sd15(sd15: ResolvedModel, root: Path) -> tuple[dict[str, dict], dict
             for tensor in getattr(pipe, name).state_dict().values():
                 tensor.add_(0.01 * torch.randn(tensor.shape, generator=generator))
     trained = {name: state(getattr(pipe, name)) for name in SD15_COMPONENTS}
+    weights = save_trained(pipe, root / "sd15-weights")
     out = root / "sd15-out"
-    facts = save_sd15_outputs(sd15.path, pipe.unet, pipe.text_encoder, out)
+    facts = export_sd15(sd15.path, weights, out)
     return base, trained, out, facts
+
+
+def save_trained(pipe: StableDiffusionPipeline, weights: Path) -> Path:
+    """The trained UNet and text encoder as training keeps them."""
+    for name in TRAINED_SD15:
+        getattr(pipe, name).save_pretrained(weights / name, safe_serialization=True)
+    return weights
+
+
+def inode(path: Path) -> int:
+    return path.stat().st_ino
+
+
+def test_sd15_links_what_training_left_and_what_it_trained(sd15: ResolvedModel, trained_sd15: tuple, root: Path):
+    """float32: every weight file is a link (the VAE to the base's, UNet and text encoder to the trained weights),
+    so the export costs the single file and a few configs."""
+    out, facts = trained_sd15[2], trained_sd15[3]
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    assert inode(out / vae_file) == inode(sd15.path / vae_file)
+    assert inode(out / "unet/diffusion_pytorch_model.safetensors") == inode(
+        root / "sd15-weights/unet/diffusion_pytorch_model.safetensors"
+    )
+    assert facts["linked"] == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"] and facts["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sd15_in_half_precision_holds_the_trained_weights_cast(
+    sd15: ResolvedModel, trained_sd15: tuple, root: Path, dtype: str
+) -> None:
+    """Nothing is linked that would not load in the asked dtype; no single file when it is not asked for."""
+    _, trained, _, _ = trained_sd15
+    out = root / f"sd15-{dtype}"
+    facts = export_sd15(sd15.path, root / "sd15-weights", out, dtype, single_file=False)
+    torch_dtype = getattr(torch, dtype)
+    reloaded = StableDiffusionPipeline.from_pretrained(out, dtype=torch_dtype)
+    for name in SD15_COMPONENTS:
+        module = getattr(reloaded, name)
+        assert {p.dtype for p in module.parameters()} == {torch_dtype}
+        assert_same(module, {k: v.to(torch_dtype) for k, v in trained[name].items()})
+    assert facts["linked"] == ["scheduler", "tokenizer"] and not (out / SINGLE_FILE).exists()
+    assert SINGLE_FILE not in facts["files"]
 
 
 def test_sd15_configs_name_the_base_never_its_local_folder(sd15: ResolvedModel, trained_sd15: tuple) -> None:
@@ -188,14 +225,21 @@ def with_safety_checker(sd15: ResolvedModel, root: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("keep", "entry", "required", "fact"), [(False, None, False, "removed"), (True, "stable_diffusion", True, "kept")]
+    ("keep", "entry", "required", "fact", "dtype"),
+    [(False, None, False, "removed", "float32"), (True, "stable_diffusion", True, "kept", "float16")],
 )
 def test_safety_checker_is_an_explicit_choice(
-    with_safety_checker: Path, root: Path, keep: bool, entry: str | None, required: bool, fact: str
+    with_safety_checker: Path, root: Path, keep: bool, entry: str | None, required: bool, fact: str, dtype: str
 ) -> None:
+    """Kept, it is exported as the other components are: here cast to float16, and loaded by the pipeline."""
     pipe = StableDiffusionPipeline.from_pretrained(with_safety_checker)
     out = root / f"checked-{keep}"
-    facts = save_sd15_outputs(with_safety_checker, pipe.unet, pipe.text_encoder, out, safety_checker=keep)
+    weights = save_trained(pipe, root / f"checked-weights-{keep}")
+    facts = export_sd15(with_safety_checker, weights, out, dtype, safety_checker=keep)
+    reloaded = StableDiffusionPipeline.from_pretrained(out, dtype=getattr(torch, dtype))
+    assert (reloaded.safety_checker is not None) == keep
+    if keep:
+        assert {p.dtype for p in reloaded.safety_checker.parameters()} == {torch.float16}
     index = json.loads((out / "model_index.json").read_text())
     assert (index["safety_checker"][0], index["requires_safety_checker"], facts["safety_checker"]) == (
         entry,
@@ -237,9 +281,22 @@ def trained_sdxl(sdxl: ResolvedModel, root: Path) -> tuple[dict[str, dict], Path
                 )
                 for path, layer in layers.items()
             }
+    weights = root / "sdxl-weights"
+    states = (get_peft_model_state_dict(getattr(pipe, name)) for name in SDXL_LORA_COMPONENTS)
+    trained = save_sdxl_lora(*states, weights)
     out = root / "sdxl-out"
-    facts = save_sdxl_lora(*(get_peft_model_state_dict(getattr(pipe, name)) for name in SDXL_LORA_COMPONENTS), out)
-    return expected, out, facts
+    return expected, out, {**export_lora(weights, out), "lora_modules": trained["lora_modules"]}
+
+
+def test_sdxl_lora_in_half_precision_is_cast_and_kohya_only_when_asked(trained_sdxl: tuple, root: Path) -> None:
+    _, out, _ = trained_sdxl
+    assert inode(out / LORA_FILE) == inode(root / "sdxl-weights" / LORA_FILE)  # float32, as trained: a link
+    half = root / "sdxl-half"
+    facts = export_lora(root / "sdxl-weights", half, "float16", kohya=False)
+    assert sorted(facts["files"]) == [LORA_FILE] and not (half / KOHYA_FILE).exists()
+    full, cast = load_file(out / LORA_FILE), load_file(half / LORA_FILE)
+    assert sorted(cast) == sorted(full) and {t.dtype for t in cast.values()} == {torch.float16}
+    assert all(torch.equal(cast[k], full[k].half()) for k in full)
 
 
 @pytest.mark.parametrize("weight_name", [None, KOHYA_FILE], ids=["default", "kohya"])

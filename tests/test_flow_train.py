@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -46,15 +47,28 @@ def test_rerun_is_all_cached_and_one_changed_image_costs_one_image(boothflow, pr
     assert type(pipe) is StableDiffusionPipeline and (model_dir / "model.safetensors").is_file()
     assert ModelCard.load(model_dir / "README.md").data.instance_prompt == "a photo of sks toy"
 
-    # A user edits the model card inside the trained entry: the entry is kept aside whole, said once, and retrained.
+    # Another export dtype exports again from the cached training; nothing else runs.
+    boothflow("run", *base, "--set", "export.dtype='float16'", "--summary", tmp_path / "half.json")
+    half = json.loads((tmp_path / "half.json").read_text())
+    assert {name: s["status"] for name, s in half["stages"].items()} == {
+        **dict.fromkeys(first, "cached"),
+        "export": "ran",
+    }
+    assert half["models_loaded"] == ["export: text_encoder, unet, vae in float16",
+                                     "export: unet, vae, text_encoder for the single file"], half  # fmt: skip
+    halved = StableDiffusionPipeline.from_pretrained(half["outputs"]["model_dir"], dtype=torch.float16)
+    assert {p.dtype for p in halved.unet.parameters()} == {torch.float16}
+
+    # A user edits the model card inside the export: the entry is kept aside whole, said once, and exported again.
     card = model_dir / "README.md"
     card.write_text(card.read_text() + "\nmy notes\n")
     damaged = boothflow("run", *base, "--summary", tmp_path / "2b.json")
-    train_key = model_dir.parent.name
+    export_key = model_dir.parent.name
     [line] = [x for x in damaged.stderr.splitlines() if "damaged cache entry" in x]
-    assert f"damaged cache entry train/{train_key}: model/README.md " in line and "bytes, the manifest says" in line
-    assert _stages(tmp_path / "2b.json")["train"]["status"] == "ran"
-    [aside] = (tmp_path / "a" / "train").glob(f"{train_key}.damaged-*")
+    assert f"damaged cache entry export/{export_key}: model/README.md " in line and "bytes, the manifest says" in line
+    again = _stages(tmp_path / "2b.json")
+    assert (again["export"]["status"], again["train"]["status"]) == ("ran", "cached")
+    [aside] = (tmp_path / "a" / "export").glob(f"{export_key}.damaged-*")
     assert (aside / "model" / "README.md").read_text().endswith("my notes\n")
     listing = boothflow("cache", "ls", "--artifacts", tmp_path / "a").stdout
     assert any(aside.name[:20] in row and "damaged" in row for row in listing.splitlines()), listing

@@ -15,14 +15,14 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditio
 from PIL import Image
 from transformers import CLIPTextModel
 
-from tasks.core.config import GenerateSection, LatentsSection, PreprocessSection, TrainSection
+from tasks.core.config import ExportSection, GenerateSection, LatentsSection, PreprocessSection, TrainSection
 from tasks.core.stage import StageError, StageResult
 from tasks.core.store import Store
 from tasks.sd import render
-from tasks.sd.layout import MODEL_DIR
+from tasks.sd.layout import MODEL_DIR, WEIGHTS_DIR
 from tasks.sd.models import ResolvedModel, resolve
 from tasks.sd.render import RenderRequest
-from tasks.stages import generate, latents, preprocess, train
+from tasks.stages import export, generate, latents, preprocess, train
 from tasks.stages.generate import GenerateInputs
 
 TOKEN, CLASS = "sks", "toy"
@@ -48,7 +48,7 @@ def _trained(root: Path, model_id: str, cfg: TrainSection) -> tuple[ResolvedMode
         PreprocessSection(resolution=64, min_side=64), preprocess.PreprocessInputs(images, files, 1), store
     )
     lat = latents.run(LatentsSection(), latents.LatentsInputs(model, pre, None), store)
-    inputs = train.TrainInputs(model, lat, "a photo of sks toy", None, 0.0, False)
+    inputs = train.TrainInputs(model, lat, "a photo of sks toy", None, 0.0)
     return model, train.run(cfg, inputs, store)
 
 
@@ -108,7 +108,7 @@ def _broken(trained: tuple[ResolvedModel, StageResult], folder: Path) -> tuple[R
     """The same train key over a copy whose UNet weights cannot be loaded: any load of them fails loudly."""
     model, result = trained
     copy = shutil.copytree(result.path, folder)
-    weights = copy / MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = copy / WEIGHTS_DIR / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     return model, replace(result, path=copy)
 
@@ -136,7 +136,7 @@ def test_rerun_and_changed_prompts_render_only_missing_images(
     broken = _broken(sd15, tmp_path / "broken")
     first = _run(store, sd15, prompts=(SUBJECT, BEACH), seeds=(0, 1))
     assert (first.items_processed, first.items_cached, first.status) == (4, 0, "ran")
-    assert first.models_loaded == (f"finetuned pipeline: train:{sd15[1].key}",)  # nothing else to render
+    assert first.models_loaded == ("base pipeline: tiny-sd15", "weights: finetuned")  # the base wears the fine-tune
 
     # Same train key over unloadable weights: a rerun that loaded anything would fail.
     again = _run(store, broken, prompts=(SUBJECT, BEACH), seeds=(0, 1))
@@ -200,11 +200,12 @@ def test_checkpoint_samples_come_from_each_sample_step(sd15: tuple[ResolvedModel
     assert min(_differ(a, b) for i, a in enumerate(steps) for b in steps[i + 1 :]) > 1
 
 
-def _loaded_alone(model: ResolvedModel, trained: StageResult, kind: str, step: int) -> DiffusionPipeline:
-    """One set of weights loaded from scratch, as diffusers users load it: the fine-tuned pipeline folder, or the base
-    pipeline with the LoRA or the sample step's UNet and text encoder on top; the base alone."""
+def _loaded_alone(model: ResolvedModel, trained: StageResult, kind: str, step: int, store: Store) -> DiffusionPipeline:
+    """One set of weights loaded from scratch, as diffusers users load it: the exported pipeline folder or LoRA, or
+    the base pipeline with the sample step's LoRA or UNet and text encoder on top; the base alone."""
     training = json.loads((trained.path / "training.json").read_text())
-    folder = trained.path / (MODEL_DIR if kind == "finetuned" else f"samples/step-{step:06d}")
+    exported = export.run(ExportSection(), export.ExportInputs(model, trained, False), store).path / MODEL_DIR
+    folder = exported if kind == "finetuned" else trained.path / f"samples/step-{step:06d}"
     if kind == "finetuned" and training["method"] == "full":
         return StableDiffusionPipeline.from_pretrained(folder)
     pipe = DiffusionPipeline.from_pretrained(model.path)
@@ -232,27 +233,13 @@ def test_one_base_pipeline_renders_what_each_set_of_weights_loaded_alone_renders
     cfg, table = GenerateSection(**{**FAST, **settings}), _samples(result)
     assert len(table) == 2 + len(steps) + 2
     for (kind, step), rows in table.groupby(["kind", "step"], sort=False):
-        pipe = render.prepare(_loaded_alone(model, trained, kind, step), cfg.vae_slicing, cfg.vae_tiling)
+        loaded = _loaded_alone(model, trained, kind, step, Store(tmp_path / "exports"))
+        pipe = render.prepare(loaded, cfg.vae_slicing, cfg.vae_tiling)
         render.make_scheduler(pipe, cfg.scheduler)
         requests = [RenderRequest(r.prompt, "", r.seed, cfg.steps, cfg.guidance, 64, 64) for r in rows.itertuples()]
         alone = [np.asarray(image) for _, image in render.render(pipe, requests, cfg.batch_size, "reference")]
         shared = [np.asarray(Image.open(result.path / image)) for image in rows["image"]]
         assert all(np.array_equal(a, b) for a, b in zip(alone, shared, strict=True)), (kind, step)
-
-
-def test_the_final_full_model_loads_as_its_own_pipeline_only_where_the_base_cannot_wear_it(tmp_path: Path) -> None:
-    kept = tmp_path / "kept"
-    (kept / "safety_checker").mkdir(parents=True)
-
-    def final(folder: Path) -> generate.Weights:
-        return generate.Weights("finetuned", "finetuned", 4, "train:k", "k", folder, folder / "scheduler")
-
-    step = generate.Weights("step-2", "checkpoint", 2, "train:k@step-2", ["k", 2], kept, tmp_path / "scheduler")
-    assert generate.own_pipeline(final(tmp_path), "full", base_loaded=False)  # nothing else to render
-    assert not generate.own_pipeline(final(tmp_path), "full", base_loaded=True)
-    assert generate.own_pipeline(final(kept), "full", base_loaded=True)  # a checker base pipelines load without
-    assert not generate.own_pipeline(final(kept), "lora", base_loaded=False)
-    assert not generate.own_pipeline(step, "full", base_loaded=False)
 
 
 def test_png_text_and_samples_csv_describe_every_image(sd15: tuple[ResolvedModel, StageResult], tmp_path: Path) -> None:

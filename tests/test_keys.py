@@ -20,24 +20,24 @@ from tasks.core.store import Store
 from tasks.sd.models import resolve
 from tasks.stages import class_images, preprocess, report_page
 
-CLASS_SIDE = {"class_images", "latents", "train", "generate", "evaluate", "report"}
-IMAGE_SIDE = {"preprocess", "latents", "train", "generate", "evaluate", "report"}
+CLASS_SIDE = {"class_images", "latents", "train", "export", "generate", "evaluate", "report"}
+IMAGE_SIDE = {"preprocess", "latents", "train", "export", "generate", "evaluate", "report"}
 LISTING = {"preprocess", "report"}  # the same pixels from other names, files or settings: the report lists them
-ALL = {"preprocess", "class_images", "latents", "train", "generate", "evaluate", "report"}
-TRAIN = {"train", "generate", "evaluate", "report"}
+ALL = {"preprocess", "class_images", "latents", "train", "export", "generate", "evaluate", "report"}
+TRAIN = {"train", "export", "generate", "evaluate", "report"}
 GENERATE = {"generate", "evaluate", "report"}
 SCORES = {"evaluate", "report"}
 
 CHANGES = [
     ("model.id", "tiny-sdxl", CLASS_SIDE),
     ("model.vae", "SDXL_VAE", CLASS_SIDE),
-    ("model.safety_checker", True, TRAIN),
+    ("model.safety_checker", True, {"export"}),  # what the exported pipeline keeps; samples render without it
     ("run.name", "other", {"report"}),  # the report shows it
     ("run.device_memory", "24GiB", set()),
     ("run.concurrency_limit", "boothflow-gpu", set()),
     ("data.captions", "sidecar", TRAIN),  # no .txt in the folder: every image keeps the prompt, and says so
     ("generate.validation_seeds", [0, 1], GENERATE),
-    ("train.pick", "best:analyser", {"validate", "score", "select", *GENERATE}),  # three more stages; train stays
+    ("train.pick", "best:analyser", {"validate", "score", "select", "export", *GENERATE}),  # train stays
     ("data.token", "zwx", TRAIN),
     ("data.class_name", "dog", CLASS_SIDE),
     ("data.instance_prompt", "a {token}", TRAIN),
@@ -97,6 +97,9 @@ CHANGES = [
     ("train.keep_checkpoints", 5, set()),
     ("train.cpu_threads", 1, set()),
     ("train.num_processes", 2, TRAIN),  # the global batch doubles (batch_size is per process)
+    ("export.dtype", "float16", {"export"}),  # the formats users load: never a retraining
+    ("export.single_file", False, {"export"}),
+    ("export.kohya", False, {"export"}),
     ("generate.prompts", ["a {token}"], GENERATE),
     ("generate.seeds", [5], GENERATE),
     ("generate.seeds", 3, GENERATE),  # a count: seeds 0, 1, 2
@@ -234,5 +237,5 @@ def test_a_plan_says_which_output_a_key_waits_for(setup, tmp_path: Path) -> None
     planned = planned_keys(config)
     assert planned["preprocess"]["status"] == "to run" and planned["preprocess"]["key"]
     assert planned["class_images"]["status"] == "cached"
-    for stage in ("latents", "train", "generate", "evaluate", "report"):
+    for stage in ("latents", "train", "export", "generate", "evaluate", "report"):
         assert planned[stage] == {"status": "after preprocess", "key": None}, stage

@@ -10,14 +10,14 @@ from diffusers import StableDiffusionPipeline
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from tasks.core.config import TrainSection
+from tasks.core.config import ExportSection, TrainSection
 from tasks.core.stage import StageResult
 from tasks.core.store import Store
 from tasks.core.tables import METRICS_FILE
-from tasks.sd.layout import MODEL_DIR
+from tasks.sd.layout import MODEL_DIR, SELECTION_FILE, WEIGHTS_DIR
 from tasks.sd.models import resolve
-from tasks.stages import select
-from tasks.stages.select import SELECTION_FILE, candidate_scores
+from tasks.stages import export, select
+from tasks.stages.select import candidate_scores
 
 STEPS = ("100", "200", "300", "400")
 
@@ -40,8 +40,8 @@ def test_a_best_pick_holds_on_held_out_seeds_and_exports_that_steps_weights(
 ) -> None:
     root = toy_root  # shared with the toy DreamBooth test: its training too (the pick is not keyed in train)
     first = _run(boothflow, root, list(range(16)), tmp_path / "a.json")  # seeds A: the pick
-    assert list(first["stages"])[3:8] == ["train", "validate", "score", "select", "generate"]
-    selected = Path(first["outputs"]["model_dir"]).parent
+    assert list(first["stages"])[3:9] == ["train", "validate", "score", "select", "export", "generate"]
+    selected = root / "select" / first["stages"]["select"]["key"]
     picked = json.loads((selected / SELECTION_FILE).read_text())
     assert sorted(picked["candidates"]) == list(STEPS) and picked["last_step"] == 400
     assert picked["value"] == max(picked["candidates"].values()) >= picked["last_value"]
@@ -55,15 +55,15 @@ def test_a_best_pick_holds_on_held_out_seeds_and_exports_that_steps_weights(
     assert on_b[step] >= on_b[400], (step, picked["candidates"], on_b)
 
     train = root / "train" / first["stages"]["train"]["key"]
-    kept = train / MODEL_DIR if step == 400 else train / "samples" / f"step-{step:06d}"
-    exported, original = _tensors(selected / MODEL_DIR), _tensors(kept)
+    kept = train / WEIGHTS_DIR if step == 400 else train / "samples" / f"step-{step:06d}"
+    exported, original = _tensors(Path(first["outputs"]["model_dir"])), _tensors(kept)
     assert exported.keys() == original.keys() and len(exported) > 100
     assert all(exported[name].equal(original[name]) for name in original)  # that step's weights, bit for bit
     page = Path(first["outputs"]["report_html"]).read_text()
     assert f"step {step} of 400 by analyser" in page
     assert "rendered and scored by the validate and score stages" in page  # the checkpoints section says where
 
-    # A step before the last, picked by scores that favour it: exported from its kept weights into a pipeline that
+    # A step before the last, picked by scores that favour it: its kept weights, exported into a pipeline that
     # diffusers loads, with a card that says so.
     scores = tmp_path / "scores"
     scores.mkdir()
@@ -71,15 +71,17 @@ def test_a_best_pick_holds_on_held_out_seeds_and_exports_that_steps_weights(
     rows = [{"kind": "finetuned" if s == 400 else "checkpoint", "step": s, "token": True, "subject": v, "images": 16}
             for s, v in favour.items()]  # fmt: skip
     (scores / METRICS_FILE).write_text(json.dumps({"rows": [], "analyser": rows}))
-    inputs = select.SelectInputs(resolve("toy-sd", "", root), StageResult("train", train.name, train),
-                                 StageResult("evaluate", "scores", scores), False)  # fmt: skip
+    inputs = select.SelectInputs(StageResult("train", train.name, train), StageResult("evaluate", "scores", scores))
     cfg = TrainSection(pick="best:analyser", sample_every=100)
-    made = select.run(cfg, inputs, Store(tmp_path / "elsewhere"))
+    elsewhere = Store(tmp_path / "elsewhere")
+    made = select.run(cfg, inputs, elsewhere)
     assert json.loads((made.path / SELECTION_FILE).read_text())["step"] == 300
-    exported = _tensors(made.path / MODEL_DIR)
+    model_dir = export.run(ExportSection(), export.ExportInputs(resolve("toy-sd", "", root), made, False),
+                           elsewhere).path / MODEL_DIR  # fmt: skip
+    exported = _tensors(model_dir)
     original = _tensors(train / "samples" / "step-000300")
     assert exported.keys() == original.keys() and all(exported[n].equal(original[n]) for n in original)
-    pipe = StableDiffusionPipeline.from_pretrained(made.path / MODEL_DIR)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     assert pipe.unet.state_dict()["conv_in.weight"].equal(original["unet.conv_in.weight"])
-    assert "step 300 of 400, picked by analyser: 0.9000 (the last step: 0.7500)" in ModelCard.load(
-        made.path / MODEL_DIR / "README.md").text  # fmt: skip
+    text = ModelCard.load(model_dir / "README.md").text
+    assert "step 300 of 400, picked by analyser: 0.9000 (the last step: 0.7500)" in text

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 QUICK = ["--set", "train.steps=3", "--set", "train.checkpoint_every=0", "--set", "train.sample_every=0",
          "--set", "generate.steps=2", "--set", "generate.seeds=[0]"]  # fmt: skip
-STAGES = ("preprocess", "latents", "train", "generate", "evaluate", "report")
+STAGES = ("preprocess", "latents", "train", "export", "generate", "evaluate", "report")
 ARTIFACT_KEYS = ("run-summary", "stage-summary", "report-samples", "report-link")
 TIMEOUT_MS = 30_000  # first paint of a route, including its lazily loaded chunks, on a busy 2-core machine
 

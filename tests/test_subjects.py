@@ -67,12 +67,12 @@ def workers(cli_env: dict, prefect_server: str, tmp_path_factory: pytest.TempPat
     started: list[psutil.Process] = []  # the workers, each in its own session
     try:
         with client_for(prefect_server) as client:
-            pool = wait_for(lambda: _pool(client), 90, "the pool the workers create")
+            pool = wait_for(lambda: _pool(client), 180, "the pool the workers create")
             template = pool.base_job_template
             template["variables"]["properties"]["env"]["default"] = {"CUDA_VISIBLE_DEVICES": "7",
                                                                      "BOOTHFLOW_FAULTS": str(faults)}  # fmt: skip
             client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=template))
-            wait_for(lambda: len(client.read_workers_for_work_pool(POOL)) == 3, 90, "three workers online")
+            wait_for(lambda: len(client.read_workers_for_work_pool(POOL)) == 3, 180, "three workers online")
         started += psutil.Process(supervisor.pid).children()
         yield {"log": log, "env": env, "supervisor": supervisor, "faults": faults}
     finally:

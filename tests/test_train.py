@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from flows.preflight import check_before_start
-from tasks.core.config import ConfigError, DataSection, LatentsSection, PreprocessSection, TrainSection
+from tasks.core.config import ConfigError, DataSection, ExportSection, LatentsSection, PreprocessSection, TrainSection
 from tasks.core.config_load import load_config
 from tasks.core.faults import ENV as FAULTS_ENV
 from tasks.core.seeds import generator
@@ -25,10 +25,10 @@ from tasks.core.stage import StageError
 from tasks.core.store import Store
 from tasks.core.tables import read_rows
 from tasks.sd import text
-from tasks.sd.layout import MODEL_DIR
+from tasks.sd.layout import MODEL_DIR, WEIGHTS_DIR
 from tasks.sd.models import resolve
 from tasks.sd.objective import Objective
-from tasks.stages import latents, preprocess, train
+from tasks.stages import export, latents, preprocess, train
 from tasks.training.checkpoints import complete_checkpoints
 from tasks.training.conditioning import Conditioner
 from tasks.training.data import LatentData
@@ -67,9 +67,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _job(model, lat, cfg: TrainSection, out: Path, embeds=None) -> train.TrainJob:
     return train.TrainJob(
-        family=model.family, base=model.path, vae_path=model.vae_path, latents_dir=lat.path, out_dir=out,
+        family=model.family, base=model.path, latents_dir=lat.path, out_dir=out,
         checkpoints_dir=out / "ckpt", train=cfg, optimizer="adamw", instance_prompt=INSTANCE_PROMPT,
-        class_prompt=None, prior_weight=0.0, text_embeds=embeds, safety_checker=False, parent_pid=0, facts={},
+        class_prompt=None, prior_weight=0.0, text_embeds=embeds, parent_pid=0, facts={},
     )  # fmt: skip
 
 
@@ -163,8 +163,13 @@ def _train(root: Path, model, lat, cfg: TrainSection, monkeypatch, faults: dict 
     fault_file.write_text(json.dumps(faults or {}))
     monkeypatch.setenv(FAULTS_ENV, str(fault_file))
     train_inputs = train.TrainInputs(model, lat, INSTANCE_PROMPT, inputs.get("class_prompt"),
-                                     inputs.get("prior_weight", 0.0), False)  # fmt: skip
+                                     inputs.get("prior_weight", 0.0))  # fmt: skip
     return train.run(cfg, train_inputs, Store(root))
+
+
+def _exported(root: Path, model, trained) -> Path:
+    """The export stage's model folder for a training: what users load."""
+    return export.run(ExportSection(), export.ExportInputs(model, trained, False), Store(root)).path / MODEL_DIR
 
 
 @pytest.mark.training
@@ -178,7 +183,8 @@ def test_sd15_full_finetune_outputs_reload_with_diffusers(workspace: Path, tmp_p
     assert (result.items_processed, result.items_cached, result.status) == (3, 0, "ran")
     trained = load_file(tmp_path / "trained.st")
 
-    model_dir = result.path / MODEL_DIR  # as the hub holds a model: what from_pretrained loads, the single file, card
+    assert sorted(p.name for p in (result.path / WEIGHTS_DIR).iterdir()) == ["text_encoder", "unet"]  # as trained
+    model_dir = _exported(workspace, model, result)  # as the hub holds a model: what from_pretrained loads, card
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "README.md", "model.safetensors", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"
     ]  # fmt: skip
@@ -195,7 +201,7 @@ def test_sd15_full_finetune_outputs_reload_with_diffusers(workspace: Path, tmp_p
     for name in ("unet", "vae", "text_encoder"):
         reloaded, saved = getattr(single, name).state_dict(), getattr(pipe, name).state_dict()
         assert all(torch.equal(reloaded[k], saved[k]) for k in saved), name
-    metrics = (result.path / "metrics.csv").read_text().splitlines()  # the training's records: beside the model
+    metrics = (result.path / "metrics.csv").read_text().splitlines()  # the training's records: beside the weights
     assert metrics[0] == "step,loss,lr,seconds" and len(metrics) == 4
     card = ModelCard.load(model_dir / "README.md").data
     assert (card.base_model, card.instance_prompt) == (None, INSTANCE_PROMPT)  # a preset is no hub repository
@@ -212,7 +218,7 @@ def test_killed_training_resumes_from_its_checkpoint_bit_for_bit(workspace: Path
     with pytest.raises(StageError) as killed:
         _train(interrupted, model, lat, cfg, monkeypatch, {"kill_train_after_step": 3})
     assert killed.value.item == "step 4" and "exited with code" in killed.value.message
-    key = train.stage_key_for(cfg, train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False))
+    key = train.stage_key_for(cfg, train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0))
     assert Store(interrupted).get("train", key) is None
     assert [p.name for p in complete_checkpoints(train.checkpoints_dir(Store(interrupted), key))] == ["step-000002"]
 
@@ -251,7 +257,7 @@ def test_a_nan_loss_stops_at_once_naming_the_step_and_keeps_the_last_checkpoint(
     with pytest.raises(StageError) as err:
         _train(tmp_path, model, lat, cfg, monkeypatch, {"nan_at_step": 4})
     assert err.value.message == "loss is nan at step 4; stopped" and err.value.item == "step 4"
-    key = train.stage_key_for(cfg, train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False))
+    key = train.stage_key_for(cfg, train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0))
     assert [p.name for p in complete_checkpoints(train.checkpoints_dir(Store(tmp_path), key))] == ["step-000002"]
 
 
@@ -291,7 +297,7 @@ def test_sdxl_lora_with_prior_preservation_loads_and_fuses_to_the_trained_weight
     pairs = _lora_pairs(load_file(dump))
     assert len(pairs) > 10 and result.items_processed in (0, 3)
 
-    model_dir = result.path / MODEL_DIR
+    model_dir = _exported(root, model, result)
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "README.md", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"
     ]  # fmt: skip
@@ -331,7 +337,7 @@ def test_a_sidecar_caption_reaches_the_training_batch_for_its_image(tmp_path: Pa
     model, pre, lat = _encoded(tmp_path, "tiny-sd15", images)
     captions = train.read_captions(DataSection(instance_dir=images, captions="sidecar", class_name="toy"))
     assert captions == {"img1": "a toy drawing of sks"}
-    inputs = train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False, pre, captions)
+    inputs = train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, pre, captions)
     job = train.make_job(TrainSection(batch_size=3), inputs, tmp_path / "out", tmp_path / "ckpt", None)
     [row] = [r for r in read_rows(pre.path / "items.csv", "preprocess", "test") if r["source"] == "img1.png"]
     captioned = Path(row["image"]).stem
@@ -354,7 +360,7 @@ def test_a_sidecar_caption_reaches_the_training_batch_for_its_image(tmp_path: Pa
     assert not torch.allclose(hidden[row_of], alone[INSTANCE_PROMPT][0])
     other = (row_of + 1) % 3
     assert torch.equal(hidden[other], alone[INSTANCE_PROMPT][0])
-    plain = train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, False, pre)
+    plain = train.TrainInputs(model, lat, INSTANCE_PROMPT, None, 0.0, pre)
     assert train.stage_key_for(job.train, inputs) != train.stage_key_for(job.train, plain)
 
 

@@ -29,7 +29,7 @@ inputs = preprocess.PreprocessInputs(images, preprocess.scan(images), 1)
 pre = preprocess.run(PreprocessSection(resolution=64), inputs, store)
 lat = latents.run(LatentsSection(), latents.LatentsInputs(model, pre, None), store)
 cfg = TrainSection(steps=100000, checkpoint_every=0, train_text_encoder=False)
-train.run(cfg, train.TrainInputs(model, lat, "a photo of sks toy", None, 0.0, False), store)
+train.run(cfg, train.TrainInputs(model, lat, "a photo of sks toy", None, 0.0), store)
 """
 
 

@@ -96,7 +96,7 @@ class ModelSection(Section):
         max_length=255,
     )
     safety_checker: bool = Field(
-        False, description="Keep the base model's safety checker (if it has one) in the fine-tuned pipeline"
+        False, description="Keep the base model's safety checker (if it has one) in the exported pipeline"
     )
 
 
@@ -255,6 +255,14 @@ class TrainSection(Section):
         return {**super().keyed((*without, "pick")), "batch_size": self.batch_size * self.num_processes}
 
 
+class ExportSection(Section):
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Weights of the exported model; the trained weights in the train entry stay float32"
+    )
+    single_file: bool = Field(True, description="sd15: also the A1111 / ComfyUI single file (model.safetensors)")
+    kohya: bool = Field(True, description="sdxl LoRA: also kohya's layout (pytorch_lora_weights_kohya.safetensors)")
+
+
 class GenerateSection(Section):
     prompts: tuple[str, ...] = Field(
         ("a photo of {token} {class}", "a photo of {token} {class} on the beach", "a photo of a {class}"),
@@ -349,6 +357,7 @@ class RunConfig(Section):
     prior: PriorSection = Field(default_factory=PriorSection, description="Prior preservation with class images")
     latents: LatentsSection = Field(default_factory=LatentsSection, description="VAE latent cache")
     train: TrainSection = Field(default_factory=TrainSection, description="DreamBooth training")
+    export: ExportSection = Field(default_factory=ExportSection, description="The formats users load")
     generate: GenerateSection = Field(default_factory=GenerateSection, description="Sample generation")
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="Sample metrics")
     report: ReportSection = Field(default_factory=ReportSection, description="HTML report")
@@ -362,10 +371,10 @@ class RunConfig(Section):
 
     def stage_names(self) -> list[str]:
         """The stages this config runs, in order; class images only with prior preservation; with a best pick,
-        the validation renders (generate), their scores (evaluate) and the selection before generate."""
+        the validation renders (generate), their scores (evaluate) and the selection before the export."""
         classes = ["class_images"] if self.prior.enabled else []
         picking = ["validate", "score", "select"] if self.train.pick != "last" else []
-        return ["preprocess", *classes, "latents", "train", *picking, "generate", "evaluate", "report"]
+        return ["preprocess", *classes, "latents", "train", *picking, "export", "generate", "evaluate", "report"]
 
 
 def fill_prompt(template: str, token: str, class_name: str) -> str:

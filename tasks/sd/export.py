@@ -1,6 +1,9 @@
-"""Training outputs: the sd15 diffusers folder and A1111 single file, the sdxl LoRA files, and the model card.
+"""Exports: what users load, written from the trained weights a train (or select) entry keeps.
 
-Each file is in the layout its consumer loads (diffusers, A1111/ComfyUI, kohya), so a run's result is usable as is.
+sd15: the diffusers folder as a hub repository lays it out, and beside it the A1111 / ComfyUI single file; every
+component training left as it was (VAE, tokenizer, scheduler ...) is linked from the base model (a hard link; a copy
+across filesystems) when its weights already are in the asked dtype. sdxl: the LoRA in diffusers' and kohya's
+layouts. Each file is in the layout its consumer loads, so a run's result is usable as is.
 """
 
 from __future__ import annotations
@@ -8,156 +11,29 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from functools import partial
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.configuration_utils import ConfigMixin
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
+from tasks.core.atomic import link_or_copy
 from tasks.sd.layout import KOHYA_FILE, LORA_FILE, SINGLE_FILE
+from tasks.sd.ldm import ldm_text_encoder_state, ldm_unet_state, ldm_vae_state
+from tasks.sd.swap import component_class
 
-# Prefixes of the original LDM checkpoint, as A1111 and ComfyUI (and diffusers' from_single_file) read it.
-LDM_UNET = "model.diffusion_model."
-LDM_VAE = "first_stage_model."
-LDM_TEXT_ENCODER = "cond_stage_model.transformer."
-
-# diffusers module -> LDM module: the inverse of diffusers' conversion (diffusers/loaders/single_file_utils.py:
-# DIFFUSERS_TO_LDM_MAPPING, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint).
-UNET_TOP = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-UNET_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-VAE_TOP = {
-    "encoder.conv_in": "encoder.conv_in",
-    "encoder.conv_norm_out": "encoder.norm_out",
-    "encoder.conv_out": "encoder.conv_out",
-    "decoder.conv_in": "decoder.conv_in",
-    "decoder.conv_norm_out": "decoder.norm_out",
-    "decoder.conv_out": "decoder.conv_out",
-    "quant_conv": "quant_conv",
-    "post_quant_conv": "post_quant_conv",
-}
-VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
-VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+TRAINED = ("unet", "text_encoder")  # the components a full fine-tune changes (the text encoder when trained)
+STORED_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # safetensors' names
+FLOATS = frozenset(STORED_DTYPE.values()) | {"F64", "F8_E4M3", "F8_E5M2"}
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx"})
+NAMING_FIELDS = ("_name_or_path", "name_or_path")  # config fields that would name the folder a base was loaded from
 
 
-def _unet_module(module: str, per_block: int, up_blocks_with_attention: set[int]) -> str:
-    """LDM numbers every resnet (+ its attention) and every resampler as one input/output block, in order:
-    down block b has per_block layers and a downsampler, up block b has per_block + 1 layers, the last of which
-    also holds the upsampler (after its attention, if any); the middle block alternates resnet, attention."""
-
-    def down(b: str, j: int | str) -> int:
-        return 1 + int(b) * (per_block + 1) + int(j)
-
-    def up(b: str, j: int | str) -> int:
-        return int(b) * (per_block + 1) + int(j)
-
-    match module.split("."):
-        case ["down_blocks", b, "resnets", j, *inner]:
-            return f"input_blocks.{down(b, j)}.0.{UNET_RESNET['.'.join(inner)]}"
-        case ["down_blocks", b, "attentions", j, *inner]:
-            return ".".join([f"input_blocks.{down(b, j)}.1", *inner])
-        case ["down_blocks", b, "downsamplers", "0", "conv"]:
-            return f"input_blocks.{down(b, per_block)}.0.op"
-        case ["mid_block", "resnets", j, *inner]:
-            return f"middle_block.{2 * int(j)}.{UNET_RESNET['.'.join(inner)]}"
-        case ["mid_block", "attentions", j, *inner]:
-            return ".".join([f"middle_block.{2 * int(j) + 1}", *inner])
-        case ["up_blocks", b, "resnets", j, *inner]:
-            return f"output_blocks.{up(b, j)}.0.{UNET_RESNET['.'.join(inner)]}"
-        case ["up_blocks", b, "attentions", j, *inner]:
-            return ".".join([f"output_blocks.{up(b, j)}.1", *inner])
-        case ["up_blocks", b, "upsamplers", "0", "conv"]:
-            slot = 2 if int(b) in up_blocks_with_attention else 1
-            return f"output_blocks.{up(b, per_block)}.{slot}.conv"
-    return UNET_TOP[module]
-
-
-def _vae_module(module: str, up_blocks: int) -> str:
-    """LDM's decoder numbers its up blocks from the bottom (diffusers' up block i is LDM's up.{n-1-i})."""
-    match module.split("."):
-        case ["encoder", "down_blocks", i, "resnets", j, *inner]:
-            return f"encoder.down.{i}.block.{j}.{VAE_RESNET['.'.join(inner)]}"
-        case ["encoder", "down_blocks", i, "downsamplers", "0", "conv"]:
-            return f"encoder.down.{i}.downsample.conv"
-        case ["decoder", "up_blocks", i, "resnets", j, *inner]:
-            return f"decoder.up.{up_blocks - 1 - int(i)}.block.{j}.{VAE_RESNET['.'.join(inner)]}"
-        case ["decoder", "up_blocks", i, "upsamplers", "0", "conv"]:
-            return f"decoder.up.{up_blocks - 1 - int(i)}.upsample.conv"
-        case [coder, "mid_block", "resnets", j, *inner]:
-            return f"{coder}.mid.block_{int(j) + 1}.{VAE_RESNET['.'.join(inner)]}"
-        case [coder, "mid_block", "attentions", "0", *inner]:
-            return f"{coder}.mid.attn_1.{VAE_ATTENTION['.'.join(inner)]}"
-    return VAE_TOP[module]
-
-
-def _text_encoder_module(module: str) -> str:
-    """transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the LDM layout keeps the prefix."""
-    return "text_model." + module.removeprefix("text_model.")
-
-
-def _renamed(state: dict[str, torch.Tensor], prefix: str, rename: Callable[[str], str]) -> dict[str, torch.Tensor]:
-    """Every tensor under its LDM name (prefix + renamed module + same parameter name); unknown modules fail loudly
-    rather than being dropped, so a checkpoint that A1111 would load half-initialised is never written."""
-    renamed: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        module, parameter = key.rsplit(".", 1)
-        try:
-            name = f"{prefix}{rename(module)}.{parameter}"
-        except KeyError as error:
-            raise ValueError(f"no LDM name for {key!r} (unknown module {error})") from None
-        if name in renamed:
-            raise ValueError(f"two tensors map to the LDM name {name!r}")
-        renamed[name] = tensor.contiguous()
-    return renamed
-
-
-def ldm_unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The UNet in the LDM layout, generic in the number of blocks and layers per block."""
-    per_block = unet.config.layers_per_block
-    if not isinstance(per_block, int):
-        raise ValueError(f"the LDM layout needs one layers_per_block for all blocks, not {per_block!r}")
-    state = unet.state_dict()
-    with_attention = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
-    return _renamed(
-        state, LDM_UNET, partial(_unet_module, per_block=per_block, up_blocks_with_attention=with_attention)
-    )
-
-
-def ldm_vae_state(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
-    """The VAE in the LDM layout; its mid-block attention uses 1x1 convolutions where diffusers has Linear layers."""
-    state = {
-        key: tensor[:, :, None, None] if ".mid_block.attentions." in key and tensor.ndim == 2 else tensor
-        for key, tensor in vae.state_dict().items()
-    }
-    return _renamed(state, LDM_VAE, partial(_vae_module, up_blocks=len(vae.config.up_block_types)))
-
-
-def ldm_text_encoder_state(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
-    return _renamed(text_encoder.state_dict(), LDM_TEXT_ENCODER, _text_encoder_module)
-
-
-def _has_safety_checker(base: Path) -> bool:
-    index = json.loads((base / "model_index.json").read_text(encoding="utf-8"))
+def _has_safety_checker(index: dict[str, Any]) -> bool:
     return (index.get("safety_checker") or [None])[0] is not None
 
 
@@ -170,51 +46,152 @@ def _tensor_count(path: Path) -> int:
         return len(file.keys())
 
 
-def save_sd15_outputs(
+def _float_dtypes(path: Path) -> set[str]:
+    """The floating dtypes a safetensors file stores (read from its header, no tensor loaded)."""
+    with safe_open(path, framework="pt") as file:
+        names = file.keys()
+        return {dtype for name in names if (dtype := file.get_slice(name).get_dtype()) in FLOATS}
+
+
+def _main_weights(files: list[Path]) -> list[Path]:
+    """The weights save_pretrained writes and from_pretrained prefers: safetensors without a variant (`.fp16.`),
+    sharded or not."""
+    return [f for f in files if f.suffix == ".safetensors" and "." not in f.stem]
+
+
+def _kept_file(path: Path) -> bool:
+    """Whether a file of a base component belongs in the export: not another weight format or a variant, and no
+    shard index but safetensors' own."""
+    if path.suffix in WEIGHT_SUFFIXES:
+        return bool(_main_weights([path]))
+    return not re.search(r"\.index(\.[^.]+)?\.json$", path.name) or path.name.endswith(".safetensors.index.json")
+
+
+def _linkable(folder: Path, dtype: str) -> bool:
+    """A component that can be linked as it is: no weights (tokenizer, scheduler, feature extractor), or safetensors
+    weights whose floating tensors are all in `dtype` already."""
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+        return True
+    main = _main_weights(files)
+    return bool(main) and all(_float_dtypes(f) <= {STORED_DTYPE[dtype]} for f in main)
+
+
+def _write_config(source: Path, target: Path, base_id: str) -> None:
+    """A JSON file of a component, written anew (never linked: the base's own file must not change): any field that
+    names the folder the base was loaded from names `base_id` instead."""
+    data = json.loads(source.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and any(field in data for field in NAMING_FIELDS):
+        data.update({field: base_id for field in NAMING_FIELDS if field in data})
+        target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    elif source != target:
+        target.write_bytes(source.read_bytes())
+
+
+def _link_component(source: Path, target: Path, base_id: str) -> None:
+    for path in sorted(p for p in source.rglob("*") if p.is_file() and _kept_file(p)):
+        to = target / path.relative_to(source)
+        to.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            _write_config(path, to, base_id)
+        else:
+            link_or_copy(path, to)
+
+
+def _save_component(source: Path, target: Path, spec: list[str], dtype: str, base_id: str) -> None:
+    """A component loaded by the class the pipeline names, cast to `dtype` and saved as save_pretrained lays it out."""
+    module = component_class(spec).from_pretrained(source, dtype=getattr(torch, dtype))
+    module.save_pretrained(target, safe_serialization=True)
+    for config in target.rglob("*.json"):
+        _write_config(config, config, base_id)
+
+
+def _single_file(out: Path, dtype: str) -> dict[str, int]:
+    """`model.safetensors`: the exported UNet, VAE and text encoder in the LDM layout; tensors per part."""
+    torch_dtype = getattr(torch, dtype)
+    parts = {
+        "unet": ldm_unet_state(UNet2DConditionModel.from_pretrained(out / "unet", dtype=torch_dtype)),
+        "vae": ldm_vae_state(AutoencoderKL.from_pretrained(out / "vae", dtype=torch_dtype)),
+        "text_encoder": ldm_text_encoder_state(CLIPTextModel.from_pretrained(out / "text_encoder", dtype=torch_dtype)),
+    }
+    save_file({k: v for part in parts.values() for k, v in part.items()}, out / SINGLE_FILE, metadata={"format": "pt"})
+    return {name: len(part) for name, part in parts.items()}
+
+
+def sd15_sources(
+    base: Path, weights: Path, safety_checker: bool = False, vae_path: Path | None = None
+) -> tuple[dict[str, Any], dict[str, Path], str]:
+    """The exported pipeline's model_index (the base's, its safety checker removed unless kept), the folder each
+    component comes from (the trained weights, a separate VAE, else the base), and what became of the checker."""
+    index = json.loads((base / "model_index.json").read_text(encoding="utf-8"))
+    checker = "none in base model"
+    if _has_safety_checker(index):
+        checker = "kept" if safety_checker else "removed"
+        if not safety_checker:
+            index.update(safety_checker=[None, None], requires_safety_checker=False)
+    sources = {name: base / name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None}
+    if vae_path is not None:
+        sources["vae"] = vae_path
+    sources.update({name: weights / name for name in TRAINED if (weights / name).is_dir()})
+    return index, dict(sorted(sources.items())), checker
+
+
+def export_sd15(
     base: Path,
-    unet: UNet2DConditionModel,
-    text_encoder: CLIPTextModel,
+    weights: Path,
     out: Path,
+    dtype: str = "float32",
+    single_file: bool = True,
     safety_checker: bool = False,
     vae_path: Path | None = None,
     base_id: str | None = None,
+    done: Callable[[str], None] = lambda part: None,
 ) -> dict[str, Any]:
-    """Write the base pipeline with the trained unet and text encoder into `out` as the hub lays out a diffusers
-    repository (model_index.json and a folder per component), and beside it `model.safetensors`: the same weights in
-    the LDM layout that A1111 and ComfyUI load. The base's safety checker is kept only when asked for, so the choice
-    is explicit and lands in the model card. A separate VAE (the one training latents came from) replaces the base's.
-    Paths in the facts are relative to `out`. The configs name the base as `base_id` (default: its folder's name),
-    never by the folder it was loaded from on this machine."""
-    base_has_checker = _has_safety_checker(base)
-    options: dict[str, Any] = {}
-    if base_has_checker and not safety_checker:
-        options.update(safety_checker=None, requires_safety_checker=False)
-    if vae_path is not None and vae_path != base / "vae":
-        options.update(vae=AutoencoderKL.from_pretrained(vae_path))
-    pipe = StableDiffusionPipeline.from_pretrained(base, unet=unet, text_encoder=text_encoder, **options)
-    for part in (pipe, *pipe.components.values()):
-        if isinstance(part, ConfigMixin):
-            part.register_to_config(_name_or_path=base_id or base.name)
+    """The base pipeline with the trained UNet (and text encoder, when `weights` holds one) as a diffusers folder in
+    `out`, in `dtype`; with `single_file`, the same weights in the LDM layout beside it. The base's safety checker is
+    kept only when asked for, so the choice is explicit and lands in the model card; a separate VAE (the one training
+    latents came from) replaces the base's. Configs name the base as `base_id` (default: its folder's name), never by
+    the folder it was loaded from on this machine. `done` hears of each part written (a component, the single file).
+    Paths in the facts are relative to `out`."""
+    base_id = base_id or base.name
+    index, sources, checker = sd15_sources(base, weights, safety_checker, vae_path)
     out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
+    linked = []  # the components whose files are links (to the base, the separate VAE, or the trained weights)
+    for name, source in sources.items():
+        if _linkable(source, dtype):
+            _link_component(source, out / name, base_id)
+            linked.append(name)
+        else:
+            _save_component(source, out / name, index[name], dtype, base_id)
+        done(name)
+    (out / "model_index.json").write_text(json.dumps({**index, "_name_or_path": base_id}, indent=2, sort_keys=True))
+    files = {f"{name}/": {"bytes": _size(out / name), "tensors": None} for name in sources}
+    facts: dict[str, Any] = {"family": "sd15", "lora": False, "dtype": dtype, "safety_checker": checker}
+    facts["linked"] = linked
+    if single_file:
+        facts["ldm_tensors"] = _single_file(out, dtype)
+        files[SINGLE_FILE] = {"bytes": _size(out / SINGLE_FILE), "tensors": _tensor_count(out / SINGLE_FILE)}
+        done(SINGLE_FILE)
+    return {**facts, "files": files}
 
-    parts = {
-        "unet": ldm_unet_state(pipe.unet),
-        "vae": ldm_vae_state(pipe.vae),
-        "text_encoder": ldm_text_encoder_state(pipe.text_encoder),
-    }
-    save_file({k: v for part in parts.values() for k, v in part.items()}, out / SINGLE_FILE, metadata={"format": "pt"})
-    components = [name for name in pipe.components if (out / name).is_dir()]
-    return {
-        "family": "sd15",
-        "lora": False,
-        "safety_checker": ("kept" if safety_checker else "removed") if base_has_checker else "none in base model",
-        "ldm_tensors": {name: len(part) for name, part in parts.items()},
-        "files": {
-            **{f"{name}/": {"bytes": _size(out / name), "tensors": None} for name in components},
-            SINGLE_FILE: {"bytes": _size(out / SINGLE_FILE), "tensors": _tensor_count(out / SINGLE_FILE)},
-        },
-    }
+
+def export_lora(weights: Path, out: Path, dtype: str = "float32", kohya: bool = True) -> dict[str, Any]:
+    """The LoRA files training wrote (diffusers' layout and, with `kohya`, kohya's), in `dtype`: linked when they are
+    in it already (training writes float32), else cast."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = [LORA_FILE, *([KOHYA_FILE] if kohya else [])]
+    for name in names:
+        source = weights / name
+        if _float_dtypes(source) <= {STORED_DTYPE[dtype]}:
+            link_or_copy(source, out / name)
+            continue
+        with safe_open(source, framework="pt") as file:
+            keys, metadata = file.keys(), file.metadata()
+            tensors = {key: file.get_tensor(key) for key in keys}
+        cast = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(cast, out / name, metadata=metadata)
+    files = {name: {"bytes": _size(out / name), "tensors": _tensor_count(out / name)} for name in names}
+    return {"family": "sdxl", "lora": True, "dtype": dtype, "files": files}
 
 
 def _kohya_text_encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -267,80 +244,3 @@ def save_sdxl_lora(
             name: {"bytes": _size(out / name), "tensors": _tensor_count(out / name)} for name in (LORA_FILE, KOHYA_FILE)
         },
     }
-
-
-CARD_FIELDS = ("family", "base_model", "instance_prompt", "steps", "final_loss", "settings")
-FAMILY_TAGS = {"sd15": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
-CARD_TEMPLATE = resources.files(__package__) / "templates" / "model_card.md"
-
-
-def _backtick_fence(text: str, shortest: int) -> str:
-    """A run of backticks longer than any in `text`, so the text inside needs no escaping."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    return "`" * max(shortest, longest + 1)
-
-
-def _cell(value: Any) -> str:
-    """A value as an inline code span in a table row: strings as is (only `|` escaped for the table), anything
-    else, and strings with line breaks (which would end the row), as JSON."""
-    plain = isinstance(value, str) and not re.search(r"[\r\n]", value)
-    text = value if plain else json.dumps(value, ensure_ascii=False, default=str)
-    fence = _backtick_fence(text, 1)
-    pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""
-    escaped = text.replace("|", "\\|")
-    return f"{fence}{pad}{escaped}{pad}{fence}"
-
-
-def _block(text: str, language: str) -> str:
-    fence = _backtick_fence(text, 3)
-    return f"{fence}{language}\n{text}\n{fence}"
-
-
-def write_model_card(out: Path, facts: dict[str, Any]) -> None:
-    """README.md beside the weights: the hub's metadata (through huggingface_hub's ModelCard) and a body that says
-    how they were made, rendered from `templates/model_card.md`.
-
-    `facts` needs family ("sd15"|"sdxl"), base_model, instance_prompt, steps, final_loss (float or None) and
-    settings (the recipe as {name: value}); it may add base_model_repo (the hub id the metadata names, when the base
-    model is one), lora, safety_checker and files (as the save functions
-    return them), widget_prompts (default: the instance prompt) and license (default "other", a placeholder for the
-    base model's license). User text is written verbatim: YAML-quoted in the metadata, in code blocks and spans in
-    the body, never as HTML."""
-    missing = [field for field in CARD_FIELDS if field not in facts]
-    if missing:
-        raise ValueError(f"model card facts lack {missing}")
-    lora = bool(facts.get("lora", False))
-    loss = facts["final_loss"]
-    data = ModelCardData(
-        base_model=facts.get("base_model_repo"),  # the hub rejects a card whose base model is no repository
-        license=facts.get("license", "other"),
-        library_name="diffusers",
-        pipeline_tag="text-to-image",
-        tags=["boothflow", "dreambooth", FAMILY_TAGS[facts["family"]], *(["lora"] if lora else []), "text-to-image"],
-        instance_prompt=facts["instance_prompt"],
-        # Prompts only: the samples are rendered after training, by the generate stage, into its own entry.
-        widget=[{"text": prompt} for prompt in facts.get("widget_prompts") or [facts["instance_prompt"]]],
-    )
-    settings = {
-        "base model": str(facts["base_model"]),
-        "instance prompt": data.instance_prompt,
-        "steps": facts["steps"],
-        "final loss": "n/a" if loss is None else f"{loss:.6g}",
-        **({"safety checker": facts["safety_checker"]} if "safety_checker" in facts else {}),
-        **facts["settings"],
-    }
-    card = ModelCard.from_template(
-        data,
-        template_path=str(CARD_TEMPLATE),
-        base_model=str(facts["base_model"]),
-        lora=lora,
-        steps=facts["steps"],
-        settings=settings,
-        files=facts.get("files", {}),
-        cell=_cell,
-        block=_block,
-        single_file=SINGLE_FILE,
-        lora_file=LORA_FILE,
-        kohya_file=KOHYA_FILE,
-    )
-    card.save(out / "README.md")

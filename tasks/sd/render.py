@@ -110,9 +110,14 @@ def planned_scheduler(name: str, scheduler_dir: Path) -> dict[str, Any]:
 
 
 def load_pipeline_for(
-    model: ResolvedModel, dtype: str, vae_slicing: bool = True, vae_tiling: bool = False
+    model: ResolvedModel,
+    dtype: str,
+    vae_slicing: bool = True,
+    vae_tiling: bool = False,
+    components: dict[str, Any] | None = None,
 ) -> DiffusionPipeline:
-    """The base pipeline with the model's own VAE (a separate one when configured), on the accelerator in `dtype`.
+    """The base pipeline with the model's own VAE (a separate one when configured), on the accelerator in `dtype`;
+    `components` (loaded already, e.g. a fine-tune's UNet) take the place of the base's, which are never loaded.
 
     Cache keys hash `model.identities`, whose "vae" is the separate VAE when one is set, so rendering must use it.
     """
@@ -122,7 +127,8 @@ def load_pipeline_for(
     # SD 1.5's safety checker blacks out flagged images; a black class image would be cached as prior data
     # (diffusers' DreamBooth script renders class images without it too).
     no_checker = {"safety_checker": None, "requires_safety_checker": False} if model.family == "sd15" else {}
-    pipe = DiffusionPipeline.from_pretrained(model.path, dtype=getattr(torch, dtype), **no_checker)
+    given = {**no_checker, **(components or {})}
+    pipe = DiffusionPipeline.from_pretrained(model.path, dtype=getattr(torch, dtype), **given)
     if model.vae_path != model.path / "vae":
         pipe.vae = diffusers.AutoencoderKL.from_pretrained(model.vae_path, dtype=getattr(torch, dtype))
     return prepare(pipe, vae_slicing, vae_tiling)

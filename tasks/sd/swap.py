@@ -6,13 +6,40 @@ loads as its own class loads it, so the pixels equal those of a pipeline loaded 
 
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:  # the caller has diffusers loaded already: it holds a pipeline
     from diffusers import DiffusionPipeline
+
+
+def component_class(spec: list[str]) -> type:
+    """The class model_index.json names for a component, e.g. `["diffusers", "UNet2DConditionModel"]`; a pipeline's
+    own module goes by its short name there (`["stable_diffusion", "StableDiffusionSafetyChecker"]`)."""
+    library, class_name = spec
+    try:
+        module = importlib.import_module(library)
+    except ModuleNotFoundError:
+        module = importlib.import_module(f"diffusers.pipelines.{library}")
+    return getattr(module, class_name)
+
+
+def saved_components(base: Path, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """Each component `folder` holds a saved copy of, loaded in `dtype` by the class the base pipeline names for it:
+    what to pass to the base's `from_pretrained` so it never loads the components they replace. A folder without a
+    UNet holds no fine-tune."""
+    if not (folder / "unet").is_dir():
+        raise FileNotFoundError(f"no unet/ in {folder}")
+    index = json.loads((base / "model_index.json").read_text(encoding="utf-8"))
+    return {
+        name: component_class(spec).from_pretrained(folder / name, dtype=dtype)
+        for name, spec in index.items()
+        if isinstance(spec, list) and spec[0] is not None and (folder / name).is_dir()
+    }
 
 
 def swap_components(pipe: DiffusionPipeline, folder: Path, dtype: torch.dtype) -> None:

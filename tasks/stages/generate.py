@@ -23,7 +23,7 @@ from tasks.core.atomic import link_or_copy
 from tasks.core.config import GenerateSection, RunConfig, fill_prompt
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
-from tasks.sd.layout import MODEL_DIR
+from tasks.sd.layout import WEIGHTS_DIR
 from tasks.sd.models import ResolvedModel
 from tasks.sd.render import (
     RenderError,
@@ -36,7 +36,7 @@ from tasks.sd.render import (
     render,
     saved_scheduler,
 )
-from tasks.sd.swap import swap_components, swap_lora
+from tasks.sd.swap import saved_components, swap_components, swap_lora
 
 if TYPE_CHECKING:  # imported where a pipeline is loaded: a fully cached run never pays for diffusers
     from diffusers import DiffusionPipeline
@@ -132,10 +132,9 @@ def training_facts(train: StageResult) -> dict[str, Any]:
 def weights_sources(cfg: GenerateSection, inputs: GenerateInputs, training: dict[str, Any]) -> list[Weights]:
     """Every set of weights this config renders from, in table order: final, each sample step, then the base."""
     train, base = inputs.train, inputs.model.path
-    full = training["method"] == "full"
-    final = train.path / MODEL_DIR  # the folder users load (a pipeline for full, a LoRA for lora)
-    scheduler = final / "scheduler" if full else base / "scheduler"
-    sources = [Weights("finetuned", "finetuned", training["steps"], f"train:{train.key}", train.key, final, scheduler)]
+    final = train.path / WEIGHTS_DIR  # the trained UNet (and text encoder), or the LoRA, worn by the base pipeline
+    sources = [Weights("finetuned", "finetuned", training["steps"], f"train:{train.key}", train.key, final,
+                       base / "scheduler")]  # fmt: skip
     if cfg.validation_prompts and cfg.seeds:
         for step in training["sample_steps"]:
             folder = train.path / "samples" / f"step-{step:06d}"
@@ -226,15 +225,6 @@ RENDER_ORDER = {"base": 0, "checkpoint": 1, "finetuned": 2}
 DAMAGED = "the train output is damaged; delete it and rerun the train stage"
 
 
-def own_pipeline(weights: Weights, method: str, base_loaded: bool) -> bool:
-    """Whether the fine-tuned full model loads as a pipeline of its own, as users load it, rather than onto the base
-    pipeline: when it is all there is to render (no base pipeline is loaded to swap it onto), or when it keeps the
-    safety checker that base pipelines load without."""
-    if weights.kind != "finetuned" or method != "full":
-        return False
-    return not base_loaded or (weights.folder / "safety_checker").is_dir()
-
-
 @contextmanager
 def _loading(what: str, where: Path, hint: str, item: Item) -> Iterator[None]:
     """A failed load as a StageError naming what was loaded, from where, and the first image that needed it."""
@@ -249,7 +239,7 @@ def _loading(what: str, where: Path, hint: str, item: Item) -> Iterator[None]:
 class SharedPipeline:
     """The one pipeline the stage renders with: the base, loaded on first use, wearing each set of weights in turn
     (see RENDER_ORDER). `loads` names each load in order (the summary's models_loaded): the base pipeline once, then
-    each swap; or the fine-tuned pipeline where it loads as its own (see `own_pipeline`)."""
+    each swap. It renders without a safety checker, as class images are rendered, whatever the export keeps."""
 
     cfg: GenerateSection
     model: ResolvedModel
@@ -259,28 +249,23 @@ class SharedPipeline:
 
     def wearing(self, weights: Weights, first: Item) -> DiffusionPipeline:
         """The pipeline with these weights and the scheduler they render with (a fresh one per set)."""
-        from diffusers import DiffusionPipeline
-
         cfg, dtype = self.cfg, getattr(torch, self.cfg.dtype)
-        if own_pipeline(weights, self.method, self.pipe is not None):
-            self.pipe = None  # the base pipeline goes before another loads
+        worn = self.pipe is None and weights.folder is not None and self.method == "full"
+        if self.pipe is None:  # a full fine-tune's components load in place of the base's, never both
             with _loading(f"the {weights.name} weights", weights.folder, DAMAGED, first):
-                pipe = DiffusionPipeline.from_pretrained(weights.folder, dtype=dtype)
-                self.pipe = prepare(pipe, cfg.vae_slicing, cfg.vae_tiling)
-            self.loads.append(f"finetuned pipeline: {weights.label}")
-        else:
-            if self.pipe is None:
-                with _loading("the base pipeline", self.model.path, "check model.id and its files", first):
-                    self.pipe = load_pipeline_for(self.model, cfg.dtype, cfg.vae_slicing, cfg.vae_tiling)
-                self.loads.append(f"base pipeline: {self.model.id}")
-            if weights.folder is not None:
-                with _loading(f"the {weights.name} weights", weights.folder, DAMAGED, first):
-                    if self.method == "lora":
-                        swap_lora(self.pipe, weights.folder)
-                    else:
-                        swap_components(self.pipe, weights.folder, dtype)
-                        prepare(self.pipe, cfg.vae_slicing, cfg.vae_tiling)
-                self.loads.append(f"weights: {weights.name}")
+                components = saved_components(self.model.path, weights.folder, dtype) if worn else {}
+            with _loading("the base pipeline", self.model.path, "check model.id and its files", first):
+                self.pipe = load_pipeline_for(self.model, cfg.dtype, cfg.vae_slicing, cfg.vae_tiling, components)
+            self.loads.append(f"base pipeline: {self.model.id}")
+        if weights.folder is not None and not worn:
+            with _loading(f"the {weights.name} weights", weights.folder, DAMAGED, first):
+                if self.method == "lora":
+                    swap_lora(self.pipe, weights.folder)
+                else:
+                    swap_components(self.pipe, weights.folder, dtype)
+                    prepare(self.pipe, cfg.vae_slicing, cfg.vae_tiling)
+        if weights.folder is not None:
+            self.loads.append(f"weights: {weights.name}")
         with _loading(f"the {weights.name} scheduler", weights.scheduler_dir, "check its scheduler_config.json", first):
             self.pipe.scheduler = saved_scheduler(weights.scheduler_dir)
             make_scheduler(self.pipe, cfg.scheduler)

@@ -23,6 +23,7 @@ from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, file_sha256, stage_key
 from tasks.core.tables import KIND_LABELS, METRICS_FILE, Sample, read_rows, read_samples
 from tasks.sd import imaging
+from tasks.sd.layout import SELECTION_FILE
 from tasks.stages import report_page
 from tasks.stages.report_page import Shown
 
@@ -209,7 +210,7 @@ def summary_facts(
 
 def _picked_text(selection: StageResult) -> str:
     """Which step won, by which metric and by how much against the last step; every candidate's score."""
-    picked = _read_json(selection.path / "selection.json", "select")
+    picked = _read_json(selection.path / SELECTION_FILE, "select")
     every = ", ".join(f"{step}: {value:.3f}" for step, value in picked["candidates"].items())
     return (f"step {picked['step']} of {picked['last_step']} by {picked['metric']}: {picked['value']:.3f} against "
             f"{picked['last_value']:.3f} at the last step (every candidate: {every})")  # fmt: skip

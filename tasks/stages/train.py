@@ -29,14 +29,13 @@ from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
 from tasks.core.tables import read_rows
 from tasks.sd import device, text
-from tasks.sd.layout import MODEL_DIR
 from tasks.sd.models import ResolvedModel, hub_repo
 from tasks.training.job import TrainJob, keyed_settings, resolved_optimizer
 from tasks.training.launch import child_process
 
 STAGE = "train"
 EMBEDS = "text-embeds-items"
-CODE_VERSION = 2  # 2: the model and its card in model/, as a hub repository holds them; records beside it
+CODE_VERSION = 3  # 3: the trained weights in weights/ (the export stage writes what users load); records beside it
 SUPPORTED = {("sd15", "full"), ("sdxl", "lora")}
 TAIL_LINES = 40
 
@@ -48,7 +47,6 @@ class TrainInputs:
     instance_prompt: str
     class_prompt: str | None
     prior_weight: float
-    safety_checker: bool
     instances: StageResult | None = None  # preprocess: which image each instance latent is, for captions
     captions: dict[str, str] | None = None  # image path in the instance folder, no suffix -> its caption
 
@@ -59,8 +57,7 @@ class TrainInputs:
         prior = config.prior.enabled
         captions = read_captions(config.data) if config.data.captions == "sidecar" else None
         return cls(model, latents, config.instance_prompt(), config.class_prompt() if prior else None,
-                   config.prior.loss_weight if prior else 0.0, config.model.safety_checker, instances,
-                   captions)  # fmt: skip
+                   config.prior.loss_weight if prior else 0.0, instances, captions)  # fmt: skip
 
 
 def read_captions(data: DataSection) -> dict[str, str]:
@@ -108,7 +105,6 @@ def stage_key_for(cfg: TrainSection, inputs: TrainInputs) -> str:
         instance_prompt=inputs.instance_prompt,
         class_prompt=inputs.class_prompt,
         prior_weight=inputs.prior_weight,
-        safety_checker=inputs.safety_checker,
         model=inputs.model.identity(*_model_components(inputs)),
         # their text by the sample each captions (its image's content), not by their files' names
         **({"captions": sample_captions(inputs)[0]} if inputs.captions is not None else {}),
@@ -221,7 +217,6 @@ def make_job(
     return TrainJob(
         family=inputs.model.family,
         base=inputs.model.path,
-        vae_path=inputs.model.vae_path,
         latents_dir=inputs.latents.path,
         out_dir=out_dir,
         checkpoints_dir=checkpoints,
@@ -232,14 +227,12 @@ def make_job(
         captions=captions,
         prior_weight=inputs.prior_weight,
         text_embeds=embeds,
-        safety_checker=inputs.safety_checker,
         parent_pid=os.getpid(),
         facts={
             "base_model": inputs.model.id,
             "base_model_repo": hub_repo(inputs.model.id),
             "family": inputs.model.family,
             "instance_prompt": inputs.instance_prompt,
-            "safety_checker": inputs.safety_checker,
             **counted,
             "settings": {
                 **cfg.model_dump(mode="json"),
@@ -279,5 +272,5 @@ def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> Sta
     return StageResult(STAGE, key, entry.path, trained, cfg.steps - trained, models_loaded=loaded)
 
 
-stage = Stage(STAGE, "train", stage_key_for, build, outputs={"model_dir": MODEL_DIR})
+stage = Stage(STAGE, "train", stage_key_for, build)
 run = stage.run  # the plain function: cached entry or build

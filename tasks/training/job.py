@@ -18,7 +18,6 @@ class TrainJob(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     family: str
     base: Path
-    vae_path: Path
     latents_dir: Path
     out_dir: Path
     checkpoints_dir: Path
@@ -29,7 +28,6 @@ class TrainJob(BaseModel):
     captions: dict[str, str] = {}  # instance sample id -> its own training prompt (sidecar captions)
     prior_weight: float
     text_embeds: dict[str, Path] | None  # prompt -> its cached embeddings, when the text encoders are frozen
-    safety_checker: bool
     parent_pid: int
     facts: dict[str, Any]
 
