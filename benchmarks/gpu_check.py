@@ -238,7 +238,7 @@ def train_case(case: Case, root: Path, steps: int) -> dict:
     for mode in [*modes, *modes]:
         if mode == "reference" and peak is None:
             peak = peak_mib()  # the training loop's own peak, before the reference's VAE joins it
-            vae = AutoencoderKL.from_pretrained(job.vae_path).to(device)
+            vae = AutoencoderKL.from_pretrained(job.base / "vae").to(device)  # the preset's own
             reference = ReencodedData(job.latents_dir, reference_images(job.latents_dir, case.resolution), vae)
         training.data = reference if mode == "reference" else cached_data
         times[mode].append(per_step(modes[mode], device, 1, 1 + steps))

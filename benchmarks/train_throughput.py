@@ -123,8 +123,8 @@ def cli_per_step(config_overrides: list[str], root: Path, seed: int, first: int,
     command = [BOOTHFLOW, "stage", "train", "--artifacts", root / "artifacts", "--summary", summary,
                *[arg for o in config_overrides for arg in ("--set", o)], "--set", f"train.seed={seed}"]  # fmt: skip
     subprocess.run(list(map(str, command)), cwd=REPO, env=env, check=True, capture_output=True)
-    model_dir = Path(json.loads(summary.read_text())["outputs"]["model_dir"])
-    seconds = pd.read_csv(model_dir.parent / "metrics.csv").set_index("step")["seconds"]
+    losses = json.loads(summary.read_text())["outputs"]["loss_csv"]
+    seconds = pd.read_csv(losses).set_index("step")["seconds"]
     return (seconds[last] - seconds[first]) / (last - first)
 
 
@@ -158,7 +158,8 @@ def measure(model_id: str, work: Path, first: int, last: int, reps: int, batch: 
     t.prepare()
     device = t.accelerator.device
     cached_data = t.data
-    reference_data = ReencodedData(job.latents_dir, images, AutoencoderKL.from_pretrained(job.vae_path).to(device))
+    vae = AutoencoderKL.from_pretrained(job.base / "vae").to(device)  # the preset's own: no model.vae here
+    reference_data = ReencodedData(job.latents_dir, images, vae)
     fixed = make_batch(cached_data, t.objective, job, 0, 0).to(device)
 
     def cached(step: int) -> None:

@@ -155,7 +155,7 @@ def write(
     base_settings = _settings(base)
     with atomic_folder(target, replace=True) as folder:
         facts = [report_facts(path) if (path := _outputs(cell, "report_html")) else None for cell in cells]
-        trains = [_outputs(cell, "model_dir") for cell in cells]
+        trains = [_outputs(cell, "loss_csv") for cell in cells]
         curves = {cell.name: read_losses(train) for cell, train in zip(cells, trains, strict=True) if train}
         curves = {cell: losses for cell, losses in curves.items() if len(losses)}
         rows = []

@@ -272,5 +272,5 @@ def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> Sta
     return StageResult(STAGE, key, entry.path, trained, cfg.steps - trained, models_loaded=loaded)
 
 
-stage = Stage(STAGE, "train", stage_key_for, build)
+stage = Stage(STAGE, "train", stage_key_for, build, outputs={"loss_csv": "metrics.csv"})
 run = stage.run  # the plain function: cached entry or build

@@ -22,6 +22,7 @@ def save_weights(job: TrainJob, unet, encoders, folder: Path) -> dict:
     """The trained weights in float32: full: `unet/` (and `text_encoder/` when trained) as save_pretrained lays them
     out; lora: the LoRA files. What they are (LoRA modules per component, files), for the model card."""
     if job.train.method == "full":
+        unet.register_to_config(_name_or_path=job.facts.get("base_model", job.base.name))  # never a folder here
         unet.save_pretrained(folder / "unet", safe_serialization=True)
         if encoders:
             encoders[0].save_pretrained(folder / "text_encoder", safe_serialization=True)
