@@ -74,7 +74,7 @@ def build(cfg: TrainSection, inputs: SelectInputs, store: Store, key: str) -> St
         shutil.copytree(inputs.train.path / kept, folder / WEIGHTS_DIR, copy_function=link_or_copy)
         picked = {**training, "steps": step, "sample_steps": [], "picked_from": inputs.train.key}
         (folder / "training.json").write_text(json.dumps(picked, indent=1))
-        link_or_copy(inputs.train.path / "metrics.csv", folder / "metrics.csv")  # the loss, where model_dir's is
+        link_or_copy(inputs.train.path / "metrics.csv", folder / "metrics.csv")  # the loss beside the weights
         (folder / SELECTION_FILE).write_text(json.dumps(selection, indent=1))
         return {"items": 1, "step": step}
 
