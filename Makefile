@@ -35,9 +35,9 @@ bytecode: install
 check: install lint bytecode
 	$(PY) -m pytest -q -m "not server and not browser and not training" --durations=10
 
-# Everything (CI).
+# Everything (CI), on two workers: its units of work, and which start first, are in tests/conftest.py.
 test: install lint bytecode
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=20
 
 clean:
 	rm -rf artifacts .pytest_cache

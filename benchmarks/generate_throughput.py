@@ -26,6 +26,7 @@ from results import write_section
 from tasks.core.config import RunConfig, fill_prompt
 from tasks.core.config_load import load_config
 from tasks.core.stage import StageResult
+from tasks.core.tables import read_json
 from tasks.sd.device import release
 from tasks.sd.layout import WEIGHTS_DIR
 from tasks.sd.models import ResolvedModel, resolve
@@ -60,7 +61,8 @@ def train_output(config: RunConfig, model: ResolvedModel, folder: Path) -> Stage
 def first_items(config: RunConfig, inputs: generate.GenerateInputs) -> dict[str, generate.Item]:
     """The first image of every set of weights the generate stage renders, by set, in render order."""
     firsts: dict[str, generate.Item] = {}
-    for item in generate.plan(config.generate, inputs, generate.training_facts(inputs.train)):
+    training = read_json(inputs.train.path / "training.json", "train", "generate")
+    for item in generate.plan(config.generate, inputs, training):
         firsts.setdefault(item.weights.name, item)
     return dict(sorted(firsts.items(), key=lambda named: generate.RENDER_ORDER[named[1].weights.kind]))
 

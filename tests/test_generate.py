@@ -340,6 +340,7 @@ def test_failures_name_the_image_and_commit_nothing(sd15: tuple[ResolvedModel, S
     assert err.value.item == "a toy on the beach seed 2"
 
     empty = replace(trained, path=tmp_path / "empty")
-    with pytest.raises(StageError, match=r"training\.json") as err:
+    lacks = r"the train output lacks training\.json; rerun `boothflow stage train`"
+    with pytest.raises(StageError, match=lacks) as err:
         generate.run(GenerateSection(), GenerateInputs(model, empty, TOKEN, CLASS, 64), store)
-    assert err.value.item == str(tmp_path / "empty")
+    assert err.value.item == str(tmp_path / "empty" / "training.json")

@@ -1,12 +1,15 @@
-"""The tables stages hand each other (items.csv, samples.csv), read as the next stage needs them.
+"""The tables and records stages hand each other (items.csv, samples.csv, training.json), read as the next stage
+needs them.
 
-A missing table means the upstream entry is not what this code expects: the error names the stage to rerun.
+A missing or unreadable one means the upstream entry is not what this code expects: the error names the stage to rerun.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -23,6 +26,16 @@ def read_rows(path: Path, upstream: str, reader: str) -> list[dict[str, str]]:
         rerun = f"rerun `boothflow stage {upstream}`"
         raise StageError(reader, f"the {upstream} output lacks {path.name}; {rerun}", str(path))
     return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+
+
+def read_json(path: Path, upstream: str, reader: str) -> dict[str, Any]:
+    """A JSON record of an upstream entry (training.json, selection.json, metrics.json)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        problem = "lacks" if not path.exists() else f"cannot read ({err})"
+        raise StageError(reader, f"the {upstream} output {problem} {path.name}; rerun `boothflow stage {upstream}`",
+                         str(path)) from err  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from tasks.core.config import ExportSection, RunConfig
 from tasks.core.progress import Reporter
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
+from tasks.core.tables import read_json
 from tasks.sd.layout import MODEL_DIR, SELECTION_FILE, WEIGHTS_DIR
 from tasks.sd.models import ResolvedModel
 
@@ -47,13 +48,6 @@ def stage_key_for(cfg: ExportSection, inputs: ExportInputs) -> str:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise StageError(STAGE, f"cannot read {path.name} ({err}); rerun the train stage", item=str(path)) from err
-
-
 def _picked_text(selection: dict[str, Any]) -> str:
     return (f"\n\n## Picked weights\n\nThese are the weights of step {selection['step']} of {selection['last_step']}, "
             f"picked by {selection['metric']}: {selection['value']:.4f} (the last step: "
@@ -79,9 +73,9 @@ def write_card(model_dir: Path, training: dict[str, Any], formats: dict[str, Any
 
 def build(cfg: ExportSection, inputs: ExportInputs, store: Store, key: str) -> StageResult:
     """The formats `cfg` asks for, in `cfg.dtype`: sd15 the diffusers folder (+ single file), sdxl the LoRA files."""
-    training = _read_json(inputs.weights.path / "training.json")
+    training = read_json(inputs.weights.path / "training.json", inputs.weights.stage, STAGE)
     picked = inputs.weights.path / SELECTION_FILE
-    selection = _read_json(picked) if picked.is_file() else None
+    selection = read_json(picked, inputs.weights.stage, STAGE) if picked.is_file() else None
     weights = inputs.weights.path / WEIGHTS_DIR
     if not weights.is_dir():
         raise StageError(STAGE, "the entry holds no trained weights; rerun the train stage", item=str(weights))

@@ -7,7 +7,6 @@ one base pipeline that wears each set of weights in turn, so the base loads once
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from tasks.core.atomic import link_or_copy
 from tasks.core.config import GenerateSection, RunConfig, fill_prompt
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
+from tasks.core.tables import read_json
 from tasks.sd.layout import WEIGHTS_DIR
 from tasks.sd.models import ResolvedModel
 from tasks.sd.render import (
@@ -118,15 +118,6 @@ def validation_view(cfg: GenerateSection) -> GenerateSection:
     seeds = cfg.validation_seeds or cfg.seeds[:1]
     update = {"prompts": cfg.validation_prompts, "seeds": seeds, "validation_seeds": seeds, "compare_base": False}
     return cfg.model_copy(update=update)
-
-
-def training_facts(train: StageResult) -> dict[str, Any]:
-    """training.json of the train entry: family, method, steps and the steps whose weights were kept for samples."""
-    try:
-        return json.loads((train.path / "training.json").read_text())
-    except (OSError, ValueError) as err:
-        message = f"the train output has no readable training.json ({err}); rerun the train stage"
-        raise StageError(STAGE, message, item=str(train.path)) from err
 
 
 def weights_sources(cfg: GenerateSection, inputs: GenerateInputs, training: dict[str, Any]) -> list[Weights]:
@@ -307,7 +298,7 @@ def _render_set(
 
 def build(cfg: GenerateSection, inputs: GenerateInputs, store: Store, key: str) -> StageResult:
     """Render every prompt x seed (and checkpoint and base images), loading only weights with a missing image."""
-    training = training_facts(inputs.train)
+    training = read_json(inputs.train.path / "training.json", "train", STAGE)
     items = plan(cfg, inputs, training)
     by_weights: dict[str, list[Item]] = {}
     for item in items:

@@ -19,9 +19,9 @@ from PIL import Image
 
 from tasks.core.atomic import link_or_copy
 from tasks.core.config import ReportSection, RunConfig, fill_prompt
-from tasks.core.stage import Stage, StageError, StageResult
+from tasks.core.stage import Stage, StageResult
 from tasks.core.store import Store, file_sha256, stage_key
-from tasks.core.tables import KIND_LABELS, METRICS_FILE, Sample, read_rows, read_samples
+from tasks.core.tables import KIND_LABELS, METRICS_FILE, Sample, read_json, read_rows, read_samples
 from tasks.sd import imaging
 from tasks.sd.layout import SELECTION_FILE
 from tasks.stages import report_page
@@ -128,12 +128,6 @@ def thumbnail(source: Path, out: Path) -> None:
 # ---- the stage ----
 
 
-def _read_json(path: Path, stage: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise StageError(STAGE, f"the {stage} output lacks {path.name}; rerun `boothflow stage {stage}`", str(path))
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _link_samples(samples: list[Sample], folder: Path) -> list[Shown]:
     """Every sample linked under assets/samples/ (a hard link: no copy), as the page shows it."""
     shown = []
@@ -210,7 +204,7 @@ def summary_facts(
 
 def _picked_text(selection: StageResult) -> str:
     """Which step won, by which metric and by how much against the last step; every candidate's score."""
-    picked = _read_json(selection.path / SELECTION_FILE, "select")
+    picked = read_json(selection.path / SELECTION_FILE, "select", STAGE)
     every = ", ".join(f"{step}: {value:.3f}" for step, value in picked["candidates"].items())
     return (f"step {picked['step']} of {picked['last_step']} by {picked['metric']}: {picked['value']:.3f} against "
             f"{picked['last_value']:.3f} at the last step (every candidate: {every})")  # fmt: skip
@@ -237,8 +231,8 @@ def _writer(cfg: ReportSection, inputs: ReportInputs, key: str) -> Callable[[Pat
     def build(folder: Path) -> dict[str, Any]:
         for sub in ("inputs", "samples", "class"):
             (folder / "assets" / sub).mkdir(parents=True)
-        training = _read_json(inputs.train.path / "training.json", "train")
-        scores = _read_json(inputs.evaluate.path / METRICS_FILE, "evaluate")
+        training = read_json(inputs.train.path / "training.json", "train", STAGE)
+        scores = read_json(inputs.evaluate.path / METRICS_FILE, "evaluate", STAGE)
         losses = read_losses(inputs.train.path)
         items = read_rows(inputs.preprocess.path / "items.csv", "preprocess", STAGE)
         usable = [r for r in items if r["status"] == "ok"]
