@@ -17,7 +17,7 @@ from tasks.core.atomic import link_or_copy
 from tasks.core.config import TrainSection
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
-from tasks.core.tables import METRICS_FILE
+from tasks.core.tables import METRICS_FILE, read_json
 from tasks.sd.layout import SELECTION_FILE, WEIGHTS_DIR
 
 STAGE = "select"
@@ -59,8 +59,8 @@ def build(cfg: TrainSection, inputs: SelectInputs, store: Store, key: str) -> St
     """Pick, link the picked weights, and record every candidate's score; training.json says the picked step and no
     kept steps, so generate renders the final prompts from the pick alone."""
     metric = cfg.pick.removeprefix("best:")
-    training = json.loads((inputs.train.path / "training.json").read_text())
-    metrics = json.loads((inputs.scores.path / METRICS_FILE).read_text())
+    training = read_json(inputs.train.path / "training.json", "train", STAGE)
+    metrics = read_json(inputs.scores.path / METRICS_FILE, inputs.scores.stage, STAGE)
     scores = candidate_scores(metrics, metric)
     if training["steps"] not in scores:
         raise StageError(STAGE, f"no {metric} scores for the final weights; set the model or analyser the metric "
