@@ -13,18 +13,18 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 from prefect import get_client, task
+from prefect.cache_policies import NO_CACHE
 from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
-from flows.caching import cache_options, forget_record
 from flows.records import RunKeys, summary_path
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.faults import ENV, fault
@@ -94,12 +94,14 @@ def fail_if_injected(stage: str) -> None:
         raise StageError(stage, f"injected fault (fail_stage={stage!r} in {ENV})", item="fault")
 
 
-@task
-def stage_task(stage: Stage, cfg: Any, inputs: Any, root: Path, key: str, found: Entry | None) -> StageResult:
-    """Every stage runs as this task, named after it, with the store's cache policy for `key`; `found` is the
-    entry the runner already looked up, so the stage does not look again."""
+@task(cache_policy=NO_CACHE, persist_result=False)
+def stage_task(stage: Stage, cfg: Any, inputs: Any, store: Store, key: str, found: Entry | None) -> StageResult | State:
+    """Every stage runs as this task, named after it. The store is the only cache: `found` is the entry the runner
+    looked up for `key`, served as Prefect's `Cached` state (Prefect keeps no cache records of its own)."""
+    if found is not None:
+        return Completed(name="Cached", message=f"{stage.name}/{key} from the store", data=StageResult.cached(found))
     fail_if_injected(stage.name)
-    return stage.serve(cfg, inputs, Store(root), key, found)
+    return stage.build(cfg, inputs, store, key)
 
 
 @contextlib.contextmanager
@@ -195,6 +197,17 @@ class StageRunner:
             self.write()
         return kind is StopAfterStage
 
+    @staticmethod
+    @contextlib.contextmanager
+    def building(store: Store, stage: str, key: str, found: Entry | None) -> Iterator[Entry | None]:
+        """Hold the entry's build lock through a whole build, so a second run of the same key waits and is then
+        served what the first one built (a second look under the lock); a found entry needs no lock."""
+        if found is not None:
+            yield found
+            return
+        with store.building(stage, key):
+            yield store.get(stage, key)
+
     def pending(self, stage: Stage, label: str) -> StageResult:
         """In a plan, a stage whose key hashes an upstream output the store does not hold yet: its key is unknown
         until that stage has run, and so is every later stage's."""
@@ -240,20 +253,17 @@ class StageRunner:
                 )
             result = StageResult(name, key, found.path, status="cached")
         else:
-            if found is None:
-                forget_record(self.root, name, key)
             loads_before = loads()
-            limit = self.config.run.concurrency_limit if found is None else ""  # the store serves it: no GPU
-            with accelerator_slot(limit, name), PeakMemory() as memory:
-                task = stage_task.with_options(name=label, **cache_options(name, self.root))
-                state = task(stage, cfg, inputs, self.root, key, found, return_state=True)
+            with self.building(store, name, key, found) as found:
+                limit = self.config.run.concurrency_limit if found is None else ""  # the store serves it: no GPU
+                with accelerator_slot(limit, name), PeakMemory() as memory:
+                    task = stage_task.with_options(name=label)
+                    state = task(stage, cfg, inputs, store, key, found, return_state=True)
             if loads() != loads_before:  # its models are gone: give their memory back before the next stage
                 release()  # (a full collection costs ~0.3 s, a cached stage loads nothing and skips it)
             if state.is_failed():
                 raise state.result(raise_on_failure=False)
             result, peak_memory = state.result(), memory.mib
-            if state.name == "Cached":  # the record may come from a run whose artifact root lived elsewhere
-                result = replace(result.as_cached(), path=store.path(name, result.key))
             self.summary["models_loaded"] += [f"{label}: {model}" for model in result.models_loaded]
         self.summary["stages"][label] = {
             "status": result.status,

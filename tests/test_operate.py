@@ -173,6 +173,7 @@ def test_two_concurrent_runs_compute_each_key_once(cli_env: dict, tmp_path: Path
         total = a[name]["items_processed"] + a[name]["items_cached"]
         assert total == b[name]["items_processed"] + b[name]["items_cached"] > 0, name
         assert a[name]["items_processed"] + b[name]["items_processed"] == total, name  # each item computed once
+        assert sorted([a[name]["status"], b[name]["status"]]) == ["cached", "ran"], name  # one built, one waited
 
 
 def test_a_killed_run_shows_as_crashed_and_boothflow_rerun_finishes_it(boothflow, prefect_server, tmp_path: Path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -63,11 +63,6 @@ class StageResult:
         counts = {"items_cached": entry.info.get("items", 0), "items_rejected": entry.info.get("rejected", 0)}
         return cls(entry.stage, entry.key, entry.path, status="cached", **counts)
 
-    def as_cached(self) -> StageResult:
-        """The same output seen from a run that found it already in the cache: no work, no model loaded."""
-        total = self.items_processed + self.items_cached
-        return replace(self, items_processed=0, items_cached=total, status="cached", models_loaded=())
-
 
 @dataclass(frozen=True)
 class Stage(Generic[Cfg, Inputs]):
@@ -84,10 +79,7 @@ class Stage(Generic[Cfg, Inputs]):
     def run(self, cfg: Cfg, inputs: Inputs, store: Store) -> StageResult:
         """The committed entry for this config and these inputs: found in the store, or built."""
         key = self.key(cfg, inputs)
-        return self.serve(cfg, inputs, store, key, store.get(self.name, key))
-
-    def serve(self, cfg: Cfg, inputs: Inputs, store: Store, key: str, found: Entry | None) -> StageResult:
-        """The result for an entry the caller has already looked up: the one found, or the one built now."""
+        found = store.get(self.name, key)
         return StageResult.cached(found) if found is not None else self.build(cfg, inputs, store, key)
 
     def config(self, config: Any) -> Any:

@@ -203,7 +203,15 @@ class Store:
 
     def lock(self, stage: str, key: str) -> FileLock:
         """A per-key lock held through an open file: the OS drops it when its holder dies."""
-        locks = self.root / ".locks" / "store"
+        return self._lock("store", stage, key)
+
+    def building(self, stage: str, key: str) -> FileLock:
+        """The lock a run holds through the whole build of a stage entry (items, models and all); its own file, since
+        the build takes the key's lock again to commit."""
+        return self._lock("build", stage, key)
+
+    def _lock(self, kind: str, stage: str, key: str) -> FileLock:
+        locks = self.root / ".locks" / kind
         locks.mkdir(parents=True, exist_ok=True)
         return FileLock(locks / f"{stage}-{key}.lock")
 
