@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from tasks.core.config import ConfigError, RunConfig
+from tasks.core.remote import Remote
 from tasks.core.stage import StageError
+from tasks.core.store import RemoteError
 from tasks.sd.models import ModelUnavailable, available_family, hub_repo, resolve_vae
 from tasks.stages.train import SUPPORTED, read_captions
 
@@ -31,6 +33,14 @@ def _writable_root(root: Path) -> None:
             f"run.artifacts_root = {str(root)!r}: cannot write there ({reason}); pass --artifacts with a folder you "
             "can write"
         ) from None
+
+
+def _shared_store(config: RunConfig) -> None:
+    if config.run.store:
+        try:
+            Remote(config.run.store, config.run.store_options).check()
+        except RemoteError as err:
+            raise ConfigError(err.message) from None
 
 
 def _instance_folder(folder: Path) -> None:
@@ -67,6 +77,7 @@ def check_settings(config: RunConfig) -> None:
     """Raise ConfigError (one line naming the setting or path and what to do) for anything a stage would trip on that
     does not depend on this machine's devices: what a run submitted to other machines can check here."""
     _writable_root(config.run.artifacts_root)
+    _shared_store(config)
     _instance_folder(config.data.instance_dir)
     _model_and_method(config)
     _captions(config)

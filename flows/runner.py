@@ -28,11 +28,12 @@ from prefect.states import Completed, State
 from flows.records import RunKeys, summary_path
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.faults import ENV, fault
+from tasks.core.remote import open_store
 from tasks.core.stage import Stage, StageError, StageResult, UpstreamPending
-from tasks.core.store import DiskFull, Entry, Store
+from tasks.core.store import DiskFull, Entry, RemoteError, Store
 from tasks.sd.device import loads, release
 
-EXPECTED = (StageError, DiskFull)  # failures the user acts on, each said in one line
+EXPECTED = (StageError, DiskFull, RemoteError)  # failures the user acts on, each said in one line
 MODEL_STAGES = frozenset({"class_images", "latents", "train", "generate", "evaluate"})  # what holds a GPU slot
 WORKER_ENV = "PREFECT__WORKER_NAME"  # set by a Prefect worker in the flow runs it starts
 
@@ -152,6 +153,7 @@ class StageRunner:
             raise StageError(only, f"no such stage; stages are: {', '.join(stage_names)}")
         self.config = config
         self.root = config.run.artifacts_root
+        self.store = open_store(config.run)
         self.only = only
         self.plan = plan
         self.waits_for: str | None = None  # in a plan: the stage whose output the next keys need
@@ -226,7 +228,7 @@ class StageRunner:
         with the folders of its entry that it publishes listed as absolute paths. The store entry is looked up
         (and its files checked) once, here. A stage run twice in one pipeline (generate and evaluate over the
         validation renders) is `label`led there, with its own `cfg`; its entries stay the stage's."""
-        name, store = stage.name, Store(self.root)
+        name, store = stage.name, self.store
         label, cfg = label or name, cfg if cfg is not None else stage.config(self.config)
         self.current = label
         if self.plan and self.waits_for:
@@ -241,9 +243,10 @@ class StageRunner:
             return self.pending(stage, label)
         if not self.plan:
             self.keys.use(name, key)  # before the lookup, so `cache gc` keeps what this run is about to use
-        found = store.get(name, key)
+        found = store.get(name, key, fetch=not self.plan)
         if self.plan:
-            result = StageResult(name, key, store.path(name, key), status="cached" if found else "to run")
+            held = found is not None or store.in_remote(name, key)
+            result = StageResult(name, key, store.path(name, key), status="cached" if held else "to run")
         elif self.only is not None and label != self.only:
             if found is None:
                 raise StageError(

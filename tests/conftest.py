@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from object_store import moto_endpoint
 from processes import run, stop
 
 from flows.server import api_url, free_port, start_server, wait_healthy
@@ -103,6 +104,13 @@ def boothflow(cli_env: dict[str, str]):
         return proc
 
     return boothflow_run
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 endpoint on 127.0.0.1 with the bucket `boothflow-test`, for the whole session: its URL."""
+    with moto_endpoint() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

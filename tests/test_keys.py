@@ -35,6 +35,7 @@ CHANGES = [
     ("run.name", "other", {"report"}),  # the report shows it
     ("run.device_memory", "24GiB", set()),
     ("run.concurrency_limit", "boothflow-gpu", set()),
+    ("run.store", "memory://boothflow-test/keys", set()),  # where entries are shared, never what they hold
     ("data.captions", "sidecar", TRAIN),  # no .txt in the folder: every image keeps the prompt, and says so
     ("generate.validation_seeds", [0, 1], GENERATE),
     ("train.pick", "best:analyser", {"validate", "score", "select", "export", *GENERATE}),  # train stays
@@ -158,7 +159,8 @@ def _changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 def test_every_setting_is_in_the_table() -> None:
     fields = {f"{s}.{f}" for s, m in RunConfig.model_fields.items() for f in m.annotation.model_fields}
     hub_only = {"model.revision", "model.vae_revision"}  # keyed through the identity of the commit: test_models.py
-    assert fields - {"run.artifacts_root", "data.instance_dir", *hub_only} == {name for name, _, _ in CHANGES}
+    unkeyed = {"run.artifacts_root", "data.instance_dir", "run.store_options"}  # paths, and how to reach the store
+    assert fields - {*unkeyed, *hub_only} == {name for name, _, _ in CHANGES}
 
 
 @pytest.mark.parametrize(("setting", "value", "changed"), CHANGES, ids=[c[0] for c in CHANGES])

@@ -17,17 +17,39 @@ from tasks.core.config import ConfigError, RunConfig
 app = typer.Typer(no_args_is_help=True, help="Inspect the stage cache.")
 
 
+RemoteOpt = Annotated[bool, typer.Option("--remote", help="The shared store (run.store), not the artifact root")]
+
+
+def _remote(cfg: RunConfig):
+    """The run's shared store, for --remote; exits 2 in one line when there is none or it cannot be reached."""
+    from tasks.core.remote import Remote
+    from tasks.core.store import RemoteError
+
+    if not cfg.run.store:
+        error("--remote needs a shared store: set run.store (e.g. --set run.store='s3://bucket/prefix')")
+        raise typer.Exit(2)
+    try:
+        remote = Remote(cfg.run.store, cfg.run.store_options)
+        remote.check()
+    except RemoteError as err:
+        error(err.message)
+        raise typer.Exit(2) from None
+    return remote
+
+
 @app.command("ls")
-def cache_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
+def cache_ls(remote: RemoteOpt = False, config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None):
     """List store entries: stage, key, size, age, state (complete, damaged and set aside, partial, incomplete)."""
     from tasks.core.store import Store
 
     cfg = run_config(config, set_, artifacts)
-    table = Table(title=f"cache at {cfg.run.artifacts_root}")
+    where = cfg.run.store if remote else cfg.run.artifacts_root
+    table = Table(title=f"cache at {where}")
     for column in ("stage", "key", "size", "age", "state"):
         table.add_column(column)
     now = time.time()
-    for entry in Store(cfg.run.artifacts_root).entries():
+    entries = _remote_entries(_remote(cfg)) if remote else Store(cfg.run.artifacts_root).entries()
+    for entry in entries:
         table.add_row(
             entry["stage"],
             entry["key"],
@@ -38,21 +60,37 @@ def cache_ls(config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: Set
     Console().print(table)
 
 
+def _remote_entries(remote) -> list[dict]:
+    """The shared store's entries as `cache ls` shows them: a manifest there is a committed entry."""
+    return [
+        {"stage": stage, "key": key, "state": "complete" if manifest else "unreadable",
+         "bytes": sum(m["size"] for m in manifest["files"].values()) if manifest else 0,
+         "modified": manifest.get("created_at", 0) if manifest else 0}
+        for stage, key, manifest in remote.entries()
+    ]  # fmt: skip
+
+
 @app.command("verify")
 def cache_verify(
     stage: Annotated[str | None, typer.Option("--stage", help="Only this stage's entries, e.g. train")] = None,
+    remote: RemoteOpt = False,
     config: ConfigOpt = None,
     artifacts: ArtifactsOpt = None,
     set_: SetOpt = None,
 ):
     """Re-hash every file of every complete entry; exit 1 naming each damaged one. Lookups only compare stats,
-    so this is the check that finds bytes changed behind an unchanged size, mtime, ctime and inode."""
+    so this is the check that finds bytes changed behind an unchanged size, mtime, ctime and inode. With --remote,
+    download and hash every blob of the shared store's entries."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     from tasks.core.store import Store
 
-    root = run_config(config, set_, artifacts).run.artifacts_root
+    cfg = run_config(config, set_, artifacts)
+    root = cfg.run.artifacts_root
     columns = (BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn())
+    if remote:
+        _verify_remote(_remote(cfg), columns)
+        return
     with Progress("verifying", *columns, console=console) as bar:
         task = bar.add_task("verify", total=None)
         result = Store(root).verify(stage, lambda done, total: bar.update(task, completed=done, total=total))
@@ -63,6 +101,28 @@ def cache_verify(
     checked = f"checked {result.entries} entries ({size(result.bytes)}) at {root}"
     if damaged:
         out.print(f"{checked}: {damaged} damaged; a run that needs one sets it aside and rebuilds it", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"{checked}: all intact", highlight=False)
+
+
+def _verify_remote(remote, columns: tuple) -> None:
+    from rich.progress import Progress
+
+    from tasks.core.store import RemoteError
+
+    try:
+        with Progress("verifying", *columns, console=console) as bar:
+            task = bar.add_task("verify", total=None)
+            entries, problems = remote.verify(lambda done, total: bar.update(task, completed=done, total=total))
+    except RemoteError as err:
+        error(err.message)
+        raise typer.Exit(2) from None
+    out = Console(soft_wrap=True, markup=False)
+    for problem in problems:
+        out.print(f"damaged: {problem}", highlight=False)
+    checked = f"checked {entries} entries at {remote.url}"
+    if problems:
+        out.print(f"{checked}: {len(problems)} damaged files; a run never trusts those entries", highlight=False)
         raise typer.Exit(1)
     out.print(f"{checked}: all intact", highlight=False)
 

@@ -35,6 +35,8 @@ Scheduler = Literal[
     "DEISMultistepScheduler", "UniPCMultistepScheduler",
 ]  # fmt: skip
 GIB = 2**30
+CREDENTIALS = frozenset({"key", "secret", "token", "password", "username", "access_key", "secret_key", "session_token",
+                         "aws_access_key_id", "aws_secret_access_key", "aws_session_token"})  # fmt: skip
 MAX_SEEDS = 10_000
 _UNITS = {"": GIB, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": GIB,
           "gb": 1e9, "gib": GIB, "t": 2**40, "tb": 1e12, "tib": 2**40}  # fmt: skip
@@ -115,11 +117,45 @@ class RunSection(Section):
         pattern=r"^([A-Za-z0-9][A-Za-z0-9_.:-]{0,99})?$",
     )
 
+    store: str = no_key(
+        "Store that many machines share: the URL of a bucket and prefix (S3 or S3-compatible, through fsspec); the "
+        "artifact root is then this machine's cache of it. Empty: the artifact root alone",
+        default="",
+        max_length=1024,
+    )
+    store_options: dict[str, str | int | float | bool] = no_key(
+        "fsspec options for run.store, e.g. endpoint_url for an S3-compatible server; credentials come the standard "
+        "AWS ways (environment, profile), never from here",
+        default_factory=dict,
+    )
+
     @field_validator("device_memory")
     @classmethod
     def _memory_amount(cls, value: str) -> str:
         if value:
             parse_memory(value)
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if not value:
+            return value
+        import fsspec
+
+        protocol = value.split("://", 1)[0] if "://" in value else ""
+        if protocol not in fsspec.available_protocols() or not value.split("://", 1)[1].strip("/"):
+            raise ValueError("must be a URL like s3://bucket/prefix (a protocol fsspec knows, then a bucket or path)")
+        return value
+
+    @field_validator("store_options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Credentials come the standard ways (AWS environment variables, a profile): a config travels to the Prefect
+        server with every run."""
+        if found := sorted(CREDENTIALS & {name.lower() for name in value}):
+            raise ValueError(f"{', '.join(found)}: credentials never go in a config (it is sent to the Prefect "
+                             "server); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile")  # fmt: skip
         return value
 
 

@@ -3,8 +3,10 @@
 Never part of a cache key or a flow parameter; reread on every call, so deleting the file ends the fault.
 `kill_at` names one point where boothflow is SIGKILLed: `<store stage>:before-manifest`, `<store stage>:before-rename`,
 `<store stage>:after-<k>` (the k-th entry of that store stage this process committed, e.g. an item),
-`train:mid-checkpoint-<step>` and `train:mid-export`. With `"once": true` the file is removed before the kill, so the
-process that runs again (a retry) is not killed.
+`train:mid-checkpoint-<step>`, `train:mid-export`, `<store stage>:before-publish` (the shared store holds the entry's
+blobs, not its manifest) and `<store stage>:mid-download-<k>` (k files of a shared store's entry downloaded). With
+`"once": true` the file is removed before the kill, so the process that runs again (a retry) is not killed. `hold_at`
+names a point where a process waits for as long as the file names it, so that two processes can meet there.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -44,3 +47,12 @@ def kill_if_injected_after(series: str) -> None:
     """A point passed many times (each item of a stage): the k-th pass in this process is point `<series>-<k>`."""
     _passed[series] += 1
     kill_if_injected(f"{series}-{_passed[series]}")
+
+
+def hold_if_injected(point: str) -> None:
+    """Wait at `point` while `hold_at` names it, having touched `<faults file>.held-<pid>` to say so."""
+    if fault("hold_at") != point:
+        return
+    Path(f"{os.environ[ENV]}.held-{os.getpid()}").touch()
+    while fault("hold_at") == point:
+        time.sleep(0.1)

@@ -22,13 +22,16 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
 from tasks.core.atomic import atomic_folder, clear_partials, replace_file
 from tasks.core.faults import fault, kill_if_injected, kill_if_injected_after
 from tasks.core.progress import run_logger
+
+if TYPE_CHECKING:
+    from tasks.core.remote import Remote
 
 MANIFEST = "manifest.json"
 STAT_MEMO = "stat-memo.json"
@@ -183,6 +186,19 @@ class DiskFull(Exception):
         super().__init__(self.message)
 
 
+class RemoteError(Exception):
+    """The shared store (`run.store`) could not be read or written (endpoint, bucket, credentials, network); the
+    message is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RemoteDamage(Exception):
+    """A remote entry that is not to be trusted: a blob missing or not hashing to its manifest, or no manifest."""
+
+
 @dataclass(frozen=True)
 class Verification:
     """What a full check of the store saw: entries and bytes checked, and every damaged file."""
@@ -193,10 +209,13 @@ class Verification:
 
 
 class Store:
-    """The artifact root's stage entries; no state beyond the folder itself."""
+    """The artifact root's stage entries; no state beyond the folder itself. With a `remote` store shared by many
+    machines, the artifact root is this machine's cache of it: a local miss downloads the remote entry, and an entry
+    built here is committed to the remote store before it appears here, so each local copy equals the remote one."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, remote: Remote | None = None) -> None:
         self.root = Path(root)
+        self.remote = remote
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -253,14 +272,51 @@ class Store:
     def is_complete(self, stage: str, key: str) -> bool:
         return self.manifest(stage, key) is not None
 
-    def get(self, stage: str, key: str) -> Entry | None:
+    def get(self, stage: str, key: str, fetch: bool = True) -> Entry | None:
         """The intact entry, or None; a damaged one is first set aside (under the key's lock, checked again there,
-        since another run may have set it aside and rebuilt it meanwhile)."""
+        since another run may have set it aside and rebuilt it meanwhile). A local miss is downloaded from the remote
+        store when it holds the entry (unless not `fetch`)."""
         found = self.inspect(stage, key)
-        if isinstance(found, list):
+        if isinstance(found, list) or (found is None and fetch and self.remote is not None):
             with self.lock(stage, key):
                 found = self._set_aside_if_damaged(stage, key)
+                if found is None and fetch:
+                    found = self._fetch(stage, key)
         return None if found is None else Entry(stage, key, self.path(stage, key), found, created=False)
+
+    def in_remote(self, stage: str, key: str) -> bool:
+        return self.remote is not None and self.remote.manifest(stage, key) is not None
+
+    def _fetch(self, stage: str, key: str) -> dict[str, Any] | None:
+        """Hold the key's lock. Download the remote entry into a partial folder that becomes the entry once whole
+        (a killed download leaves only the partial, which no reader trusts and the next writer clears); None when
+        there is no remote entry, or one that is not to be trusted (said in a log line: the entry is built here)."""
+        text = self.remote.manifest(stage, key) if self.remote is not None else None
+        if text is None:
+            return None
+        final = self.path(stage, key)
+        clear_partials(final)
+        try:
+            with atomic_folder(final, last=MANIFEST) as partial:
+                return self._adopt(stage, key, partial, text)
+        except RemoteDamage as damage:
+            run_logger().warning("store entry %s/%s in %s is not used: %s", stage, key, self.remote.url, damage)
+            return None
+
+    def _adopt(self, stage: str, key: str, partial: Path, text: bytes) -> dict[str, Any]:
+        """Make `partial` the remote entry whose manifest is `text`: download what it lacks, drop what it does not
+        list, write the manifest and the stat memo."""
+        try:
+            manifest = json.loads(text)
+            files = manifest["files"]
+        except (ValueError, KeyError, TypeError):
+            raise RemoteDamage(f"its {MANIFEST} is unreadable") from None
+        self.remote.download(stage, key, files, partial)
+        for stale in [f for f in partial.rglob("*") if f.is_file() and str(f.relative_to(partial)) not in files]:
+            stale.unlink()
+        (partial / MANIFEST).write_bytes(text)
+        _write_memo(partial, hashlib.sha256(text).hexdigest(), {name: file_stat(partial / name) for name in files})
+        return manifest
 
     def _set_aside_if_damaged(self, stage: str, key: str) -> dict[str, Any] | None:
         """Hold the key's lock. The manifest of an intact entry; a damaged entry is renamed `<key>.damaged-<time>`
@@ -296,7 +352,7 @@ class Store:
         and then reuses the first one's entry.
         """
         with self.lock(stage, key):
-            existing = self._set_aside_if_damaged(stage, key)
+            existing = self._set_aside_if_damaged(stage, key) or self._fetch(stage, key)
             if existing is not None:
                 return Entry(stage, key, self.path(stage, key), existing, created=False)
             final = self.path(stage, key)
@@ -308,9 +364,23 @@ class Store:
                     if not _is_disk_full(err):
                         raise
                     raise DiskFull(self.root, stage, key, _folder_bytes(partial)) from None
+                if self.remote is not None:
+                    manifest = self._publish(stage, key, partial, manifest)
                 kill_if_injected(f"{stage}:before-rename")
         kill_if_injected_after(f"{stage}:after")
         return Entry(stage, key, final, manifest, created=True)
+
+    def _publish(self, stage: str, key: str, partial: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Commit the entry built in `partial` to the remote store; when another machine committed it first, make
+        `partial` that machine's entry (the remote store's is the only one there is)."""
+        winner = self.remote.publish(stage, key, partial, (partial / MANIFEST).read_bytes())
+        if winner is None:
+            return manifest
+        try:
+            return self._adopt(stage, key, partial, winner)
+        except RemoteDamage as damage:
+            message = f"{stage}/{key} in {self.remote.url} was committed by another machine and is damaged ({damage})"
+            raise RemoteError(f"{message}; `boothflow cache verify --remote` lists what is wrong") from None
 
     def _write_entry(
         self, stage: str, key: str, partial: Path, build: Build, config: dict[str, Any] | None

@@ -1,0 +1,30 @@
+"""An S3 endpoint the tests start on 127.0.0.1: moto's server, in a thread of the test process, as s3fs's own tests
+use. Any credentials work; the dummies below go in this process's environment and in those of the processes a test
+starts (`S3_CREDENTIALS`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+BUCKET = "boothflow-test"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_endpoint() -> Iterator[str]:
+    """Start the server, make the bucket, yield the endpoint's URL; the server stops when the block ends, however."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(S3_CREDENTIALS)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True).mkdir(BUCKET)
+        yield url
+    finally:
+        server.stop()

@@ -1,0 +1,159 @@
+"""The shared store's commit protocol on fsspec's in-memory filesystem: blobs by sha256, the manifest written last and
+conditionally, a loser that adopts the winner's entry, and readers that trust only intact entries."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tasks.core.config import ConfigError
+from tasks.core.config_load import load_config
+from tasks.core.remote import Remote
+from tasks.core.store import MANIFEST, RemoteError, Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def url() -> str:
+    return f"memory://boothflow-test/{uuid.uuid4().hex}"  # the memory filesystem is one per process
+
+
+def _machines(tmp_path: Path, url: str) -> tuple[Store, Store]:
+    return Store(tmp_path / "a", Remote(url)), Store(tmp_path / "b", Remote(url))
+
+
+def _write(text: str, calls: list[str] | None = None):
+    def build(folder: Path) -> dict:
+        if calls is not None:
+            calls.append(text)
+        (folder / "out.txt").write_text(text)
+        (folder / "sub").mkdir()
+        (folder / "sub" / "same.bin").write_bytes(b"\x01" * 1000)
+        return {"items": 2}
+
+    return build
+
+
+def _files(entry_path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(entry_path)): f.read_bytes() for f in sorted(entry_path.rglob("*")) if f.is_file()}
+
+
+def test_an_entry_built_on_one_machine_is_downloaded_not_built_on_another(tmp_path: Path, url: str) -> None:
+    a, b = _machines(tmp_path, url)
+    built = a.get_or_create("stage", "k1", _write("hello"), {"x": 1})
+    assert built.created
+    remote = a.remote
+    assert remote.manifest("stage", "k1") == (built.path / MANIFEST).read_bytes()
+    assert sorted(remote.fs.ls(f"{remote.base}/blobs", detail=False)) == sorted(
+        f"{remote.base}/blobs/{meta['sha256']}" for meta in built.manifest["files"].values()
+    )
+    calls: list[str] = []
+    served = b.get_or_create("stage", "k1", _write("other", calls))
+    assert (calls, served.created) == ([], False)
+    assert _files(served.path) == _files(built.path) | {"stat-memo.json": _files(served.path)["stat-memo.json"]}
+    assert b.get("stage", "k1").manifest == built.manifest  # now a local hit, intact under the stat memo
+    assert b.verify().damaged == []
+
+
+def test_a_plain_lookup_downloads_and_fetch_false_does_not(tmp_path: Path, url: str) -> None:
+    a, b = _machines(tmp_path, url)
+    a.get_or_create("stage", "k1", _write("hello"))
+    assert b.get("stage", "k1", fetch=False) is None and b.in_remote("stage", "k1")
+    assert not b.path("stage", "k1").exists()
+    assert b.get("stage", "k1").path.joinpath("out.txt").read_text() == "hello"
+    assert a.get("stage", "missing") is None and not a.in_remote("stage", "missing")
+
+
+def test_the_first_manifest_wins_and_the_loser_adopts_the_winners_entry(tmp_path: Path, url: str) -> None:
+    """B builds, and while it does, A builds and commits the same key with other bytes (as timings make them)."""
+    a, b = _machines(tmp_path, url)
+
+    def b_build(folder: Path) -> dict:
+        a.get_or_create("stage", "k1", _write("from a"))
+        return _write("from b")(folder)
+
+    adopted = b.get_or_create("stage", "k1", b_build)
+    assert adopted.created  # B did the work, and then took A's entry
+    assert (adopted.path / "out.txt").read_text() == "from a"
+    remote_manifest = a.remote.manifest("stage", "k1")
+    assert (a.path("stage", "k1") / MANIFEST).read_bytes() == remote_manifest == (adopted.path / MANIFEST).read_bytes()
+    assert adopted.manifest == json.loads(remote_manifest)
+    assert b.verify().damaged == [] and b.get("stage", "k1").manifest == adopted.manifest
+    assert a.remote.verify() == (1, [])
+
+
+def test_a_damaged_blob_is_never_trusted_and_the_entry_is_built_here(tmp_path: Path, url: str, caplog) -> None:
+    a, b = _machines(tmp_path, url)
+    built = a.get_or_create("stage", "k1", _write("hello"))
+    blob = a.remote.blob_path(built.manifest["files"]["out.txt"]["sha256"])
+    a.remote.fs.pipe_file(blob, b"HELLO")  # same size, other bytes
+    entries, problems = a.remote.verify()
+    assert entries == 1 and problems == [f"stage/k1: out.txt: blob {blob.rsplit('/', 1)[1]} does not hash to its name"]
+
+    assert b.get("stage", "k1") is None  # not downloaded: nothing local to trust
+    assert not b.path("stage", "k1").exists() and not list((tmp_path / "b" / "stage").glob("*partial*"))
+    assert "is not used: out.txt: blob" in caplog.text
+    with pytest.raises(RemoteError, match="committed by another machine and is damaged"):
+        b.get_or_create("stage", "k1", _write("hello!"))  # it builds, loses to the damaged entry, says so
+    assert not b.path("stage", "k1").exists()
+
+
+def test_a_missing_blob_or_manifest_leaves_nothing_trusted(tmp_path: Path, url: str) -> None:
+    a, b = _machines(tmp_path, url)
+    built = a.get_or_create("stage", "k1", _write("hello"))
+    a.remote.fs.rm_file(a.remote.blob_path(built.manifest["files"]["sub/same.bin"]["sha256"]))
+    assert b.get("stage", "k1") is None
+    assert a.remote.verify()[1] == [f"stage/k1: sub/same.bin: blob {built.manifest['files']['sub/same.bin']['sha256']}"
+                                    " is missing"]  # fmt: skip
+    a.remote.fs.pipe_file(a.remote.manifest_path("stage", "k2"), b"{not json")
+    assert b.get("stage", "k2") is None
+    assert a.remote.verify()[1][-1] == "stage/k2: manifest.json unreadable"
+
+
+def test_a_killed_download_leaves_a_partial_that_is_cleared_and_redone(tmp_path: Path, url: str) -> None:
+    a, b = _machines(tmp_path, url)
+    a.get_or_create("stage", "k1", _write("hello"))
+    leftover = b.path("stage", "k1").with_name("k1.partial-deadbeef")
+    leftover.mkdir(parents=True)
+    (leftover / "out.txt").write_text("hel")
+    assert b.get("stage", "k1").path.joinpath("out.txt").read_text() == "hello"
+    assert not leftover.exists()
+
+
+def test_files_shared_by_entries_are_uploaded_once(tmp_path: Path, url: str) -> None:
+    a, _ = _machines(tmp_path, url)
+    a.get_or_create("items", "i1", _write("one"))
+    a.get_or_create("stage", "s1", _write("two"))
+    blobs = a.remote.fs.ls(f"{a.remote.base}/blobs", detail=False)
+    assert len(blobs) == 3  # out.txt twice (other bytes), sub/same.bin once
+    assert a.remote.keys() == [("items", "i1"), ("stage", "s1")]
+
+
+def test_an_unreachable_store_fails_in_one_line_naming_the_setting() -> None:
+    remote = Remote("s3://boothflow-test/x", {"endpoint_url": "http://127.0.0.1:9"})  # nothing listens there
+    with pytest.raises(RemoteError, match=r"^run.store = 's3://boothflow-test/x': could not list it") as caught:
+        remote.check()
+    assert "\n" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        (
+            "run.store='bucket/prefix'",
+            "run.store = 'bucket/prefix': Value error, must be a URL like s3://bucket/prefix",
+        ),
+        ("run.store='nosuch://b/p'", "run.store = 'nosuch://b/p': Value error, must be a URL like"),
+        ("run.store='s3://'", "run.store = 's3://': Value error, must be a URL like"),
+        ("run.store_options={secret='x'}", "secret: credentials never go in a config"),
+        ("run.store_options={AWS_SECRET_ACCESS_KEY='x'}", "aws_secret_access_key: credentials never go in a config"),
+    ],
+)
+def test_store_settings_are_checked_before_any_stage(override: str, said: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert said in str(caught.value) and "\n" not in str(caught.value)

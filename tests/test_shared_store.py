@@ -1,0 +1,158 @@
+"""Two machines and one shared store: two artifact roots on this box, each the cache of one S3 endpoint (moto's
+server, started by the test), through the `boothflow` CLI against the suite's Prefect server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import s3fs
+from object_store import BUCKET, S3_CREDENTIALS
+from prefect_api import task_states
+from processes import start, started, stop
+
+from flows.server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUICK = ["--set", "train.steps=3", "--set", "train.checkpoint_every=0", "--set", "generate.steps=2",
+         "--set", "generate.seeds=[0]"]  # fmt: skip
+
+
+def _shared(endpoint: str, tmp_path: Path) -> tuple[list[str], str]:
+    """`--set`s that make a run use a fresh prefix of the bucket as its shared store; and that store's URL."""
+    url = f"s3://{BUCKET}/{tmp_path.name}-{uuid.uuid4().hex[:8]}"
+    return ["--set", f"run.store='{url}'", "--set", f"run.store_options={{endpoint_url='{endpoint}'}}"], url
+
+
+def _demo(tmp_path: Path, endpoint: str) -> tuple[list[str], str]:
+    images = shutil.copytree(REPO / "data" / "demo", tmp_path / "images")
+    store, url = _shared(endpoint, tmp_path)
+    return ["--config", "configs/demo.toml", "--set", f"data.instance_dir='{images}'", *QUICK, *store], url
+
+
+def _summary(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _manifests(endpoint: str, url: str) -> dict[str, bytes]:
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    base = url.removeprefix("s3://")
+    return {path.removeprefix(f"{base}/entries/"): fs.cat_file(path) for path in fs.glob(f"{base}/entries/*/*.json")}
+
+
+def _local_manifest(root: Path, stage_and_key: str) -> bytes:
+    return (root / stage_and_key.removesuffix(".json") / "manifest.json").read_bytes()
+
+
+def test_a_run_on_machine_a_is_served_whole_on_machine_b(boothflow, prefect_server, s3_endpoint, tmp_path: Path):
+    base, url = _demo(tmp_path, s3_endpoint)
+    a, b = tmp_path / "a", tmp_path / "b"
+    boothflow("run", *base, "--artifacts", a, "--summary", tmp_path / "a.json", env=S3_CREDENTIALS)
+    boothflow("run", *base, "--artifacts", b, "--summary", tmp_path / "b.json", env=S3_CREDENTIALS)
+    built, served = _summary(tmp_path / "a.json"), _summary(tmp_path / "b.json")
+    assert {s["status"] for s in built["stages"].values() if s["status"] != "skipped"} == {"ran"}
+    ran = [name for name, s in built["stages"].items() if s["status"] == "ran"]
+    assert {name: served["stages"][name]["status"] for name in ran} == dict.fromkeys(ran, "cached")
+    assert {name: served["stages"][name]["key"] for name in ran} == {name: built["stages"][name]["key"] for name in ran}
+    assert served["models_loaded"] == [] and served["error"] is None
+    assert task_states(prefect_server, served["run"]["flow_run_id"]) == dict.fromkeys(ran, "Cached")
+
+    remote = _manifests(s3_endpoint, url)
+    assert {name.split("/")[0] for name in remote} >= set(ran)
+    for stage in ran:  # each machine's copy is the shared store's entry
+        entry = f"{stage}/{built['stages'][stage]['key']}.json"
+        assert _local_manifest(a, entry) == remote[entry] == _local_manifest(b, entry), stage
+    report = Path(served["outputs"]["report_html"])
+    assert report.is_relative_to(b)
+    _serves_report(b, report)
+
+    listed = boothflow("cache", "ls", "--remote", *base, "--artifacts", b, env=S3_CREDENTIALS).stdout
+    assert all(built["stages"][stage]["key"] in listed for stage in ran), listed
+    checked = boothflow("cache", "verify", "--remote", *base, "--artifacts", b, env=S3_CREDENTIALS).stdout
+    assert f"checked {len(remote)} entries at {url}: all intact" in checked
+
+
+def _serves_report(root: Path, report: Path) -> None:
+    """`boothflow ui` on `root` serves the report page over http, byte for byte."""
+    port = free_port()
+    log, record = root.parent / "ui.log", root / ".boothflow-ui.json"
+    command = [BIN / "boothflow", "ui", "--port", port, "--artifacts", root]
+    env = {"PATH": str(BIN), "HOME": str(root.parent), "PREFECT_HOME": str(root.parent / "ui-home")}
+    with started(command, grace=60, log=log, cwd=REPO, env=env) as ui:
+        deadline = time.monotonic() + 120
+        while not record.is_file():
+            assert ui.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        page = f"{json.loads(record.read_text())['artifacts_url']}/{report.relative_to(root)}"
+        with urllib.request.urlopen(page, timeout=10) as response:
+            assert response.read() == report.read_bytes()
+
+
+def test_both_machines_build_one_entry_at_once_and_keep_the_winners(
+    boothflow, cli_env: dict, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """Both hold after uploading their blobs, until both are there; then both write the manifest: one wins."""
+    base, url = _demo(tmp_path, s3_endpoint)
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"hold_at": "preprocess:before-publish"}))
+    env = {**cli_env, **S3_CREDENTIALS, "BOOTHFLOW_FAULTS": str(faults)}
+    procs = []
+    try:
+        for machine in ("a", "b"):
+            command = [BIN / "boothflow", "stage", "preprocess", *base, "--artifacts", tmp_path / machine,
+                       "--summary", tmp_path / f"{machine}.json"]  # fmt: skip
+            procs.append(start(command, log=tmp_path / f"{machine}.log", cwd=REPO, env=env))
+        deadline = time.monotonic() + 240
+        while len(list(tmp_path.glob("faults.json.held-*"))) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "both never held"
+            time.sleep(0.2)
+        faults.write_text("{}")
+        for machine, proc in zip("ab", procs, strict=True):
+            assert proc.wait(240) == 0, (tmp_path / f"{machine}.log").read_text()[-3000:]
+    finally:
+        stop(*procs)
+    summaries = [_summary(tmp_path / f"{machine}.json")["stages"]["preprocess"] for machine in "ab"]
+    assert [s["status"] for s in summaries] == ["ran", "ran"] and summaries[0]["key"] == summaries[1]["key"]
+    entry = f"preprocess/{summaries[0]['key']}.json"
+    remote = _manifests(s3_endpoint, url)
+    assert _local_manifest(tmp_path / "a", entry) == remote[entry] == _local_manifest(tmp_path / "b", entry)
+    for machine in "ab":
+        assert "all intact" in boothflow("cache", "verify", "--artifacts", tmp_path / machine).stdout
+    checked = boothflow("cache", "verify", "--remote", *base, "--artifacts", tmp_path / "a", env=S3_CREDENTIALS)
+    assert "all intact" in checked.stdout
+
+
+def test_a_kill_between_blobs_and_manifest_or_mid_download_leaves_nothing_trusted(
+    boothflow, s3_endpoint, tmp_path: Path
+) -> None:
+    base, url = _demo(tmp_path, s3_endpoint)
+    faults = tmp_path / "faults.json"
+    env = {**S3_CREDENTIALS, "BOOTHFLOW_FAULTS": str(faults)}
+    a, b = ["--artifacts", tmp_path / "a"], ["--artifacts", tmp_path / "b"]
+
+    faults.write_text(json.dumps({"kill_at": "preprocess:before-publish"}))
+    assert boothflow("stage", "preprocess", *base, *a, check=False, env=env).returncode == -9
+    assert not any(name.startswith("preprocess/") for name in _manifests(s3_endpoint, url))  # blobs, no manifest
+    assert "all intact" in boothflow("cache", "verify", "--remote", *base, *a, env=env).stdout
+    faults.unlink()
+    boothflow("stage", "preprocess", *base, *a, "--summary", tmp_path / "a.json", env=env)
+    key = _summary(tmp_path / "a.json")["stages"]["preprocess"]["key"]
+    assert any(name == f"preprocess/{key}.json" for name in _manifests(s3_endpoint, url))
+
+    faults.write_text(json.dumps({"kill_at": "preprocess:mid-download-2"}))
+    assert boothflow("stage", "preprocess", *base, *b, check=False, env=env).returncode == -9
+    assert not (tmp_path / "b" / "preprocess" / key).exists()
+    assert list((tmp_path / "b" / "preprocess").glob(f"{key}.partial-*"))  # what the download left: not an entry
+    faults.unlink()
+    boothflow("stage", "preprocess", *base, *b, "--summary", tmp_path / "b.json", env=env)
+    served = _summary(tmp_path / "b.json")["stages"]["preprocess"]
+    assert (served["status"], served["key"], served["items_processed"]) == ("cached", key, 0)
+    assert not list((tmp_path / "b" / "preprocess").glob(f"{key}.partial-*"))
+    assert "all intact" in boothflow("cache", "verify", *b).stdout
+    assert "all intact" in boothflow("cache", "verify", "--remote", *base, *b, env=env).stdout
