@@ -14,6 +14,7 @@ from flows.publish import publish
 from flows.runner import StageRunner, check_concurrency_limit
 from flows.workers import pin_worker_gpu
 from tasks.core.config import ConfigError, RunConfig
+from tasks.core.photos import PhotosUnreachable, mirror
 from tasks.core.stage import StageError, StageResult
 from tasks.sd.memory import MemoryPlanError
 from tasks.sd.memory_plan import preflight
@@ -44,11 +45,24 @@ def check_plan(config: RunConfig) -> None:
         raise StageError("plan", str(err)) from None
 
 
+def local_photos(config: RunConfig) -> RunConfig:
+    """The config with a local instance folder: photos at a URL are mirrored into the artifact root first."""
+    url = config.data.instance_dir
+    if not isinstance(url, str):
+        return config
+    try:
+        folder = mirror(url, config.run.artifacts_root, config.run.store_options)
+    except PhotosUnreachable as err:
+        raise StageError("preprocess", str(err)) from None
+    return config.model_copy(update={"data": config.data.model_copy(update={"instance_dir": folder})})
+
+
 def pipeline(config: RunConfig, stages: StageRunner) -> None:
     """The stages in order, each a cached Prefect task: what runs is what the inputs and settings changed."""
     with stages:
         if not stages.plan:
             check_plan(config)
+        config = local_photos(config)
         photos = preprocess.PreprocessInputs.of(config)
         stages.summary["waiting"] = list(photos.waiting)
         if photos.waiting and not stages.plan:

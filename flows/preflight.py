@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tasks.core.config import ConfigError, RunConfig
+from tasks.core.photos import PhotosUnreachable, listing
 from tasks.core.remote import Remote
 from tasks.core.stage import StageError
 from tasks.core.store import RemoteError
@@ -43,7 +44,15 @@ def _shared_store(config: RunConfig) -> None:
             raise ConfigError(err.message) from None
 
 
-def _instance_folder(folder: Path) -> None:
+def _instance_folder(folder: Path | str, options: dict) -> None:
+    if isinstance(folder, str):  # a URL
+        try:
+            found = listing(folder, options)
+        except PhotosUnreachable as err:
+            raise ConfigError(str(err)) from None
+        if not found:
+            raise ConfigError(f"data.instance_dir = {folder!r} holds no files; set it to the URL of the images")
+        return
     if not folder.is_dir():
         what = "is a file" if folder.is_file() else "does not exist"
         raise ConfigError(f"data.instance_dir = {str(folder)!r} {what}; set it to a folder of images")
@@ -78,7 +87,7 @@ def check_settings(config: RunConfig) -> None:
     does not depend on this machine's devices: what a run submitted to other machines can check here."""
     _writable_root(config.run.artifacts_root)
     _shared_store(config)
-    _instance_folder(config.data.instance_dir)
+    _instance_folder(config.data.instance_dir, config.run.store_options)
     _model_and_method(config)
     _captions(config)
     _pick(config)
@@ -134,7 +143,7 @@ def _pick(config: RunConfig) -> None:
 
 def _captions(config: RunConfig) -> None:
     """Every caption file reads as text, before a run spends its preprocessing on the way to training."""
-    if config.data.captions == "sidecar":
+    if config.data.captions == "sidecar" and isinstance(config.data.instance_dir, Path):  # a URL's: once mirrored
         try:
             read_captions(config.data)
         except StageError as err:

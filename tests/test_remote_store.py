@@ -157,3 +157,40 @@ def test_store_settings_are_checked_before_any_stage(override: str, said: str) -
     with pytest.raises(ConfigError) as caught:
         load_config(None, [override])
     assert said in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_photos_at_a_url_are_mirrored_with_their_times_and_kept_in_step(tmp_path: Path, url: str) -> None:
+    import fsspec
+
+    from tasks.core.photos import mirror, mirror_of
+
+    fs, base = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{base}/a.png", b"one")
+    fs.pipe_file(f"{base}/sub/b.png", b"two")
+    folder = mirror(url, tmp_path)
+    assert folder == mirror_of(url, tmp_path) and folder.is_relative_to(tmp_path / ".photos")
+    assert {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()} == {
+        "a.png": b"one", "sub/b.png": b"two"}  # fmt: skip
+    modified = fs.info(f"{base}/a.png")["created"]
+    assert abs((folder / "a.png").stat().st_mtime - modified.timestamp()) < 1  # settle_minutes reads the URL's time
+
+    fs.pipe_file(f"{base}/a.png", b"ONE")  # the same size, a new version
+    fs.rm_file(f"{base}/sub/b.png")
+    fs.pipe_file(f"{base}/c.png", b"three")
+    mirror(url, tmp_path)
+    assert {str(f.relative_to(folder)): f.read_bytes() for f in folder.rglob("*") if f.is_file()} == {
+        "a.png": b"ONE", "c.png": b"three"}  # fmt: skip
+    written = (folder / "c.png").stat().st_ctime_ns
+    fs.pipe_file(f"{base}/sub/b.png", b"two")
+    mirror(url, tmp_path)
+    assert (folder / "sub" / "b.png").read_bytes() == b"two"
+    assert (folder / "c.png").stat().st_ctime_ns == written  # unchanged at the URL: not downloaded again
+
+
+def test_photos_at_a_url_are_checked_before_any_stage(tmp_path: Path, url: str) -> None:
+    from flows.preflight import check_settings
+
+    config = load_config(None, [f"data.instance_dir='{url}/nothing'"], tmp_path / "artifacts")
+    with pytest.raises(ConfigError, match=r"^data.instance_dir = 'memory://.*/nothing' holds no files"):
+        check_settings(config)
+    assert isinstance(load_config(None, ["data.instance_dir='s3://bucket/rex'"]).data.instance_dir, str)

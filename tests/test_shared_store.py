@@ -51,11 +51,18 @@ def _local_manifest(root: Path, stage_and_key: str) -> bytes:
 
 
 def test_a_run_on_machine_a_is_served_whole_on_machine_b(boothflow, prefect_server, s3_endpoint, tmp_path: Path):
+    """A reads its photos from a folder, B the same photos from the bucket: the keys are the same."""
     base, url = _demo(tmp_path, s3_endpoint)
     a, b = tmp_path / "a", tmp_path / "b"
+    photos = f"{url}-photos/rex"
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True).put(
+        str(tmp_path / "images"), photos.removeprefix("s3://"), recursive=True
+    )
     boothflow("run", *base, "--artifacts", a, "--summary", tmp_path / "a.json", env=S3_CREDENTIALS)
-    boothflow("run", *base, "--artifacts", b, "--summary", tmp_path / "b.json", env=S3_CREDENTIALS)
+    from_bucket = ["--set", f"data.instance_dir='{photos}'"]
+    boothflow("run", *base, *from_bucket, "--artifacts", b, "--summary", tmp_path / "b.json", env=S3_CREDENTIALS)
     built, served = _summary(tmp_path / "a.json"), _summary(tmp_path / "b.json")
+    assert served["run"]["instance_dir"] == photos
     assert {s["status"] for s in built["stages"].values() if s["status"] != "skipped"} == {"ran"}
     ran = [name for name, s in built["stages"].items() if s["status"] == "ran"]
     assert {name: served["stages"][name]["status"] for name in ran} == dict.fromkeys(ran, "cached")

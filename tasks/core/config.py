@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ConfigError(Exception):
@@ -56,6 +56,25 @@ VAE_SLICING = "Decode one image at a time: a batch's decode memory over its size
 MAX_SIDE = 4096  # 16x the pixels of SDXL's 1024: beyond it no model here was trained, and memory runs out
 MAX_STEPS = 1_000_000
 MAX_BATCH = 1024
+
+
+def fsspec_url(value: str) -> str:
+    """`value`, when it is a URL of a protocol fsspec knows followed by a bucket or path; else ValueError."""
+    import fsspec
+
+    protocol, _, rest = value.partition("://")
+    if not rest.strip("/") or protocol not in fsspec.available_protocols():
+        raise ValueError("must be a URL like s3://bucket/prefix (a protocol fsspec knows, then a bucket or path)")
+    return value
+
+
+def _url_only(value: str) -> str:
+    if "://" not in value:
+        raise ValueError("not a URL")
+    return value
+
+
+Url = Annotated[str, AfterValidator(_url_only)]  # before Path in a union: a URL must not become a mangled Path
 
 
 def image_side(value: int, or_else: str = "") -> int:
@@ -139,14 +158,7 @@ class RunSection(Section):
     @field_validator("store")
     @classmethod
     def _store_url(cls, value: str) -> str:
-        if not value:
-            return value
-        import fsspec
-
-        protocol = value.split("://", 1)[0] if "://" in value else ""
-        if protocol not in fsspec.available_protocols() or not value.split("://", 1)[1].strip("/"):
-            raise ValueError("must be a URL like s3://bucket/prefix (a protocol fsspec knows, then a bucket or path)")
-        return value
+        return fsspec_url(value) if value else value
 
     @field_validator("store_options")
     @classmethod
@@ -160,7 +172,12 @@ class RunSection(Section):
 
 
 class DataSection(Section):
-    instance_dir: Path = no_key("Folder of instance images (subfolders included)", default=Path("data/demo"))
+    instance_dir: Url | Path = no_key(
+        "Folder of instance images (subfolders included), or their URL (e.g. an S3 bucket and prefix, read with "
+        "run.store_options)",
+        default=Path("data/demo"),
+        union_mode="left_to_right",
+    )
     token: str = Field(
         "sks", min_length=1, pattern=r"^\S+$", description="Rare identifier token that names the subject (one word)"
     )
@@ -184,6 +201,11 @@ class DataSection(Section):
 
     def settle_seconds(self) -> float:
         return 60 * (self.settle_minutes or 0)
+
+    @field_validator("instance_dir")
+    @classmethod
+    def _folder_or_url(cls, value: str | Path) -> str | Path:
+        return fsspec_url(value) if isinstance(value, str) else value
 
 
 class PreprocessSection(Section):

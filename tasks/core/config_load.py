@@ -99,10 +99,13 @@ def load_config(
 
 
 def absolute_paths(config: RunConfig) -> RunConfig:
-    """Folders relative to the working directory, made absolute so every process of a run agrees."""
+    """Folders relative to the working directory, made absolute so every process of a run agrees (a URL stays)."""
+    folder = config.data.instance_dir
     return config.model_copy(
         update={
             "run": config.run.model_copy(update={"artifacts_root": config.run.artifacts_root.expanduser().resolve()}),
-            "data": config.data.model_copy(update={"instance_dir": config.data.instance_dir.expanduser().resolve()}),
+            "data": config.data.model_copy(
+                update={"instance_dir": folder.expanduser().resolve() if isinstance(folder, Path) else folder}
+            ),
         }
     )

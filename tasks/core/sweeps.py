@@ -137,7 +137,8 @@ def _placed(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     """The folder settings among `values`, relative ones moved into `folder`."""
 
     def place(value: Any) -> Any:
-        return value if not isinstance(value, str) or Path(value).is_absolute() else str(folder / value)
+        local = isinstance(value, str) and "://" not in value  # a URL is where it says
+        return str(folder / value) if local and not Path(value).is_absolute() else value
 
     return {n: ([place(v) for v in x] if isinstance(x, list) else place(x)) if n in FOLDERS else x
             for n, x in values.items()}  # fmt: skip
