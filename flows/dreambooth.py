@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from flows.preflight import check_before_start
 from flows.publish import publish
 from flows.runner import StageRunner, check_concurrency_limit
-from flows.workers import pin_worker_gpu
+from flows.workers import on_this_machine, pin_worker_gpu
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.photos import PhotosUnreachable, mirror
 from tasks.core.stage import StageError, StageResult
@@ -119,6 +119,7 @@ def run_and_publish(config: RunConfig, stages: StageRunner) -> dict[str, Any]:
 def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form shows the default
     """DreamBooth fine-tuning of Stable Diffusion, every stage cached by its inputs."""
     pin_worker_gpu()  # on a `boothflow worker`: that worker's GPU, before anything touches CUDA
+    config = on_this_machine(config)
     return run_and_publish(config, StageRunner(config, config.stage_names()))
 
 
@@ -126,4 +127,5 @@ def dreambooth(config: RunConfig = RunConfig()) -> dict[str, Any]:  # noqa: B008
 def dreambooth_stage(config: RunConfig, stage: str) -> dict[str, Any]:
     """Run one stage from cached upstream outputs; names the upstream stage that is missing."""
     pin_worker_gpu()
+    config = on_this_machine(config)
     return run_and_publish(config, StageRunner(config, config.stage_names(), only=stage))

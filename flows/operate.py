@@ -5,6 +5,7 @@ Thin wrappers over Prefect's own serve, client and flow engine, so the UI shows 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import urllib.parse
@@ -33,6 +34,7 @@ from flows.subjects import subjects
 from flows.sweep import sweep
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.config_load import load_config
+from tasks.core.store import RemoteError, Store
 
 SERVED_DEPLOYMENT = "nightly"
 SUBJECTS_DEPLOYMENT = "nightly-subjects"
@@ -190,7 +192,10 @@ def recent_runs(limit: int) -> list[dict[str, Any]]:
 
 class ArtifactFiles(SimpleHTTPRequestHandler):
     """The artifact root's files and nothing else: not its internal dot-folders (`.prefect`, `.locks`) or
-    dot-files, and nothing a symlink inside it leads to outside it (404, as for a missing file)."""
+    dot-files, and nothing a symlink inside it leads to outside it (404, as for a missing file). With a shared store,
+    a file of an entry this root lacks (a report another machine made) is served once its entry is fetched."""
+
+    store: Store | None = None
 
     def send_head(self):
         root = Path(self.directory).resolve()
@@ -199,12 +204,17 @@ class ArtifactFiles(SimpleHTTPRequestHandler):
         if any(part.startswith(".") for part in asked.parts) or not target.is_relative_to(root):
             self.send_error(HTTPStatus.NOT_FOUND)
             return None
+        if not target.exists() and self.store is not None and len(asked.parts) > 3:
+            with contextlib.suppress(RemoteError, OSError):
+                self.store.get(asked.parts[1], asked.parts[2])  # (stage, key): the whole entry, hash-checked
         return super().send_head()
 
 
-def serve_files(root: Path, port: int) -> ThreadingHTTPServer:
-    """Serve the artifact root over http on 127.0.0.1, so report links from the Prefect UI open."""
-    handler = functools.partial(ArtifactFiles, directory=str(root))
+def serve_files(root: Path, port: int, store: Store | None = None) -> ThreadingHTTPServer:
+    """Serve the artifact root over http on 127.0.0.1, so report links from the Prefect UI open; with `store`, what
+    its shared store holds too."""
+    files = type("Files", (ArtifactFiles,), {"store": store})
+    handler = functools.partial(files, directory=str(root))
     server = ThreadingHTTPServer((HOST, port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

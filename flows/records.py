@@ -16,6 +16,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from tasks.core.remote import Remote
+from tasks.core.store import Store
+
 KEYS_FILE = "keys.json"
 PROCESS_FILE = "process.json"
 
@@ -103,10 +106,30 @@ def summary_path(root: Path, flow_run_id: str) -> Path:
     return Path(root) / "runs" / flow_run_id / "summary.json"
 
 
-def read_summary(root: Path, flow_run_id: str) -> dict[str, Any] | None:
-    """The summary a run wrote under `root`, if it got far enough to write one."""
+def read_summary(root: Path, flow_run_id: str, remote: Remote | None = None) -> dict[str, Any] | None:
+    """The summary a run wrote under `root` (or, run on another machine, to the shared store `remote`), if it got far
+    enough to write one."""
     path = summary_path(root, flow_run_id)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if path.is_file():
+        return json.loads(path.read_text())
+    text = remote.summary(flow_run_id) if remote is not None else None
+    return json.loads(text) if text else None
+
+
+def outputs_here(summary: dict[str, Any] | None, store: Store) -> dict[str, Any] | None:
+    """The summary with each output a path in this artifact root: an entry another machine (another root) made is
+    fetched from the shared store (an output in no entry this store can get is left as it was)."""
+    if not summary:
+        return summary
+    keys = {stage.get("key") for stage in summary.get("stages", {}).values()} - {None}
+    outputs = {}
+    for name, value in summary.get("outputs", {}).items():
+        parts = Path(value).parts
+        at = next((i for i, part in enumerate(parts) if part in keys and i > 0), None)
+        elsewhere = at is not None and not Path(value).is_relative_to(store.root)
+        entry = store.get(parts[at - 1], parts[at]) if elsewhere else None
+        outputs[name] = str(entry.path.joinpath(*parts[at + 1 :])) if entry is not None else value
+    return {**summary, "outputs": outputs}
 
 
 def recorded(root: Path, run_id: str, name: str) -> str | None:

@@ -223,9 +223,16 @@ class StageRunner:
         return StageResult(stage.name, "", Path(self.root) / stage.name / "pending", status="pending")
 
     def write(self) -> Path:
-        path = summary_path(self.root, self.summary["run"]["flow_run_id"])
+        """The summary under the artifact root, and in the shared store for a parent run on another machine."""
+        run_id, text = self.summary["run"]["flow_run_id"], json.dumps(self.summary, indent=1, default=str)
+        path = summary_path(self.root, run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.summary, indent=1, default=str))
+        path.write_text(text)
+        if self.store.remote is not None:
+            try:
+                self.store.remote.put_summary(run_id, text.encode())
+            except RemoteError as err:
+                logging.getLogger("prefect.boothflow").warning("the run's summary is only here: %s", err.message)
         return path
 
     def run(self, stage: Stage, inputs: Any, label: str | None = None, cfg: Any = None) -> StageResult:

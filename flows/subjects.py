@@ -21,11 +21,13 @@ from prefect.runtime import flow_run
 from flows.dreambooth import check_plan, planned_keys
 from flows.preflight import check_settings
 from flows.publish import report_link
-from flows.records import RunKeys, read_summary
+from flows.records import RunKeys
 from flows.runner import parent_record
-from flows.sweep import CellProgress, Ran, run_here, submit, wait_all
+from flows.sweep import CellProgress, Ran, run_here, submit, summary_of, wait_all
 from tasks.core.config import ConfigError, RunConfig
+from tasks.core.remote import open_store
 from tasks.core.stage import StageError
+from tasks.core.store import Store
 from tasks.core.subjects import Subject, list_subjects
 from tasks.core.sweeps import Cell
 from tasks.stages import night, promotion
@@ -56,18 +58,18 @@ def served_here(config: RunConfig) -> bool:
     return all(stage["status"] in ("cached", "skipped") for stage in stages.values())
 
 
-def _run(ready: list[Subject], root: Path, pool: str, slots: int | None, retries: int) -> list[Ran]:
+def _run(ready: list[Subject], store: Store, pool: str, slots: int | None, retries: int) -> list[Ran]:
     """Each ready subject's run, here in turn or, unless the store holds all of it, on `pool`; a run that crashed or
     failed unexpectedly is tried again, up to `retries` times."""
     cells = [Cell(name=subject.name, values={}, config=subject.config) for subject in ready]
     progress = CellProgress(len(cells), "subjects", "subjects-progress")
     if not pool:
-        return run_here(cells, progress, root, retries)
+        return run_here(cells, progress, store, retries)
     here = [cell for cell in cells if served_here(cell.config)]
     remote = [cell for cell in cells if cell not in here]
     submitted = submit(remote, pool, slots, "subjects") if remote else []
-    ran = dict(zip((cell.name for cell in here), run_here(here, progress, root, retries), strict=True))
-    ran |= dict(zip((cell.name for cell in remote), wait_all(submitted, progress, root, retries), strict=True))
+    ran = dict(zip((cell.name for cell in here), run_here(here, progress, store, retries), strict=True))
+    ran |= dict(zip((cell.name for cell in remote), wait_all(submitted, progress, store, retries), strict=True))
     return [ran[cell.name] for cell in cells]
 
 
@@ -84,22 +86,23 @@ def subjects(
                                     Path(artifacts) if artifacts else None)  # fmt: skip
     except ConfigError as err:
         raise StageError("subjects", str(err)) from None
-    root = base.run.artifacts_root
-    with RunKeys(root, str(flow_run.id)):  # its lock: `runs` marks the night Crashed once its process is gone
-        return _night(folder, found, root, pool, slots, retries)
+    store = open_store(base.run)
+    with RunKeys(store.root, str(flow_run.id)):  # its lock: `runs` marks the night Crashed once its process is gone
+        return _night(folder, found, store, pool, slots, retries)
 
 
-def _night(folder: str, found: list[Subject], root: Path, pool: str, slots: int | None, retries: int) -> dict[str, Any]:
+def _night(folder: str, found: list[Subject], store: Store, pool: str, slots: int | None, retries: int) -> dict:
+    root = store.root
     if not found:  # a served night whose folder has not filled yet: an empty summary, not a failure
         get_run_logger().warning(f"no subjects in {folder!r} tonight: add one subfolder of images per subject")
     problems = {subject.name: _settings_problem(subject) for subject in found}
     ready = [subject for subject in found if problems[subject.name] is None]
     get_run_logger().info(f"{len(found)} subjects in {folder}: {len(ready)} to run, {len(found) - len(ready)} "
                           "that cannot start")  # fmt: skip
-    ran = dict(zip((s.name for s in ready), _run(ready, root, pool, slots, retries), strict=True))
+    ran = dict(zip((s.name for s in ready), _run(ready, store, pool, slots, retries), strict=True))
     started = flow_run.scheduled_start_time or datetime.now()
     title = f"night of {started:%Y-%m-%d %H:%M}: {Path(folder).name}"
-    runs = [_subject_run(s, ran[s.name], root, title) if s.name in ran else
+    runs = [_subject_run(s, ran[s.name], store, title) if s.name in ran else
             SubjectRun(s.name, "Failed", None, problems[s.name]) for s in found]  # fmt: skip
     target = root / NIGHTS_FOLDER / f"{started:%Y-%m-%d_%H%M%S}_{flow_run.name}"
     facts = night.write(title, runs, target)
@@ -114,10 +117,10 @@ def _night(folder: str, found: list[Subject], root: Path, pool: str, slots: int 
     return record
 
 
-def _subject_run(subject: Subject, ran: Ran, root: Path, title: str) -> SubjectRun:
+def _subject_run(subject: Subject, ran: Ran, store: Store, title: str) -> SubjectRun:
     """A subject as its run left it; a completed one's model goes through the promotion gate, and is published when
     it passes (a Prefect link artifact to its published folder)."""
-    summary, gate = read_summary(root, ran.flow_run_id), subject.config.publish
+    root, summary, gate = store.root, summary_of(store, ran.flow_run_id), subject.config.publish
     promoted = None
     if ran.state == "Completed" and summary is not None:
         promoted = promotion.promote(root, subject.name, summary, gate.metric, gate.tolerance, title)

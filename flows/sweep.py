@@ -32,11 +32,13 @@ from prefect.states import State
 from flows.dreambooth import check_plan, dreambooth
 from flows.preflight import check_settings
 from flows.publish import report_link
-from flows.records import RunKeys, read_summary
+from flows.records import RunKeys, outputs_here, read_summary
 from flows.runner import parent_record
 from flows.workers import queue_for
 from tasks.core.config import ConfigError, RunConfig
+from tasks.core.remote import open_store
 from tasks.core.stage import StageError
+from tasks.core.store import Store
 from tasks.core.sweeps import Cell, Sweep
 from tasks.stages import comparison
 
@@ -143,6 +145,11 @@ class Ran(NamedTuple):
     tries: int = 1
 
 
+def summary_of(store: Store, flow_run_id: str) -> dict[str, Any] | None:
+    """A cell's summary, wherever it ran, with its outputs in this artifact root (fetched from a shared store)."""
+    return outputs_here(read_summary(store.root, flow_run_id, store.remote), store)
+
+
 def worth_retrying(state: State, summary: dict[str, Any] | None) -> bool:
     """A run whose process or machine went away, or that failed on an error no setting, photo or disk explains; a
     run that failed before it wrote a summary (its parameters) would fail again."""
@@ -151,21 +158,21 @@ def worth_retrying(state: State, summary: dict[str, Any] | None) -> bool:
     return state.is_failed() and ((summary or {}).get("error") or {}).get("expected") is False
 
 
-def wait_all(ids: list[UUID], progress: CellProgress, root: Path, retries: int = 0) -> list[Ran]:
+def wait_all(ids: list[UUID], progress: CellProgress, store: Store, retries: int = 0) -> list[Ran]:
     """Every submitted run once it has finished, in the order given. A run worth retrying is submitted again, as a
     new run of the same deployment with the same parameters, up to `retries` times. (Not the same run sent back: the
     worker that ran it still holds it, and marks it Crashed once more, after its process is gone.)"""
-    return asyncio.run(_wait(ids, progress, root, retries)) if ids else []
+    return asyncio.run(_wait(ids, progress, store, retries)) if ids else []
 
 
-async def _wait(ids: list[UUID], progress: CellProgress, root: Path, retries: int) -> list[Ran]:
+async def _wait(ids: list[UUID], progress: CellProgress, store: Store, retries: int) -> list[Ran]:
     finished, cell_of, tries = {}, {flow_run_id: flow_run_id for flow_run_id in ids}, dict.fromkeys(ids, 1)
     waiting = {asyncio.ensure_future(wait_for_flow_run(flow_run_id, timeout=None)) for flow_run_id in ids}
     while waiting:
         done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         for cell_run in (task.result() for task in done):
             cell = cell_of.pop(cell_run.id)
-            if tries[cell] <= retries and worth_retrying(cell_run.state, read_summary(root, str(cell_run.id))):
+            if tries[cell] <= retries and worth_retrying(cell_run.state, summary_of(store, str(cell_run.id))):
                 tries[cell] += 1
                 get_run_logger().warning(f"{cell_run.name} ended {cell_run.state.name}: {cell_run.state.message}; "
                                          f"try {tries[cell]} of {retries + 1}")  # fmt: skip
@@ -180,7 +187,7 @@ async def _wait(ids: list[UUID], progress: CellProgress, root: Path, retries: in
     return [finished[flow_run_id] for flow_run_id in ids]
 
 
-def run_here(cells: list[Cell], progress: CellProgress, root: Path, retries: int = 0) -> list[Ran]:
+def run_here(cells: list[Cell], progress: CellProgress, store: Store, retries: int = 0) -> list[Ran]:
     """Each cell as a subflow run of this one, in turn (a failed cell stops no other); one that failed on an
     unexpected error runs again, as a new subflow run, up to `retries` times."""
     ran = []
@@ -188,7 +195,7 @@ def run_here(cells: list[Cell], progress: CellProgress, root: Path, retries: int
         for tried in range(1, retries + 2):
             state = dreambooth.with_options(flow_run_name=cell.name)(cell.config, return_state=True)
             flow_run_id = str(state.state_details.flow_run_id)
-            if tried > retries or not worth_retrying(state, read_summary(root, flow_run_id)):
+            if tried > retries or not worth_retrying(state, summary_of(store, flow_run_id)):
                 break
         ran.append(Ran(flow_run_id, state.name, tried))
         asyncio.run(progress.finished(cell.name, state.name))
@@ -204,19 +211,20 @@ def sweep(spec: Sweep, pool: str = "", slots: int | None = None) -> dict[str, An
             check_settings(cell.config) if pool else check_plan(cell.config)
         except (StageError, ConfigError) as err:
             raise StageError("config", f"cell {cell.name!r}: {getattr(err, 'message', err)}") from None
-    root = spec.base.run.artifacts_root
-    with RunKeys(root, str(flow_run.id)):  # its lock: `runs` marks the sweep Crashed once its process is gone
-        return _sweep(spec, root, pool, slots)
+    store = open_store(spec.base.run)
+    with RunKeys(store.root, str(flow_run.id)):  # its lock: `runs` marks the sweep Crashed once its process is gone
+        return _sweep(spec, store, pool, slots)
 
 
-def _sweep(spec: Sweep, root: Path, pool: str, slots: int | None) -> dict[str, Any]:
+def _sweep(spec: Sweep, store: Store, pool: str, slots: int | None) -> dict[str, Any]:
+    root = store.root
     if pool:
-        ran = wait_all(submit(spec.cells, pool, slots, f"sweep:{spec.name}"), CellProgress(len(spec.cells)), root)
+        ran = wait_all(submit(spec.cells, pool, slots, f"sweep:{spec.name}"), CellProgress(len(spec.cells)), store)
     else:
-        ran = run_here(spec.cells, CellProgress(len(spec.cells)), root)
+        ran = run_here(spec.cells, CellProgress(len(spec.cells)), store)
     cells = [
         comparison.CellRun(
-            cell.name, cell.config.model_dump(mode="json"), run.state, read_summary(root, run.flow_run_id)
+            cell.name, cell.config.model_dump(mode="json"), run.state, summary_of(store, run.flow_run_id)
         )
         for cell, run in zip(spec.cells, ran, strict=True)
     ]

@@ -19,13 +19,20 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
 from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.states import Crashed
+from prefect.workers.process import ProcessWorker
+
+from tasks.core.config import RunConfig
 
 GPU_ENV = "BOOTHFLOW_WORKER_GPU"  # set on each worker process; its runs take their GPU from it
+ARTIFACTS_ENV = "BOOTHFLOW_WORKER_ARTIFACTS"  # set by `boothflow worker --artifacts`: its runs' artifact root
 FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"  # set by a worker on the process of each run it starts
 STOP_GRACE = 20.0  # seconds workers and their runs have to stop after Ctrl-C before their process groups are killed
 
@@ -61,15 +68,33 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(torch.cuda.device_count())]
 
 
-def start_workers(pool: str, groups: list[list[str]]) -> list[Worker]:
+def ensure_queues(pool: str, queues: list[str]) -> None:
+    """Create the pool (a process pool, as `prefect worker start` would) and the work queues its workers poll, when
+    missing: a worker that polls a queue that does not exist takes no run from any of its queues."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            with contextlib.suppress(ObjectAlreadyExists):  # another machine's `boothflow worker` made it meanwhile
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+        for queue in queues:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_work_queue(name=queue, work_pool_name=pool)
+
+
+def start_workers(pool: str, groups: list[list[str]], artifacts: Path | None = None) -> list[Worker]:
     """One `prefect worker start` per group of GPUs (one without GPUs), each the leader of its own process group and
-    named `<host>-gpu<ids>` (`<host>-cpu`)."""
+    named `<host>-gpu<ids>` (`<host>-cpu`), once the pool and their queues exist; with `artifacts`, the artifact
+    root of every run they take."""
+    ensure_queues(pool, sorted({queue for gpus in groups or [[]] for queue in queues_polled(gpus)}))
     host = socket.gethostname().split(".")[0]
     workers = []
     for gpus in groups or [[]]:
         gpu = ",".join(gpus) or None
         name = f"{host}-gpu{'+'.join(gpus)}" if gpus else f"{host}-cpu"
         env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": gpu, GPU_ENV: gpu} if gpu else {})
+        env |= {ARTIFACTS_ENV: str(artifacts)} if artifacts is not None else {}
         queues = queues_polled(gpus)
         command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                    "--name", name, "--limit", "1"]  # fmt: skip
@@ -147,3 +172,12 @@ def pin_worker_gpu() -> str | None:
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     return gpu
+
+
+def on_this_machine(config: RunConfig) -> RunConfig:
+    """In a run a `boothflow worker --artifacts ROOT` started: the config with that worker's artifact root, since the
+    submitter's path means nothing here (with a shared store, the worker's root is this machine's cache of it)."""
+    root = os.environ.get(ARTIFACTS_ENV)
+    if not root:
+        return config
+    return config.model_copy(update={"run": config.run.model_copy(update={"artifacts_root": Path(root)})})

@@ -194,3 +194,13 @@ def test_photos_at_a_url_are_checked_before_any_stage(tmp_path: Path, url: str) 
     with pytest.raises(ConfigError, match=r"^data.instance_dir = 'memory://.*/nothing' holds no files"):
         check_settings(config)
     assert isinstance(load_config(None, ["data.instance_dir='s3://bucket/rex'"]).data.instance_dir, str)
+
+
+def test_the_shared_store_benchmark_runs_and_reports_each_figure(tmp_path: Path) -> None:
+    from benchmark_quick import quick_results, table_row
+
+    text = quick_results("shared_store.py", tmp_path)
+    assert "moto over loopback" in text and "not S3" in text
+    hit = float(table_row(text, "B: local hit (median)")[1])
+    remote = float(table_row(text, "B: remote hit (download, hash-check, commit locally; median)")[1])
+    assert 0 < hit < remote

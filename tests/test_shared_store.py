@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import time
 import urllib.request
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import s3fs
 from object_store import BUCKET, S3_CREDENTIALS
-from prefect_api import task_states
+from prefect_api import client_for, task_states, wait_for
 from processes import start, started, stop
 
 from flows.server import free_port
@@ -77,7 +78,7 @@ def test_a_run_on_machine_a_is_served_whole_on_machine_b(boothflow, prefect_serv
         assert _local_manifest(a, entry) == remote[entry] == _local_manifest(b, entry), stage
     report = Path(served["outputs"]["report_html"])
     assert report.is_relative_to(b)
-    _serves_report(b, report)
+    _serves_report(tmp_path / "c", report.relative_to(b), report.read_bytes(), base)  # C has run nothing
 
     listed = boothflow("cache", "ls", "--remote", *base, "--artifacts", b, env=S3_CREDENTIALS).stdout
     assert all(built["stages"][stage]["key"] in listed for stage in ran), listed
@@ -85,20 +86,29 @@ def test_a_run_on_machine_a_is_served_whole_on_machine_b(boothflow, prefect_serv
     assert f"checked {len(remote)} entries at {url}: all intact" in checked
 
 
-def _serves_report(root: Path, report: Path) -> None:
-    """`boothflow ui` on `root` serves the report page over http, byte for byte."""
+def _workers_online(client, pool: str) -> int:
+    try:
+        return len(client.read_workers_for_work_pool(pool))
+    except Exception:  # the pool is not there yet
+        return 0
+
+
+def _serves_report(root: Path, report: Path, page: bytes, settings: list[str]) -> None:
+    """`boothflow ui` on `root`, with the run's settings, serves the report page `report` over http, byte for byte."""
     port = free_port()
     log, record = root.parent / "ui.log", root / ".boothflow-ui.json"
-    command = [BIN / "boothflow", "ui", "--port", port, "--artifacts", root]
-    env = {"PATH": str(BIN), "HOME": str(root.parent), "PREFECT_HOME": str(root.parent / "ui-home")}
+    store = [arg for arg in settings if arg.startswith("run.store")]
+    command = [BIN / "boothflow", "ui", "--port", port, "--artifacts", root, *(x for s in store for x in ("--set", s))]
+    env = {**S3_CREDENTIALS, "PATH": str(BIN), "HOME": str(root.parent), "PREFECT_HOME": str(root.parent / "ui-home")}
     with started(command, grace=60, log=log, cwd=REPO, env=env) as ui:
         deadline = time.monotonic() + 120
         while not record.is_file():
             assert ui.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
-        page = f"{json.loads(record.read_text())['artifacts_url']}/{report.relative_to(root)}"
-        with urllib.request.urlopen(page, timeout=10) as response:
-            assert response.read() == report.read_bytes()
+        url = f"{json.loads(record.read_text())['artifacts_url']}/{report}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.read() == page
+    assert (root / report).read_bytes() == page  # the entry is now this root's too
 
 
 def test_both_machines_build_one_entry_at_once_and_keep_the_winners(
@@ -163,3 +173,34 @@ def test_a_kill_between_blobs_and_manifest_or_mid_download_leaves_nothing_truste
     assert not list((tmp_path / "b" / "preprocess").glob(f"{key}.partial-*"))
     assert "all intact" in boothflow("cache", "verify", *b).stdout
     assert "all intact" in boothflow("cache", "verify", "--remote", *base, *b, env=env).stdout
+
+
+def test_a_sweep_reads_the_cells_a_worker_ran_in_its_own_root_from_the_shared_store(
+    boothflow, cli_env: dict, prefect_server: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """The submitter's artifact root and the worker's are two machines': the cells' summaries, reports and losses
+    reach the comparison through the shared store."""
+    base, _ = _demo(tmp_path, s3_endpoint)
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('name = "shared"\nconfig = "demo"\n[matrix]\n"train.seed" = [1, 2]\n')
+    submitter, machine = tmp_path / "submitter", tmp_path / "worker"
+    env = {**cli_env, **S3_CREDENTIALS, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    command = [BIN / "boothflow", "worker", "--pool", "shared-store-pool", "--artifacts", machine]
+    with (
+        started(command, first=signal.SIGINT, log=tmp_path / "worker.log", cwd=REPO, env=env),
+        client_for(prefect_server) as client,
+    ):
+        wait_for(lambda: _workers_online(client, "shared-store-pool"), 180, "the worker online")
+        sets = [arg for arg in base if arg != "--config" and arg != "configs/demo.toml"]
+        boothflow("sweep", sweep, "--pool", "shared-store-pool", "--artifacts", submitter, "--summary",
+                  tmp_path / "sweep.json", *sets, env=S3_CREDENTIALS)  # fmt: skip
+    result = _summary(tmp_path / "sweep.json")
+    assert [cell["state"] for cell in result["cells"]] == ["Completed", "Completed"]
+    for cell in result["cells"]:
+        assert (machine / "runs" / cell["flow_run_id"] / "summary.json").is_file()
+        assert not (submitter / "runs" / cell["flow_run_id"]).exists()  # it ran on the worker's machine
+        for name in ("report_html", "loss_csv"):
+            output = Path(cell["summary"]["outputs"][name])
+            assert output.is_relative_to(submitter) and output.is_file(), name  # fetched from the shared store
+    page = Path(result["comparison"]).read_text()
+    assert page.count("Completed") >= 2 and "train.seed" in page

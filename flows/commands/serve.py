@@ -116,19 +116,29 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the Prefect server and its UI")] = 4200,
     files_port: Annotated[int, typer.Option(help="Port serving the artifact root (report links)")] = 0,
     artifacts: ArtifactsOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ):
-    """Start a local Prefect server with its UI on 127.0.0.1 and serve the artifact root for report links."""
+    """Start a local Prefect server with its UI on 127.0.0.1 and serve the artifact root for report links; with
+    run.store set, a report another machine made is fetched from the shared store when it is asked for."""
     from flows.operate import serve_files
     from flows.publish import ui_file
     from flows.server import HOST, api_url, free_port, start_server, stop_server, wait_healthy
+    from tasks.core.remote import open_store
+    from tasks.core.store import RemoteError
 
-    cfg = run_config(None, [], artifacts)
+    cfg = run_config(config, set_, artifacts)
     root = cfg.run.artifacts_root
     root.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server and files cleanly on SIGTERM too
     log = root / ".prefect-server.log"
     server = start_server(port, None, log)
-    files = serve_files(root, files_port or free_port())
+    try:
+        store = open_store(cfg.run) if cfg.run.store else None
+    except RemoteError as err:
+        error(err.message)
+        raise typer.Exit(2) from None
+    files = serve_files(root, files_port or free_port(), store)
     record = ui_file(root)
     try:
         wait_healthy(server, api_url(port), 120, log)
@@ -155,6 +165,14 @@ def _check_webhook(url: str | None) -> None:
 def worker(
     pool: Annotated[str, typer.Option("--pool", help="Work pool to serve (created as a process pool if missing)")],
     gpus: Annotated[str | None, typer.Option("--gpus", help=GPUS_HELP)] = None,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            "--artifacts",
+            help="This machine's artifact root for every run the workers take (with "
+            "run.store, its cache of the shared store); default: the root each run names",
+        ),
+    ] = None,
 ):
     """Start one Prefect process worker per GPU (or group of GPUs), each running one flow run at a time on its own
     GPUs, and supervise them: Ctrl-C or SIGTERM stops them all and says what happened to the runs in flight."""
@@ -171,7 +189,7 @@ def worker(
     # Started in the background (`cmd &`, nohup), a process inherits SIGINT ignored, and Python then leaves it so:
     # Ctrl-C's signal would stop nothing, here or in the workers (a handled signal is reset to the default at exec).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    workers = start_workers(pool, groups)
+    workers = start_workers(pool, groups, artifacts.expanduser().resolve() if artifacts else None)
     for started in workers:
         where = f"CUDA_VISIBLE_DEVICES={started.gpu}" if started.gpu is not None else "no GPU"
         console.print(f"worker {started.name} on pool {pool}: {where}; work queue {', '.join(started.queues)}",

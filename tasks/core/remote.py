@@ -81,6 +81,21 @@ class Remote:
     def blob_path(self, sha256: str) -> str:
         return f"{self.base}/blobs/{sha256}"
 
+    def summary_path(self, run_id: str) -> str:
+        return f"{self.base}/runs/{run_id}/summary.json"
+
+    def put_summary(self, run_id: str, text: bytes) -> None:
+        """A run's summary, for a parent run (a sweep) on another machine; rewritten as the run goes on."""
+        with self._reaching(f"write the summary of run {run_id}"):
+            self.fs.pipe_file(self.summary_path(run_id), text)
+
+    def summary(self, run_id: str) -> bytes | None:
+        with self._reaching(f"read the summary of run {run_id}"):
+            try:
+                return self.fs.cat_file(self.summary_path(run_id))
+            except FileNotFoundError:
+                return None
+
     def check(self) -> None:
         """Reach the store once, before a run's first stage: a wrong endpoint or bucket fails here in one line."""
         with self._reaching("list it"):
