@@ -95,7 +95,8 @@ def main() -> None:
         f"(random bytes) committed by machine A to moto's S3 server over loopback, then looked up by machine B "
         f"({repeats} time(s) from an empty root, each followed by {repeats} local hit(s)); {platform.machine()}, "
         f"{os.cpu_count()} cores, roots on {where or 'the temp folder'}. This measures moto over loopback (one "
-        "Python process, objects in memory), not S3.",
+        "Python process that spools what it receives to temporary files, here in memory; the client's read timeout "
+        "raised to 600 s, as moto assembles a multipart upload in one request), not S3.",
         "",
         "| what | seconds |",
         "|---|---|",

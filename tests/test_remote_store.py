@@ -112,6 +112,9 @@ def test_a_missing_blob_or_manifest_leaves_nothing_trusted(tmp_path: Path, url: 
     a.remote.fs.pipe_file(a.remote.manifest_path("stage", "k2"), b"{not json")
     assert b.get("stage", "k2") is None
     assert a.remote.verify()[1][-1] == "stage/k2: manifest.json unreadable"
+    escape = {"files": {"../../escaped.txt": built.manifest["files"]["out.txt"]}}
+    a.remote.fs.pipe_file(a.remote.manifest_path("stage", "k3"), json.dumps(escape).encode())
+    assert b.get("stage", "k3") is None and not (tmp_path / "b" / "escaped.txt").exists()
 
 
 def test_a_killed_download_leaves_a_partial_that_is_cleared_and_redone(tmp_path: Path, url: str) -> None:

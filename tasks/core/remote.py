@@ -59,7 +59,7 @@ class Remote:
 
     def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
-        options = dict(options or {})
+        options = {"use_listings_cache": False, **(options or {})}  # other machines write it: never a stale listing
         if self.url.startswith("file://"):  # a shared folder (NFS): make the folders that object storage does not need
             options.setdefault("auto_mkdir", True)
         with self._reaching("open"):

@@ -311,6 +311,8 @@ class Store:
             files = manifest["files"]
         except (ValueError, KeyError, TypeError):
             raise RemoteDamage(f"its {MANIFEST} is unreadable") from None
+        if outside := [name for name in files if Path(name).is_absolute() or ".." in Path(name).parts]:
+            raise RemoteDamage(f"its {MANIFEST} names a file outside the entry: {outside[0]}")
         self.remote.download(stage, key, files, partial)
         for stale in [f for f in partial.rglob("*") if f.is_file() and str(f.relative_to(partial)) not in files]:
             stale.unlink()
