@@ -38,8 +38,16 @@ SERVER_FIXTURES = {"prefect_server", "cli_env", "boothflow", "migrated_database"
 # beside the other worker, their two threads waiting for each other). A module is one unit of work: its module
 # fixtures are built once, on one worker. The modules that share the toy DreamBooth root are one unit too, so its
 # training happens once. The slowest units (measured alone: toy 280 s, subjects and sweep 190 s, operate and
-# preprocess flows 170 s, train flows 130 s) start first: the suite ends when its last unit does.
-SLOWEST_FIRST = ("toy", "test_subjects", "test_sweep", "test_operate", "test_flow_preprocess", "test_flow_train")
+# preprocess flows 170 s, train flows and the shared store 130 s) start first: the suite ends when its last unit does.
+SLOWEST_FIRST = (
+    "toy",
+    "test_subjects",
+    "test_sweep",
+    "test_operate",
+    "test_flow_preprocess",
+    "test_flow_train",
+    "test_shared_store",
+)
 
 
 def _unit(item: pytest.Item) -> str:
