@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from results import RESULTS, write_section
@@ -56,7 +57,8 @@ def measure(size: int, repeats: int, work: Path) -> dict[str, float]:
     """Seconds: A's commit (build and upload), B's download-and-commit (median), B's local hit (median), and a plain
     download of the entry's big blob by s3fs (what any client of this endpoint pays for the bytes)."""
     with moto_endpoint() as endpoint:
-        url, options = f"s3://{BUCKET}/benchmark", {"endpoint_url": endpoint, "config_kwargs": {"read_timeout": 600}}
+        url = f"s3://{BUCKET}/benchmark-{uuid.uuid4().hex}"  # a store of its own, whatever the endpoint holds
+        options = {"endpoint_url": endpoint, "config_kwargs": {"read_timeout": 600}}
         a = Store(work / "a", Remote(url, options))
         upload, made = timed(lambda: a.get_or_create("train", KEY, train_entry(size)))
         blob = a.remote.blob_path(made.manifest["files"]["weights.bin"]["sha256"])

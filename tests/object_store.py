@@ -26,7 +26,8 @@ def moto_endpoint() -> Iterator[str]:
     try:
         host, port = server.get_host_and_port()
         url = f"http://{host}:{port}"
-        s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True).mkdir(BUCKET)
+        # moto's objects live in the process: a second server in it (a benchmark a test runs) sees the first's bucket
+        s3fs.S3FileSystem(endpoint_url=url, skip_instance_cache=True).makedirs(BUCKET, exist_ok=True)
         yield url
     finally:
         server.stop()

@@ -136,11 +136,14 @@ def test_files_shared_by_entries_are_uploaded_once(tmp_path: Path, url: str) -> 
     assert a.remote.keys() == [("items", "i1"), ("stage", "s1")]
 
 
-def test_an_unreachable_store_fails_in_one_line_naming_the_setting() -> None:
-    remote = Remote("s3://boothflow-test/x", {"endpoint_url": "http://127.0.0.1:9"})  # nothing listens there
+def test_an_unreachable_store_fails_in_one_line_naming_the_setting(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    once = {"retries": {"max_attempts": 1}, "connect_timeout": 1}  # nothing listens there: no retries to wait for
+    remote = Remote("s3://boothflow-test/x", {"endpoint_url": "http://127.0.0.1:9", "config_kwargs": once})
     with pytest.raises(RemoteError, match=r"^run.store = 's3://boothflow-test/x': could not list it") as caught:
         remote.check()
-    assert "\n" not in caught.value.message
+    assert "EndpointConnectionError" in caught.value.message and "\n" not in caught.value.message
 
 
 @pytest.mark.parametrize(
@@ -207,3 +210,25 @@ def test_the_shared_store_benchmark_runs_and_reports_each_figure(tmp_path: Path)
     hit = float(table_row(text, "B: local hit (median)")[1])
     remote = float(table_row(text, "B: remote hit (download, hash-check, commit locally; median)")[1])
     assert 0 < hit < remote
+
+
+def test_a_subjects_folder_at_a_url_lists_its_subfolders_and_their_settings(tmp_path: Path, url: str) -> None:
+    import fsspec
+
+    from tasks.core.subjects import list_subjects, subjects_root
+
+    fs, base = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{base}/subjects/alice/a.png", b"a")
+    fs.pipe_file(f"{base}/subjects/rex/r.png", b"r")
+    fs.pipe_file(f"{base}/subjects/rex/subject.toml", b'[data]\ntoken = "zwx"\n')
+    fs.pipe_file(f"{base}/subjects/.cache/x.png", b"x")
+    fs.pipe_file(f"{base}/subjects/bad name/b.png", b"b")
+    root = subjects_root(f"{url}/subjects")
+    assert root == f"{url}/subjects" and subjects_root("data") == REPO / "data"  # a URL as it is, a folder absolute
+    _, found = list_subjects(root, None, [], tmp_path / "artifacts")
+    assert [s.name for s in found] == ["alice", "bad name", "rex"]
+    alice, bad, rex = found
+    assert alice.config.data.instance_dir == f"{url}/subjects/alice" and alice.config.data.token == "sks"
+    assert rex.config.data.token == "zwx" and bad.config is None and "its name becomes the run's" in bad.problem
+    with pytest.raises(ConfigError, match=r"^subjects folder 'memory://.*/nowhere' does not exist"):
+        list_subjects(f"{url}/nowhere", None, [], tmp_path / "artifacts")

@@ -29,8 +29,11 @@ from flows.commands.common import (
 from flows.commands.subjects import PoolOpt, RetriesOpt, check_night
 from flows.commands.temporary_server import server_line
 from tasks.core.config import ConfigError
+from tasks.core.subjects import subjects_root
 
-SUBJECTS_HELP = "Serve a subjects night instead: every subfolder of this folder, listed each night, is a subject"
+SUBJECTS_HELP = (
+    "Serve a subjects night instead: every subfolder of this folder (or URL), listed each night, is a subject"
+)
 GPUS_HELP = (
     "GPUs, one worker each, e.g. 0,1,2,3; '+' gives one worker several, for runs of that many training "
     "processes: 0,1,2+3 (default: every visible CUDA device alone; one worker without CUDA)"
@@ -49,7 +52,7 @@ def serve(
     notify: Annotated[
         str | None, typer.Option("--notify", help="Webhook URL to POST to when a night fails or crashes")
     ] = None,
-    subjects: Annotated[Path | None, typer.Option("--subjects", help=SUBJECTS_HELP)] = None,
+    subjects: Annotated[str | None, typer.Option("--subjects", help=SUBJECTS_HELP)] = None,
     pool: PoolOpt = None,
     slots: SlotsOpt = None,
     retries: RetriesOpt = 1,
@@ -86,13 +89,14 @@ def serve(
     from flows.operate import serve_subjects
 
     memory = [f"run.device_memory={json.dumps(device_memory)}"] if device_memory is not None else []
-    parameters = {"folder": str(subjects.resolve()), "config": str(config or ""), "settings": [*(set_ or []), *memory],
+    parameters = {"folder": str(subjects_root(subjects)), "config": str(config or ""),
+                  "settings": [*(set_ or []), *memory],
                   "artifacts": str(cfg.run.artifacts_root), "pool": pool or "", "slots": slots,
                   "retries": retries}  # fmt: skip
     serve_subjects(parameters, cron, zone)
 
 
-def _deployment(subjects: Path | None) -> str:
+def _deployment(subjects: str | None) -> str:
     from flows.operate import SERVED_DEPLOYMENT, SUBJECTS_DEPLOYMENT
 
     return f"dreambooth-subjects/{SUBJECTS_DEPLOYMENT}" if subjects else f"dreambooth/{SERVED_DEPLOYMENT}"

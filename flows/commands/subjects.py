@@ -24,10 +24,10 @@ from flows.commands.common import (
 )
 from flows.commands.temporary_server import report_to_server
 from tasks.core.config import ConfigError
-from tasks.core.subjects import subject_folders
+from tasks.core.subjects import subject_folders, subjects_root
 
-FolderArg = Annotated[Path, typer.Argument(help="Folder with one subfolder of images per subject (and an optional "
-                                                "subject.toml in each)")]  # fmt: skip
+FolderArg = Annotated[str, typer.Argument(help="Folder with one subfolder of images per subject (and an optional "
+                                               "subject.toml in each), or its URL (s3://bucket/subjects)")]  # fmt: skip
 PoolOpt = Annotated[
     str | None, typer.Option("--pool", help="Work pool whose workers run the subjects (default: here, in turn)")
 ]
@@ -38,14 +38,14 @@ RetriesOpt = Annotated[
 ]  # fmt: skip
 
 
-def check_night(folder: Path, config: Path | None, set_: list[str], artifacts: Path | None) -> Path:
-    """What a night can check before it starts: the folder, the base config and `--set` (one line, exit 2).
-    Returns the night's artifact root."""
+def check_night(folder: str, config: Path | None, set_: list[str], artifacts: Path | None) -> tuple[Path, list]:
+    """What a night can check before it starts: the base config and `--set`, the folder (one line, exit 2).
+    Returns the night's artifact root and the subjects' folders."""
     from tasks.core.config_load import load_config
 
     try:
-        subject_folders(folder)
-        return load_config(config, set_, artifacts).run.artifacts_root
+        run = load_config(config, set_, artifacts).run
+        return run.artifacts_root, subject_folders(subjects_root(folder), run.store_options)
     except ConfigError as err:
         error(err)
         raise typer.Exit(2) from None
@@ -62,10 +62,10 @@ def subjects(
     summary: SummaryOpt = None,
 ):
     """Train every subfolder of FOLDER as a subject (an unchanged one is all cache hits), then write the summary."""
-    root = check_night(folder, config, set_ or [], artifacts)
+    root, found = check_night(folder, config, set_ or [], artifacts)
     try:
-        if not subject_folders(folder):  # a served night may start empty; a night run now has nothing to do
-            raise ConfigError(f"subjects folder {str(folder)!r} has no subfolders: give a folder with one subfolder of "
+        if not found:  # a served night may start empty; a night run now has nothing to do
+            raise ConfigError(f"subjects folder {folder!r} has no subfolders: give a folder with one subfolder of "
                               "images per subject (its name is the subject's)")  # fmt: skip
         check_pool(pool, slots)
     except ConfigError as err:
@@ -78,7 +78,7 @@ def subjects(
     server_ready()
     mark_crashed_runs()
     started = time.monotonic()
-    state = subjects_flow(str(folder.resolve()), str(config or ""), set_ or [], str(artifacts or ""), pool or "",
+    state = subjects_flow(str(subjects_root(folder)), str(config or ""), set_ or [], str(artifacts or ""), pool or "",
                           slots, retries, return_state=True)  # fmt: skip
     finish_night(state, root, summary, started)
 
