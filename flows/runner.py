@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from flows.records import RunKeys, summary_path
-from tasks.core.config import ConfigError, RunConfig
+from tasks.core.config import ConfigError, RunConfig, folder_or_url
 from tasks.core.faults import ENV, fault
 from tasks.core.remote import open_store
 from tasks.core.stage import Stage, StageError, StageResult, UpstreamPending
@@ -136,11 +136,6 @@ def _no_limit(limit: str) -> str:
             f"prefect global-concurrency-limit create {limit} --limit 1")  # fmt: skip
 
 
-def subject(instance_dir: str | Path) -> str:
-    """A subject's identity in run records: its folder, resolved, or the URL its photos are read from."""
-    return instance_dir if isinstance(instance_dir, str) else str(Path(instance_dir).resolve())
-
-
 def parent_record(root: Path, flow_run_id: str, kind: str) -> Path:
     """What a parent run (`sweep`, `night`) did, run by run, beside where its summary would be: the CLI's table and
     --summary."""
@@ -170,7 +165,7 @@ class StageRunner:
                 "stage": only,
                 "worker": os.environ.get(WORKER_ENV),
                 "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "instance_dir": subject(config.data.instance_dir),  # what `forget` finds its runs by
+                "instance_dir": str(folder_or_url(config.data.instance_dir)),  # what `forget` finds its runs by
             },
             "stages": {name: {"status": "skipped"} for name in stage_names},
             "outputs": {},

@@ -24,11 +24,11 @@ from flows.publish import report_link
 from flows.records import RunKeys
 from flows.runner import parent_record
 from flows.sweep import CellProgress, Ran, run_here, submit, summary_of, wait_all
-from tasks.core.config import ConfigError, RunConfig
+from tasks.core.config import ConfigError, RunConfig, folder_or_url
 from tasks.core.remote import open_store
 from tasks.core.stage import StageError
 from tasks.core.store import Store
-from tasks.core.subjects import Subject, list_subjects, subjects_root
+from tasks.core.subjects import Subject, list_subjects
 from tasks.core.sweeps import Cell
 from tasks.stages import night, promotion
 from tasks.stages.night import SubjectRun
@@ -82,7 +82,7 @@ def subjects(
     here or on work pool `pool`, trying a crashed subject again up to `retries` times, then write the night's
     summary; fails naming the subjects that failed."""
     try:
-        base, found = list_subjects(subjects_root(folder), Path(config) if config else None, settings or [],
+        base, found = list_subjects(folder_or_url(folder), Path(config) if config else None, settings or [],
                                     Path(artifacts) if artifacts else None)  # fmt: skip
     except ConfigError as err:
         raise StageError("subjects", str(err)) from None

@@ -215,7 +215,8 @@ def test_the_shared_store_benchmark_runs_and_reports_each_figure(tmp_path: Path)
 def test_a_subjects_folder_at_a_url_lists_its_subfolders_and_their_settings(tmp_path: Path, url: str) -> None:
     import fsspec
 
-    from tasks.core.subjects import list_subjects, subjects_root
+    from tasks.core.config import folder_or_url
+    from tasks.core.subjects import list_subjects
 
     fs, base = fsspec.core.url_to_fs(url)
     fs.pipe_file(f"{base}/subjects/alice/a.png", b"a")
@@ -223,8 +224,8 @@ def test_a_subjects_folder_at_a_url_lists_its_subfolders_and_their_settings(tmp_
     fs.pipe_file(f"{base}/subjects/rex/subject.toml", b'[data]\ntoken = "zwx"\n')
     fs.pipe_file(f"{base}/subjects/.cache/x.png", b"x")
     fs.pipe_file(f"{base}/subjects/bad name/b.png", b"b")
-    root = subjects_root(f"{url}/subjects")
-    assert root == f"{url}/subjects" and subjects_root("data") == REPO / "data"  # a URL as it is, a folder absolute
+    root = folder_or_url(f"{url}/subjects")
+    assert root == f"{url}/subjects" and folder_or_url("data") == REPO / "data"  # a URL as it is, a folder absolute
     _, found = list_subjects(root, None, [], tmp_path / "artifacts")
     assert [s.name for s in found] == ["alice", "bad name", "rex"]
     alice, bad, rex = found

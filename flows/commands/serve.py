@@ -28,8 +28,7 @@ from flows.commands.common import (
 )
 from flows.commands.subjects import PoolOpt, RetriesOpt, check_night
 from flows.commands.temporary_server import server_line
-from tasks.core.config import ConfigError
-from tasks.core.subjects import subjects_root
+from tasks.core.config import ConfigError, folder_or_url
 
 SUBJECTS_HELP = (
     "Serve a subjects night instead: every subfolder of this folder (or URL), listed each night, is a subject"
@@ -89,7 +88,7 @@ def serve(
     from flows.operate import serve_subjects
 
     memory = [f"run.device_memory={json.dumps(device_memory)}"] if device_memory is not None else []
-    parameters = {"folder": str(subjects_root(subjects)), "config": str(config or ""),
+    parameters = {"folder": str(folder_or_url(subjects)), "config": str(config or ""),
                   "settings": [*(set_ or []), *memory],
                   "artifacts": str(cfg.run.artifacts_root), "pool": pool or "", "slots": slots,
                   "retries": retries}  # fmt: skip

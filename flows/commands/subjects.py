@@ -23,8 +23,8 @@ from flows.commands.common import (
     finished_record,
 )
 from flows.commands.temporary_server import report_to_server
-from tasks.core.config import ConfigError
-from tasks.core.subjects import subject_folders, subjects_root
+from tasks.core.config import ConfigError, folder_or_url
+from tasks.core.subjects import subject_folders
 
 FolderArg = Annotated[str, typer.Argument(help="Folder with one subfolder of images per subject (and an optional "
                                                "subject.toml in each), or its URL (s3://bucket/subjects)")]  # fmt: skip
@@ -45,7 +45,7 @@ def check_night(folder: str, config: Path | None, set_: list[str], artifacts: Pa
 
     try:
         run = load_config(config, set_, artifacts).run
-        return run.artifacts_root, subject_folders(subjects_root(folder), run.store_options)
+        return run.artifacts_root, subject_folders(folder_or_url(folder), run.store_options)
     except ConfigError as err:
         error(err)
         raise typer.Exit(2) from None
@@ -78,7 +78,7 @@ def subjects(
     server_ready()
     mark_crashed_runs()
     started = time.monotonic()
-    state = subjects_flow(str(subjects_root(folder)), str(config or ""), set_ or [], str(artifacts or ""), pool or "",
+    state = subjects_flow(str(folder_or_url(folder)), str(config or ""), set_ or [], str(artifacts or ""), pool or "",
                           slots, retries, return_state=True)  # fmt: skip
     finish_night(state, root, summary, started)
 

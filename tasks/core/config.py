@@ -58,6 +58,11 @@ MAX_STEPS = 1_000_000
 MAX_BATCH = 1024
 
 
+def folder_or_url(given: str | Path) -> Path | str:
+    """A folder made absolute, so every process of a run agrees; a URL as it is."""
+    return given if isinstance(given, str) and "://" in given else Path(given).expanduser().resolve()
+
+
 def fsspec_url(value: str) -> str:
     """`value`, when it is a URL of a protocol fsspec knows followed by a bucket or path; else ValueError."""
     import fsspec

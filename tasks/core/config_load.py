@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tasks.core.config import ConfigError, RunConfig
+from tasks.core.config import ConfigError, RunConfig, folder_or_url
 from tasks.core.shipped import shipped_configs, shipped_root
 
 
@@ -100,12 +100,9 @@ def load_config(
 
 def absolute_paths(config: RunConfig) -> RunConfig:
     """Folders relative to the working directory, made absolute so every process of a run agrees (a URL stays)."""
-    folder = config.data.instance_dir
     return config.model_copy(
         update={
-            "run": config.run.model_copy(update={"artifacts_root": config.run.artifacts_root.expanduser().resolve()}),
-            "data": config.data.model_copy(
-                update={"instance_dir": folder.expanduser().resolve() if isinstance(folder, Path) else folder}
-            ),
+            "run": config.run.model_copy(update={"artifacts_root": folder_or_url(config.run.artifacts_root)}),
+            "data": config.data.model_copy(update={"instance_dir": folder_or_url(config.data.instance_dir)}),
         }
     )

@@ -40,11 +40,6 @@ class Subject:
     problem: str | None = None
 
 
-def subjects_root(given: str | Path) -> Path | str:
-    """A subjects folder as given (command line, flow parameter): a URL as it is, a folder made absolute."""
-    return given if isinstance(given, str) and "://" in given else Path(given).expanduser().resolve()
-
-
 def subject_folders(root: Path | str, options: dict[str, Any] | None = None) -> list[Path | str]:
     """The subfolders of `root` (at a URL: read with fsspec `options`), by name; hidden folders (`.git`, `.cache`)
     are not subjects."""
