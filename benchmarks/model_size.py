@@ -33,7 +33,7 @@ from results import RESULTS, write_section
 from store_size import CHUNK, flip_byte_keeping_mtime, prefect_env
 
 from tasks.core.hash_memo import MEMO_FILE, RACY_WINDOW_NS
-from tasks.core.store import file_sha256, file_stat
+from tasks.core.manifest import file_sha256, file_stat
 from tasks.sd.presets import SHIPPED_FOLDER
 
 MODELS = {"plain": "toy-sd", "padded": "toy-sd + padding"}

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from results import RESULTS, write_section
 
-from tasks.core.config import GIB, RunConfig, fill_prompt
+from tasks.core.config import RunConfig, fill_prompt
 from tasks.core.config_load import load_config
 from tasks.core.faults import ENV as FAULTS_ENV
 from tasks.core.store import Store
+from tasks.core.values import GIB
 from tasks.sd.layout import KOHYA_FILE, MODEL_DIR, SINGLE_FILE, WEIGHTS_DIR
 from tasks.sd.memory import architecture, estimate_render, estimate_train
 from tasks.sd.models import resolve

@@ -32,7 +32,8 @@ from results import RESULTS, write_section
 
 from flows.server import api_url, free_port, start_server, stop_server, wait_healthy
 from tasks.core.atomic import link_or_copy
-from tasks.core.store import MANIFEST, STAT_MEMO, Store
+from tasks.core.manifest import MANIFEST, STAT_MEMO
+from tasks.core.store import Store
 
 RUN, QUICK = (["run"], "train"), (["stage", "preprocess"], "preprocess")  # the command and the entry it pads
 PADDING = "padding.bin"

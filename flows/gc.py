@@ -21,7 +21,8 @@ from typing import Any
 from filelock import Timeout
 
 from flows.records import Run, gc_lock, instance_dir, runs
-from tasks.core.store import DAMAGED, MANIFEST, Store
+from tasks.core.manifest import MANIFEST
+from tasks.core.store import DAMAGED, Store
 from tasks.stages import promotion
 
 ITEMS_SUFFIX = "-items"

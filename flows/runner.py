@@ -26,11 +26,12 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from flows.records import RunKeys, summary_path
-from tasks.core.config import ConfigError, RunConfig, folder_or_url
+from tasks.core.config import ConfigError, RunConfig
 from tasks.core.faults import ENV, fault
 from tasks.core.remote import open_store
 from tasks.core.stage import Stage, StageError, StageResult, UpstreamPending
 from tasks.core.store import DiskFull, Entry, RemoteError, Store
+from tasks.core.values import folder_or_url
 from tasks.sd.device import loads, release
 
 EXPECTED = (StageError, DiskFull, RemoteError)  # failures the user acts on, each said in one line

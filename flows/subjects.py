@@ -24,12 +24,13 @@ from flows.publish import report_link
 from flows.records import RunKeys
 from flows.runner import parent_record
 from flows.sweep import CellProgress, Ran, run_here, submit, summary_of, wait_all
-from tasks.core.config import ConfigError, RunConfig, folder_or_url
+from tasks.core.config import ConfigError, RunConfig
 from tasks.core.remote import open_store
 from tasks.core.stage import StageError
 from tasks.core.store import Store
 from tasks.core.subjects import Subject, list_subjects
 from tasks.core.sweeps import Cell
+from tasks.core.values import folder_or_url
 from tasks.stages import night, promotion
 from tasks.stages.night import SubjectRun
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from test_checkpoints import Model, _job
 
-from tasks.core.store import MANIFEST, STAT_MEMO, Store
+from tasks.core.manifest import MANIFEST, STAT_MEMO
+from tasks.core.store import Store
 from tasks.training.checkpoints import COMPLETE, complete_checkpoints, save_checkpoint
 
 

@@ -14,8 +14,9 @@ from filelock import FileLock
 from prefect_api import run_logs
 
 from flows.runner import ExpectedFailures
+from tasks.core.manifest import MANIFEST
 from tasks.core.stage import StageError
-from tasks.core.store import MANIFEST, Store
+from tasks.core.store import Store
 
 CONFIG = ["-c", "configs/demo.toml", "--set", "train.steps=4", "--set", "train.checkpoint_every=2",
           "--set", "train.sample_every=0", "--set", "generate.steps=2", "--set", "prior.enabled=true",

@@ -20,7 +20,8 @@ from flows.server import free_port
 from tasks.core import hash_memo
 from tasks.core.config_load import load_config
 from tasks.core.hash_memo import MEMO_FILE, HashMemo
-from tasks.core.store import Store, file_sha256
+from tasks.core.manifest import file_sha256
+from tasks.core.store import Store
 from tasks.sd.models import component_identity, resolve
 from tasks.sd.presets import SHIPPED_FOLDER
 from tasks.sd.scoring import model_identity

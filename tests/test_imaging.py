@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.core.config import image_side
+from tasks.core.values import image_side
 from tasks.sd import imaging
 from tasks.sd.imaging import Rejected, center_square_box, face_square_box, prepare, to_rgb
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core.config import GIB, RunConfig, parse_memory
+from tasks.core.config import RunConfig
 from tasks.core.config_load import load_config
+from tasks.core.values import GIB, parse_memory
 from tasks.sd import memory
 from tasks.sd.architectures import COMPONENT_CONFIGS
 from tasks.sd.memory import (

@@ -11,8 +11,9 @@ import pytest
 
 from tasks.core.config import ConfigError
 from tasks.core.config_load import load_config
+from tasks.core.manifest import MANIFEST
 from tasks.core.remote import Remote
-from tasks.core.store import MANIFEST, RemoteError, Store
+from tasks.core.store import RemoteError, Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,8 +216,8 @@ def test_the_shared_store_benchmark_runs_and_reports_each_figure(tmp_path: Path)
 def test_a_subjects_folder_at_a_url_lists_its_subfolders_and_their_settings(tmp_path: Path, url: str) -> None:
     import fsspec
 
-    from tasks.core.config import folder_or_url
     from tasks.core.subjects import list_subjects
+    from tasks.core.values import folder_or_url
 
     fs, base = fsspec.core.url_to_fs(url)
     fs.pipe_file(f"{base}/subjects/alice/a.png", b"a")

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from processes import start, stop
 
+from tasks.core import manifest as manifest_module
 from tasks.core import store as store_module
 from tasks.core.atomic import link_or_copy
-from tasks.core.store import MANIFEST, STAT_MEMO, Damage, Store, file_stat, stage_key
+from tasks.core.manifest import MANIFEST, STAT_MEMO, Damage, file_stat
+from tasks.core.store import Store, stage_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +50,9 @@ def _flip_byte_keeping_mtime(file: Path, offset: int = 0) -> None:
 def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The name of every file the store reads to hash, in order."""
     names: list[str] = []
-    real = store_module.file_sha256
-    monkeypatch.setattr(store_module, "file_sha256", lambda path, *a: names.append(path.name) or real(path, *a))
+    real = manifest_module.file_sha256
+    for module in (store_module, manifest_module):  # hashed when an entry is made, and when a lookup checks a file
+        monkeypatch.setattr(module, "file_sha256", lambda path, *a: names.append(path.name) or real(path, *a))
     return names
 
 

@@ -14,7 +14,7 @@ def plan(
     config: ConfigOpt = None, artifacts: ArtifactsOpt = None, set_: SetOpt = None, device_memory: MemoryOpt = None
 ):
     """Estimate each stage's peak accelerator memory before anything loads; exit 1 when a stage cannot fit."""
-    from tasks.core.config import GIB
+    from tasks.core.values import GIB
     from tasks.sd.memory import PARTS, MemoryPlanError, architecture
     from tasks.sd.memory_plan import device_memory as memory_of
     from tasks.sd.memory_plan import estimates, verdict

@@ -28,7 +28,8 @@ from flows.commands.common import (
 )
 from flows.commands.subjects import PoolOpt, RetriesOpt, check_night
 from flows.commands.temporary_server import server_line
-from tasks.core.config import ConfigError, folder_or_url
+from tasks.core.config import ConfigError
+from tasks.core.values import folder_or_url
 
 SUBJECTS_HELP = (
     "Serve a subjects night instead: every subfolder of this folder (or URL), listed each night, is a subject"

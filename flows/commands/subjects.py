@@ -23,8 +23,9 @@ from flows.commands.common import (
     finished_record,
 )
 from flows.commands.temporary_server import report_to_server
-from tasks.core.config import ConfigError, folder_or_url
+from tasks.core.config import ConfigError
 from tasks.core.subjects import subject_folders
+from tasks.core.values import folder_or_url
 
 FolderArg = Annotated[str, typer.Argument(help="Folder with one subfolder of images per subject (and an optional "
                                                "subject.toml in each), or its URL (s3://bucket/subjects)")]  # fmt: skip

@@ -5,12 +5,13 @@ Sections are what cache keys hash, so every field says whether it can change a s
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tasks.core.values import Url, fsspec_url, image_side, parse_memory
 
 
 class ConfigError(Exception):
@@ -34,59 +35,12 @@ Scheduler = Literal[
     "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
     "DEISMultistepScheduler", "UniPCMultistepScheduler",
 ]  # fmt: skip
-GIB = 2**30
 CREDENTIALS = frozenset({"key", "secret", "token", "password", "username", "access_key", "secret_key", "session_token",
                          "aws_access_key_id", "aws_secret_access_key", "aws_session_token"})  # fmt: skip
 MAX_SEEDS = 10_000
-_UNITS = {"": GIB, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": GIB,
-          "gb": 1e9, "gib": GIB, "t": 2**40, "tb": 1e12, "tib": 2**40}  # fmt: skip
-
-
-def parse_memory(value: str) -> int:
-    """`24GiB`, `24 GB`, `80G` (a bare G or number means GiB), `24576MiB` -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{value!r} is not an amount of memory; write it like 24GiB, 80GB or 16384MiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-VAE_SLICING = "Decode one image at a time: a batch's decode memory over its size; pixels may move by 1 level"
-
-
-MAX_SIDE = 4096  # 16x the pixels of SDXL's 1024: beyond it no model here was trained, and memory runs out
 MAX_STEPS = 1_000_000
 MAX_BATCH = 1024
-
-
-def folder_or_url(given: str | Path) -> Path | str:
-    """A folder made absolute, so every process of a run agrees; a URL as it is."""
-    return given if isinstance(given, str) and "://" in given else Path(given).expanduser().resolve()
-
-
-def fsspec_url(value: str) -> str:
-    """`value`, when it is a URL of a protocol fsspec knows followed by a bucket or path; else ValueError."""
-    import fsspec
-
-    protocol, _, rest = value.partition("://")
-    if not rest.strip("/") or protocol not in fsspec.available_protocols():
-        raise ValueError("must be a URL like s3://bucket/prefix (a protocol fsspec knows, then a bucket or path)")
-    return value
-
-
-def _url_only(value: str) -> str:
-    if "://" not in value:
-        raise ValueError("not a URL")
-    return value
-
-
-Url = Annotated[str, AfterValidator(_url_only)]  # before Path in a union: a URL must not become a mangled Path
-
-
-def image_side(value: int, or_else: str = "") -> int:
-    """The one rule for image sides (the VAE downsamples by 8; the tiniest presets need 64)."""
-    if value < 64 or value > MAX_SIDE or value % 8:
-        raise ValueError(f"must be {or_else}a multiple of 8 from 64 to {MAX_SIDE}, e.g. 512 or 1024")
-    return value
+VAE_SLICING = "Decode one image at a time: a batch's decode memory over its size; pixels may move by 1 level"
 
 
 class Section(BaseModel):

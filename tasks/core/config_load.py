@@ -10,8 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tasks.core.config import ConfigError, RunConfig, folder_or_url
+from tasks.core.config import ConfigError, RunConfig
 from tasks.core.shipped import shipped_configs, shipped_root
+from tasks.core.values import folder_or_url
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

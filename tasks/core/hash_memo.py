@@ -14,8 +14,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from tasks.core.manifest import file_sha256, file_stat
 from tasks.core.progress import run_logger
-from tasks.core.store import file_sha256, file_stat
 
 MEMO_FILE = Path(".hashes") / "files.sqlite"  # a dot-folder of the root: never a stage, never served
 

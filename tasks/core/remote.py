@@ -23,8 +23,9 @@ import fsspec
 from fsspec.callbacks import Callback
 
 from tasks.core.faults import hold_if_injected, kill_if_injected
+from tasks.core.manifest import MANIFEST, file_sha256
 from tasks.core.progress import Reporter
-from tasks.core.store import MANIFEST, RemoteDamage, RemoteError, Store, file_sha256
+from tasks.core.store import RemoteDamage, RemoteError, Store
 
 if TYPE_CHECKING:
     from tasks.core.config import RunSection

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from tasks.core.store import MANIFEST, Entry, Store
+from tasks.core.manifest import MANIFEST
+from tasks.core.store import Entry, Store
 
 Cfg = TypeVar("Cfg")
 Inputs = TypeVar("Inputs")

@@ -8,38 +8,43 @@ An entry found damaged is never deleted: it is renamed `<key>.damaged-<time>`, s
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from tasks.core.atomic import atomic_folder, clear_partials, replace_file
+from tasks.core.atomic import atomic_folder, clear_partials
 from tasks.core.faults import fault, kill_if_injected, kill_if_injected_after
+from tasks.core.manifest import (
+    MANIFEST,
+    Damage,
+    file_problem,
+    file_sha256,
+    file_stat,
+    forget_memo,
+    package_versions,
+    read_manifest,
+    read_memo,
+    write_memo,
+)
 from tasks.core.progress import run_logger
 
 if TYPE_CHECKING:
     from tasks.core.remote import Remote
 
-MANIFEST = "manifest.json"
-STAT_MEMO = "stat-memo.json"
 KEY_LENGTH = 24
 DAMAGED = ".damaged-"
 NOT_STAGES = {"runs", "models", "sweeps", "nights", "published"}  # run records, presets, pages, published models
 Build = Callable[[Path], dict[str, Any]]  # writes an entry's files into the folder given; returns its info
-VERSIONED_PACKAGES = ("boothflow", "torch", "diffusers", "transformers", "peft", "pillow", "opencv-python-headless")
 
 
 def digest(value: Any) -> str:
@@ -51,77 +56,6 @@ def digest(value: Any) -> str:
 def stage_key(stage: str, code_version: int, config: dict[str, Any], **parts: Any) -> str:
     """The key of a stage (or item) output: everything that can change it, and no folder path."""
     return digest({"stage": stage, "code_version": code_version, "config": config, **parts})[:KEY_LENGTH]
-
-
-def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    """The file's sha256; `progress(n)` hears of every n bytes read."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    return h.hexdigest()
-
-
-def file_stat(path: Path) -> list[int] | None:
-    """What the stat memo records of a regular file: size, mtime_ns, ctime_ns, inode; None when there is none.
-
-    ctime is kept because no user call can set it: a writer that restores the mtime (os.utime, `touch -r`,
-    `cp -p`) or a restore onto a fresh filesystem that reuses inode numbers still changes it.
-    """
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino] if S_ISREG(stat.st_mode) else None
-
-
-def _read_manifest(path: Path) -> tuple[dict[str, Any], str] | None:
-    """The entry's manifest and the sha256 of its bytes (what its stat memo is bound to); None if unreadable."""
-    try:
-        text = (path / MANIFEST).read_bytes()
-        manifest = json.loads(text)
-        if not all(isinstance(m["size"], int) and isinstance(m["sha256"], str) for m in manifest["files"].values()):
-            return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return manifest, hashlib.sha256(text).hexdigest()
-
-
-def _read_memo(path: Path, fingerprint: str) -> dict[str, list[int]]:
-    """The stats recorded when the files last proved intact, if recorded under this very manifest; else none."""
-    try:
-        memo = json.loads((path / STAT_MEMO).read_text())
-        return memo["files"] if memo["manifest_sha256"] == fingerprint else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def _write_memo(path: Path, fingerprint: str, stats: dict[str, list[int] | None]) -> None:
-    """Replace the memo whole and flushed, so a concurrent reader (or a power cut) sees the old one or the new
-    one; where it cannot be written (a read-only store) lookups keep re-hashing, which is slow but correct."""
-    with contextlib.suppress(OSError):
-        replace_file(path / STAT_MEMO, json.dumps({"manifest_sha256": fingerprint, "files": stats}).encode())
-
-
-def _forget_memo(path: Path) -> None:
-    """Drop the memo of an entry found damaged, so the next lookup re-hashes it and finds it missing."""
-    with contextlib.suppress(OSError):
-        (path / STAT_MEMO).unlink(missing_ok=True)
-
-
-def _file_problem(
-    file: Path, meta: dict[str, Any], stat: list[int] | None, rehash: bool, progress: Callable[[int], None] | None
-) -> str | None:
-    """What is wrong with one listed file, given its stat; its bytes are hashed only when `rehash`."""
-    if stat is None:
-        return "missing"
-    if stat[0] != meta["size"]:
-        return f"{stat[0]} bytes, the manifest says {meta['size']}"
-    if rehash and file_sha256(file, progress) != meta["sha256"]:
-        return "bytes differ from the manifest's sha256"
-    return None
 
 
 def _is_disk_full(err: BaseException) -> bool:
@@ -137,16 +71,6 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
 @dataclass(frozen=True)
 class Entry:
     """A committed store entry: where it is and what its manifest says."""
@@ -160,16 +84,6 @@ class Entry:
     @property
     def info(self) -> dict[str, Any]:
         return self.manifest.get("info", {})
-
-
-@dataclass(frozen=True)
-class Damage:
-    """One file of a complete entry that no longer matches its manifest."""
-
-    stage: str
-    key: str
-    file: str
-    problem: str
 
 
 class DiskFull(Exception):
@@ -246,22 +160,22 @@ class Store:
         Only `verify` (`boothflow cache verify`) finds those. Files the manifest does not list are not looked at.
         """
         path = self.path(stage, key)
-        read = _read_manifest(path)
+        read = read_manifest(path)
         if read is None:
             return [Damage(stage, key, MANIFEST, "missing or unreadable")] if path.is_dir() else None
         manifest, fingerprint = read
         files = manifest["files"]
         stats = {name: file_stat(path / name) for name in files}  # before any hashing: a later write shows
-        memo = _read_memo(path, fingerprint)
+        memo = read_memo(path, fingerprint)
         damaged = [
             Damage(stage, key, name, problem)
             for name, meta in files.items()
-            if (problem := _file_problem(path / name, meta, stats[name], memo.get(name) != stats[name], None))
+            if (problem := file_problem(path / name, meta, stats[name], memo.get(name) != stats[name], None))
         ]
         if damaged:
             return damaged
         if any(memo.get(name) != stats[name] for name in files):
-            _write_memo(path, fingerprint, stats)
+            write_memo(path, fingerprint, stats)
         return manifest
 
     def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
@@ -317,7 +231,7 @@ class Store:
         for stale in [f for f in partial.rglob("*") if f.is_file() and str(f.relative_to(partial)) not in files]:
             stale.unlink()
         (partial / MANIFEST).write_bytes(text)
-        _write_memo(partial, hashlib.sha256(text).hexdigest(), {name: file_stat(partial / name) for name in files})
+        write_memo(partial, hashlib.sha256(text).hexdigest(), {name: file_stat(partial / name) for name in files})
         return manifest
 
     def _set_aside_if_damaged(self, stage: str, key: str) -> dict[str, Any] | None:
@@ -405,7 +319,7 @@ class Store:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial / MANIFEST))
         text = json.dumps(manifest, indent=1, sort_keys=True).encode()
         (partial / MANIFEST).write_bytes(text)
-        _write_memo(partial, hashlib.sha256(text).hexdigest(), stats)
+        write_memo(partial, hashlib.sha256(text).hexdigest(), stats)
         return manifest
 
     def entries(self) -> Iterator[dict[str, Any]]:
@@ -433,7 +347,7 @@ class Store:
         """
         complete = (e for e in self.entries() if e["state"] == "complete")
         found = [(e["stage"], e["key"]) for e in complete if stage in (None, e["stage"])]
-        manifests = {(s, k): _read_manifest(self.path(s, k)) for s, k in found}
+        manifests = {(s, k): read_manifest(self.path(s, k)) for s, k in found}
         total = sum(m["size"] for read in manifests.values() if read for m in read[0]["files"].values())
         done = 0
 
@@ -460,12 +374,12 @@ class Store:
             stat = stats[name]
             if stat is None or stat[0] != meta["size"]:
                 advance(meta["size"])  # nothing to read: the bar still counts the bytes the manifest promised
-            if problem := _file_problem(path / name, meta, stat, rehash=True, progress=advance):
+            if problem := file_problem(path / name, meta, stat, rehash=True, progress=advance):
                 damaged.append(Damage(stage, key, name, problem))
         if damaged:
-            _forget_memo(path)
+            forget_memo(path)
         else:
-            _write_memo(path, fingerprint, stats)
+            write_memo(path, fingerprint, stats)
         return damaged
 
 

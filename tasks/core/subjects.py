@@ -20,9 +20,10 @@ from typing import Any
 
 import fsspec
 
-from tasks.core.config import ConfigError, RunConfig, fsspec_url
+from tasks.core.config import ConfigError, RunConfig
 from tasks.core.config_load import load_config
 from tasks.core.sweeps import flatten
+from tasks.core.values import fsspec_url
 
 SETTINGS_FILE = "subject.toml"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # a run name, a flow run name and a folder of the store

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from tasks.core.config import image_side
+from tasks.core.values import image_side
 
 Box = tuple[int, int, int, int]
 """(left, top, right, bottom) in pixels, right and bottom exclusive, as Pillow's crop and resize take."""

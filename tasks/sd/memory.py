@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from tasks.core.config import GIB, TrainSection
+from tasks.core.config import TrainSection
+from tasks.core.values import GIB
 from tasks.sd import models, presets, text
 from tasks.sd.architectures import COMPONENT_CONFIGS, KNOWN_HUB_FAMILIES
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from tasks.core.config import RunConfig, parse_memory
+from tasks.core.config import RunConfig
+from tasks.core.values import parse_memory
 from tasks.sd.memory import (
     WARN_MARGIN,
     Architecture,

@@ -16,7 +16,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from tasks.core.hash_memo import HashMemo
-from tasks.core.store import file_sha256
+from tasks.core.manifest import file_sha256
 from tasks.sd.presets import ARCH_PRESETS, PRESETS, SHIPPED, build_preset, preset_folder
 
 FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}

@@ -20,9 +20,10 @@ import pandas as pd
 from tasks.core.atomic import link_or_copy
 from tasks.core.config import PreprocessSection, RunConfig
 from tasks.core.hash_memo import HashMemo
+from tasks.core.manifest import file_sha256
 from tasks.core.progress import track
 from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Store, digest, file_sha256, stage_key
+from tasks.core.store import Store, digest, stage_key
 from tasks.sd import imaging
 
 STAGE = "preprocess"

@@ -19,8 +19,9 @@ from PIL import Image
 
 from tasks.core.atomic import link_or_copy
 from tasks.core.config import ReportSection, RunConfig, fill_prompt
+from tasks.core.manifest import file_sha256
 from tasks.core.stage import Stage, StageResult
-from tasks.core.store import Store, file_sha256, stage_key
+from tasks.core.store import Store, stage_key
 from tasks.core.tables import KIND_LABELS, METRICS_FILE, Sample, read_json, read_rows, read_samples
 from tasks.sd import imaging
 from tasks.sd.layout import SELECTION_FILE
