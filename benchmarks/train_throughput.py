@@ -36,7 +36,6 @@ from PIL import Image
 from results import write_section
 from torch.utils.flop_counter import FlopCounterMode
 
-from tasks.core.config import RunConfig
 from tasks.core.config_load import load_config
 from tasks.core.store import Store
 from tasks.sd.latent_dist import scale_latent
@@ -70,7 +69,7 @@ class ReencodedData(LatentData):
         return scale_latent(z, self.scaling, self.shift), self.time_ids[sample_id, ""]
 
 
-def prepare(overrides: list[str], root: Path) -> tuple[RunConfig, Path, TrainJob]:
+def prepare(overrides: list[str], root: Path) -> tuple[Path, TrainJob]:
     """Preprocess and latents through the stages themselves (so `boothflow stage train` finds them cached), and the
     job the train stage would hand its child."""
     config = load_config(None, overrides, root / "artifacts")
@@ -80,7 +79,7 @@ def prepare(overrides: list[str], root: Path) -> tuple[RunConfig, Path, TrainJob
     encoded = latents.run(config.latents, latents.LatentsInputs(model, prepared, None), store)
     inputs = train.TrainInputs.of(config, model, encoded, prepared)
     job = train.make_job(config.train, inputs, root / "out", root / "ckpt", embeds=None)  # the text encoder trains
-    return config, prepared.path / "images", job
+    return prepared.path / "images", job
 
 
 def _sync(device: torch.device) -> None:
@@ -153,7 +152,7 @@ def measure(model_id: str, work: Path, first: int, last: int, reps: int, batch: 
                  "train.train_text_encoder=true", f"train.batch_size={batch}", f"train.steps={last}",
                  "train.checkpoint_every=0", "train.sample_every=0"]  # fmt: skip
     root = work / model_id
-    config, images, job = prepare(overrides, root)
+    images, job = prepare(overrides, root)
     t = build_training(job)
     t.prepare()
     device = t.accelerator.device
@@ -193,7 +192,7 @@ def measure(model_id: str, work: Path, first: int, last: int, reps: int, batch: 
 
     train_flops, encode_flops = flops(train_once), flops(encode_batch)
     medians = {mode: statistics.median(values) for mode, values in times.items()}
-    return {"model": model_id, "batch": batch, "threads": config.train.cpu_threads, "median": medians,
+    return {"model": model_id, "batch": batch, "threads": job.train.cpu_threads, "median": medians,
             "all": times, "encodes": encodes, "flop_ratio": (train_flops + encode_flops) / train_flops,
             "train_gflop": train_flops / 1e9}  # fmt: skip
 

@@ -17,6 +17,11 @@ from processes import run, stop
 
 from flows.server import api_url, free_port, start_server, wait_healthy
 
+# One torch thread in every process of the suite, training children included (train.cpu_threads follows
+# OMP_NUM_THREADS where unset): two pytest workers share two cores, and a process of two threads beside a busy one
+# waits at each op for a thread that is not running (toy training ran 3-4x slower). Every figure the suite checks is
+# measured at one thread. Set before any test imports torch; every process a test starts inherits it.
+os.environ["OMP_NUM_THREADS"] = "1"
 # libgomp's threads spin 300,000 times at a barrier before they sleep: with another process busy on one of two cores,
 # a torch op waits on a thread that is not running, and toy training ran 2-5x slower (24-74 s against 13 s idle).
 # A short spin costs nothing idle (13.1 s) and keeps a loaded machine at about 2x. Set before any test imports torch;

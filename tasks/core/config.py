@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.core.values import Url, fsspec_url, image_side, parse_memory
+from tasks.core.values import Url, fsspec_url, image_side, no_credentials, parse_memory
 
 
 class ConfigError(Exception):
@@ -35,8 +35,6 @@ Scheduler = Literal[
     "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
     "DEISMultistepScheduler", "UniPCMultistepScheduler",
 ]  # fmt: skip
-CREDENTIALS = frozenset({"key", "secret", "token", "password", "username", "access_key", "secret_key", "session_token",
-                         "aws_access_key_id", "aws_secret_access_key", "aws_session_token"})  # fmt: skip
 MAX_SEEDS = 10_000
 MAX_STEPS = 1_000_000
 MAX_BATCH = 1024
@@ -122,12 +120,7 @@ class RunSection(Section):
     @field_validator("store_options")
     @classmethod
     def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
-        """Credentials come the standard ways (AWS environment variables, a profile): a config travels to the Prefect
-        server with every run."""
-        if found := sorted(CREDENTIALS & {name.lower() for name in value}):
-            raise ValueError(f"{', '.join(found)}: credentials never go in a config (it is sent to the Prefect "
-                             "server); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile")  # fmt: skip
-        return value
+        return no_credentials(value)
 
 
 class DataSection(Section):
@@ -260,7 +253,8 @@ class TrainSection(Section):
     )
     log_every: int = no_key("Read the loss from the device and report it every N steps", default=10, ge=1)
     keep_checkpoints: int = no_key("Keep the newest K checkpoints", default=2, ge=1)
-    cpu_threads: int = no_key("Torch threads per training process on CPU (results depend on it)", default=2, ge=1)
+    cpu_threads: int | None = no_key("Torch threads per training process on CPU (results depend on it); unset: "
+                                     "OMP_NUM_THREADS where set, else 2", default=None, ge=1)  # fmt: skip
     num_processes: int = no_key(
         "Training processes (one per GPU) on this machine under accelerate; batch_size is per process", default=1, ge=1
     )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
 GIB = 2**30
+CREDENTIALS = frozenset({"key", "secret", "token", "password", "username", "access_key", "secret_key", "session_token",
+                         "aws_access_key_id", "aws_secret_access_key", "aws_session_token"})  # fmt: skip
 MAX_SIDE = 4096  # 16x the pixels of SDXL's 1024: beyond it no model here was trained, and memory runs out
 _UNITS = {"": GIB, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": GIB,
           "gb": 1e9, "gib": GIB, "t": 2**40, "tb": 1e12, "tib": 2**40}  # fmt: skip
@@ -51,3 +53,12 @@ def image_side(value: int, or_else: str = "") -> int:
     if value < 64 or value > MAX_SIDE or value % 8:
         raise ValueError(f"must be {or_else}a multiple of 8 from 64 to {MAX_SIDE}, e.g. 512 or 1024")
     return value
+
+
+def no_credentials(options: dict[str, Any]) -> dict[str, Any]:
+    """Store options without a credential: they come the standard ways (AWS environment variables, a profile), since
+    a config travels to the Prefect server with every run."""
+    if found := sorted(CREDENTIALS & {name.lower() for name in options}):
+        raise ValueError(f"{', '.join(found)}: credentials never go in a config (it is sent to the Prefect "
+                         "server); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile")  # fmt: skip
+    return options

@@ -7,6 +7,7 @@ Every model a stage loads in the flow process is registered here, so a test can 
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from typing import TypeVar
 
@@ -14,12 +15,22 @@ import torch
 
 T = TypeVar("T")
 
+DEFAULT_CPU_THREADS = 2
 _loaded: weakref.WeakSet = weakref.WeakSet()
 _loads = [0]
 
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_threads(given: int | None) -> int:
+    """Torch threads of a training process on a CPU (its results depend on them): `given`, else the OMP_NUM_THREADS
+    this process was given (a share of the cores that a scheduler, a container or a test suite set), else 2."""
+    if given is not None:
+        return given
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else DEFAULT_CPU_THREADS
 
 
 def loaded(model: T) -> T:

@@ -211,7 +211,9 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
 def make_job(
     cfg: TrainSection, inputs: TrainInputs, out_dir: Path, checkpoints: Path, embeds: dict[str, Path] | None
 ) -> TrainJob:
-    """All the child needs: paths, settings, prompts (and captions) and the facts its model card states."""
+    """All the child needs: paths, settings (the thread count as resolved here, for the record), prompts (and captions)
+    and the facts its model card states."""
+    cfg = cfg.model_copy(update={"cpu_threads": device.cpu_threads(cfg.cpu_threads)})
     captions, uncaptioned = sample_captions(inputs)
     counted = {"captions": {"sidecar": len(captions), "instance prompt": uncaptioned}} if inputs.captions else {}
     return TrainJob(

@@ -37,7 +37,7 @@ class Plan:
     ema_decay: float = 0.999  # the most: diffusers' EMA warm-up makes it 1 - (1 + step) ** -2/3 until then
     eval_steps: int = 25
     eval_guidance: float = 5.0
-    threads: int = 2
+    threads: int | None = None  # torch threads; unset: OMP_NUM_THREADS where set, else 2 (the shipped model's)
 
     def rng(self, *parts: Any) -> random.Random:
         """The generator of one draw site, e.g. ("vae", step): the same in every chunk of a run."""

@@ -29,6 +29,7 @@ from filelock import FileLock
 from tasks.core.atomic import atomic_folder
 from tasks.core.progress import Reporter, run_logger
 from tasks.core.seeds import generator
+from tasks.sd.device import cpu_threads
 from tasks.sd.presets import SHIPPED_FOLDER
 from tasks.toy.card import write_model_card
 from tasks.toy.gate import caption_fidelity, passes, percent, to_pixels, vae_gate
@@ -56,7 +57,7 @@ class Pretraining:
         from tasks.sd.objective import Objective
 
         self.work, self.plan = work, plan
-        torch.set_num_threads(plan.threads)
+        torch.set_num_threads(cpu_threads(plan.threads))
         self.tokenizer = toy_tokenizer(work / "tokenizer")
         self.vae, self.unet, self.text_encoder = toy_components(self.tokenizer)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)

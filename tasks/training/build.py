@@ -15,6 +15,7 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from tasks.core.config import TrainSection
 from tasks.sd import text
+from tasks.sd.device import cpu_threads
 from tasks.sd.objective import Objective
 from tasks.training.conditioning import Conditioner
 from tasks.training.data import LatentData
@@ -128,7 +129,7 @@ def build_training(job: TrainJob) -> Training:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[ddp])  # fmt: skip
     if accelerator.device.type == "cpu":
-        torch.set_num_threads(cfg.cpu_threads)
+        torch.set_num_threads(cpu_threads(cfg.cpu_threads))
     if accelerator.device.type == "cuda":
         use_tf32(cfg.tf32)
     scheduler = DDPMScheduler.from_pretrained(job.base, subfolder="scheduler")

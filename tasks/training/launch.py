@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from tasks.core.config import TrainSection
+from tasks.sd.device import cpu_threads
 
 
 def accelerate_config(cfg: TrainSection) -> dict[str, Any]:
@@ -38,11 +39,11 @@ def child_process(job_path: Path, cfg: TrainSection) -> tuple[list[str], dict[st
     launcher would add only its own start-up (1.7 s), the thread count and dynamo off, set here as the launcher sets
     them (so a user's ACCELERATE_DYNAMO_BACKEND changes nothing). Several run under `accelerate launch` with the job's
     own accelerate config, written beside the job."""
-    child = ["-m", "tasks.training", str(job_path)]
+    child, threads = ["-m", "tasks.training", str(job_path)], str(cpu_threads(cfg.cpu_threads))
     if cfg.num_processes == 1:
-        return [sys.executable, *child], {"OMP_NUM_THREADS": str(cfg.cpu_threads), "ACCELERATE_DYNAMO_BACKEND": "NO"}
+        return [sys.executable, *child], {"OMP_NUM_THREADS": threads, "ACCELERATE_DYNAMO_BACKEND": "NO"}
     config_file = job_path.with_name("accelerate.yaml")
     config_file.write_text(yaml.safe_dump(accelerate_config(cfg)))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-                "--num_cpu_threads_per_process", str(cfg.cpu_threads)]  # fmt: skip
+                "--num_cpu_threads_per_process", threads]  # fmt: skip
     return [*launcher, *child], {}
