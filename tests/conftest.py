@@ -22,10 +22,9 @@ from flows.server import api_url, free_port, start_server, wait_healthy
 # waits at each op for a thread that is not running (toy training ran 3-4x slower). Every figure the suite checks is
 # measured at one thread. Set before any test imports torch; every process a test starts inherits it.
 os.environ["OMP_NUM_THREADS"] = "1"
-# libgomp's threads spin 300,000 times at a barrier before they sleep: with another process busy on one of two cores,
-# a torch op waits on a thread that is not running, and toy training ran 2-5x slower (24-74 s against 13 s idle).
-# A short spin costs nothing idle (13.1 s) and keeps a loaded machine at about 2x. Set before any test imports torch;
-# every process a test starts inherits it. Waiting does not change any result.
+# libgomp's threads spin 300,000 times at a barrier before they sleep; for the few processes that still run two threads
+# (a benchmark's quick mode, test_distributed's encoding) a short spin keeps them from burning the other worker's core.
+# Waiting does not change any result.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 # A suite started in the background (`make test &`) inherits SIGINT ignored, and so would every process a test starts:
 # the Prefect workers and `boothflow worker` the tests stop with SIGINT would ignore it. A handled signal is reset to
@@ -38,12 +37,12 @@ SERVER_START_TIMEOUT = 120
 SERVER_FIXTURES = {"prefect_server", "cli_env", "boothflow", "migrated_database", "ephemeral_env"}
 
 
-# `make test` runs the suite on two pytest-xdist workers: run alone it kept 54% of two cores busy (most of it one
-# single-threaded process at a time), on two workers 90% (34 minutes became 27; torch-heavy tests run 3-4x slower
-# beside the other worker, their two threads waiting for each other). A module is one unit of work: its module
-# fixtures are built once, on one worker. The modules that share the toy DreamBooth root are one unit too, so its
-# training happens once. The slowest units (measured alone: toy 280 s, subjects and sweep 190 s, operate and
-# preprocess flows 170 s, train flows and the shared store 130 s) start first: the suite ends when its last unit does.
+# `make test` runs the suite on two pytest-xdist workers, one torch thread each (35 minutes on two threads, 22 on one;
+# beside a third worker the cores were idle 0.5% of the time, so it has nothing to gain). A module is one unit of work:
+# its module fixtures are built once, on one worker. The modules that share the toy DreamBooth root are one unit too,
+# so its training happens once. The slowest units (worker-seconds in a two-worker run: toy 405, subjects 271, sweep
+# 212, operate 168, preprocess flows 160, shared store 155, train flows 124) start first: the suite ends when its last
+# unit does.
 SLOWEST_FIRST = (
     "toy",
     "test_subjects",
