@@ -25,6 +25,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
+from flows.fleet import fleet_build
 from flows.records import RunKeys, summary_path
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.faults import ENV, fault
@@ -203,12 +204,13 @@ class StageRunner:
     @staticmethod
     @contextlib.contextmanager
     def building(store: Store, stage: str, key: str, found: Entry | None) -> Iterator[Entry | None]:
-        """Hold the entry's build lock through a whole build, so a second run of the same key waits and is then
-        served what the first one built (a second look under the lock); a found entry needs no lock."""
+        """Hold the entry's build lock through a whole build, on this machine and across the fleet, so a second run
+        of the same key waits and is then served what the first one built (a second look under the lock, which
+        downloads it from the shared store); a found entry needs no lock."""
         if found is not None:
             yield found
             return
-        with store.building(stage, key):
+        with store.building(stage, key), fleet_build(store, stage, key):
             yield store.get(stage, key)
 
     def pending(self, stage: Stage, label: str) -> StageResult:

@@ -18,6 +18,8 @@ from pathlib import Path
 from tasks.core.lifeline import die_with_parent
 
 HOST = "127.0.0.1"
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+TEMPORARY_SERVER = "BOOTHFLOW_TEMPORARY_SERVER"  # set by a command that started its own server, which no one shares
 
 
 def free_port() -> int:
@@ -41,8 +43,10 @@ def healthy(url: str) -> bool:
 def start_server(port: int, home: Path | None, log: Path, temporary: bool = False) -> subprocess.Popen:
     """`prefect server start` on 127.0.0.1:`port` (PREFECT_HOME `home`, or the user's), output into `log`.
     A temporary server runs as Prefect's own temporary server does (no UI; only the services that record runs,
-    so no schedule of the user's deployments fires from it)."""
+    so no schedule of the user's deployments fires from it). Leases of concurrency slots are kept on the server's disk
+    unless the environment says otherwise: in memory, a restart forgets them and a dead holder's slot stays taken."""
     env = {
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
         **os.environ,
         "PREFECT_SERVER_API_HOST": HOST,
         "PREFECT_SERVER_API_PORT": str(port),

@@ -17,6 +17,7 @@ from object_store import BUCKET, S3_CREDENTIALS
 from prefect_api import client_for, task_states, wait_for
 from processes import start, started, stop
 
+from flows.fleet import LEASE_SECONDS
 from flows.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,20 +112,42 @@ def _serves_report(root: Path, report: Path, page: bytes, settings: list[str]) -
     assert (root / report).read_bytes() == page  # the entry is now this root's too
 
 
-def test_both_machines_build_one_entry_at_once_and_keep_the_winners(
-    boothflow, cli_env: dict, s3_endpoint: str, tmp_path: Path
+def _machine_env(env: dict, machine: str, tmp_path: Path, faults: Path, database: Path | None = None) -> dict:
+    """A machine's environment: its own faults file; with `database`, no shared server but a temporary one of its own,
+    in its own Prefect home (a copy of a migrated database)."""
+    env = {**env, **S3_CREDENTIALS, "BOOTHFLOW_FAULTS": str(faults)}
+    if database is not None:
+        home = tmp_path / f"{machine}-prefect-home"
+        home.mkdir()
+        shutil.copy(database, home / "prefect.db")
+        env["PREFECT_HOME"] = str(home)
+        env.pop("PREFECT_API_URL")
+    return env
+
+
+def _preprocess(machine: str, base: list, env: dict, tmp_path: Path):
+    command = [BIN / "boothflow", "stage", "preprocess", *base, "--artifacts", tmp_path / machine,
+               "--summary", tmp_path / f"{machine}.json"]  # fmt: skip
+    return start(command, log=tmp_path / f"{machine}.log", cwd=REPO, env=env)
+
+
+def _held(faults: Path) -> bool:
+    return bool(list(faults.parent.glob(f"{faults.name}.held-*")))
+
+
+def test_without_a_shared_server_both_machines_build_one_entry_at_once_and_keep_the_winners(
+    boothflow, cli_env: dict, migrated_database: Path, s3_endpoint: str, tmp_path: Path
 ) -> None:
-    """Both hold after uploading their blobs, until both are there; then both write the manifest: one wins."""
+    """Each machine on a temporary Prefect server of its own (no lock across machines): both hold after uploading
+    their blobs, until both are there; then both write the manifest: one wins."""
     base, url = _demo(tmp_path, s3_endpoint)
     faults = tmp_path / "faults.json"
     faults.write_text(json.dumps({"hold_at": "preprocess:before-publish"}))
-    env = {**cli_env, **S3_CREDENTIALS, "BOOTHFLOW_FAULTS": str(faults)}
     procs = []
     try:
         for machine in ("a", "b"):
-            command = [BIN / "boothflow", "stage", "preprocess", *base, "--artifacts", tmp_path / machine,
-                       "--summary", tmp_path / f"{machine}.json"]  # fmt: skip
-            procs.append(start(command, log=tmp_path / f"{machine}.log", cwd=REPO, env=env))
+            env = _machine_env(cli_env, machine, tmp_path, faults, migrated_database)
+            procs.append(_preprocess(machine, base, env, tmp_path))
         deadline = time.monotonic() + 240
         while len(list(tmp_path.glob("faults.json.held-*"))) < 2:
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "both never held"
@@ -143,6 +166,61 @@ def test_both_machines_build_one_entry_at_once_and_keep_the_winners(
         assert "all intact" in boothflow("cache", "verify", "--artifacts", tmp_path / machine).stdout
     checked = boothflow("cache", "verify", "--remote", *base, "--artifacts", tmp_path / "a", env=S3_CREDENTIALS)
     assert "all intact" in checked.stdout
+
+
+def _b_waits_on_a(base: list, cli_env: dict, tmp_path: Path, procs: list) -> Path:
+    """Machine A builds the entry and holds before committing it, holding its build lease; machine B, started then,
+    finds the entry in neither store and is still waiting for the lease 20 s later. Returns A's faults file: emptied,
+    A goes on."""
+    held, free = tmp_path / "a-faults.json", tmp_path / "b-faults.json"
+    held.write_text(json.dumps({"hold_at": "preprocess:before-publish"}))
+    free.write_text("{}")
+    procs.append(_preprocess("a", base, _machine_env(cli_env, "a", tmp_path, held), tmp_path))
+    wait_for(lambda: _held(held) or procs[0].poll() is not None, 240, "machine a holding its build")
+    assert procs[0].poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+    procs.append(_preprocess("b", base, _machine_env(cli_env, "b", tmp_path, free), tmp_path))
+    time.sleep(20)
+    assert procs[1].poll() is None and not (tmp_path / "b.json").exists(), (tmp_path / "b.log").read_text()
+    return held
+
+
+def test_with_a_shared_server_the_second_machine_waits_and_is_served_the_first_ones_entry(
+    cli_env: dict, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """B waits for A's build and is served A's entry from the store: one build across both."""
+    base, url = _demo(tmp_path, s3_endpoint)
+    procs: list = []
+    try:
+        _b_waits_on_a(base, cli_env, tmp_path, procs).write_text("{}")
+        for machine, proc in zip("ab", procs, strict=True):
+            assert proc.wait(240) == 0, (tmp_path / f"{machine}.log").read_text()[-3000:]
+    finally:
+        stop(*procs)
+    a, b = (_summary(tmp_path / f"{machine}.json")["stages"]["preprocess"] for machine in "ab")
+    assert (a["status"], b["status"], a["key"]) == ("ran", "cached", b["key"])
+    entry = f"preprocess/{a['key']}.json"
+    assert _local_manifest(tmp_path / "a", entry) == _manifests(s3_endpoint, url)[entry]
+    assert _local_manifest(tmp_path / "b", entry) == _local_manifest(tmp_path / "a", entry)
+    assert not (tmp_path / "b" / "preprocess-items").exists()  # b processed no image
+
+
+def test_a_machine_that_dies_holding_a_build_loses_it_after_its_lease(cli_env: dict, s3_endpoint: str, tmp_path):
+    """A is SIGKILLed while it holds the build; B takes the build over once the lease has run out and builds the
+    entry itself."""
+    base, url = _demo(tmp_path, s3_endpoint)
+    procs: list = []
+    try:
+        _b_waits_on_a(base, cli_env, tmp_path, procs)
+        killed_at = time.monotonic()
+        stop(procs[0], first=signal.SIGKILL)  # the machine is gone: no release, no renewal
+        assert procs[1].wait(240) == 0, (tmp_path / "b.log").read_text()[-3000:]
+        waited = time.monotonic() - killed_at
+    finally:
+        stop(*procs)
+    assert not (tmp_path / "a.json").exists()
+    b = _summary(tmp_path / "b.json")["stages"]["preprocess"]
+    assert b["status"] == "ran" and waited < LEASE_SECONDS + 60, waited  # the lease, the repossessor's loop, a retry
+    assert f"preprocess/{b['key']}.json" in _manifests(s3_endpoint, url)
 
 
 def test_a_kill_between_blobs_and_manifest_or_mid_download_leaves_nothing_trusted(

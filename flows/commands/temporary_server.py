@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from flows.commands.common import console, error
-from flows.server import api_url, free_port, start_server, stop_server, wait_healthy
+from flows.server import TEMPORARY_SERVER, api_url, free_port, start_server, stop_server, wait_healthy
 
 START_TIMEOUT = 120  # seconds; a first start on a fresh PREFECT_HOME migrates its database
 
@@ -51,6 +51,7 @@ def start_temporary_server(log: Path) -> Callable[[], None]:
     port = free_port()
     server = start_server(port, None, log, temporary=True)
     os.environ["PREFECT_API_URL"] = api_url(port)
+    os.environ[TEMPORARY_SERVER] = "1"  # no build lock across machines: none reaches this server
     atexit.register(log.unlink, missing_ok=True)
     atexit.register(stop_server, server)  # runs first: atexit is last in, first out
 
