@@ -26,6 +26,9 @@ os.environ["OMP_NUM_THREADS"] = "1"
 # (a benchmark's quick mode, test_distributed's encoding) a short spin keeps them from burning the other worker's core.
 # Waiting does not change any result.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# A lease whose holder died is revoked by the server's repossessor, which looks every 15 s by default; every 2 s here,
+# so a test that waits for a dead machine's lease (a minute at least) waits for little more than the lease.
+os.environ.setdefault("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "2")
 # A suite started in the background (`make test &`) inherits SIGINT ignored, and so would every process a test starts:
 # the Prefect workers and `boothflow worker` the tests stop with SIGINT would ignore it. A handled signal is reset to
 # the default when a child starts.

@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import s3fs
 from object_store import BUCKET, S3_CREDENTIALS
 from prefect_api import client_for, task_states, wait_for
@@ -221,6 +222,49 @@ def test_a_machine_that_dies_holding_a_build_loses_it_after_its_lease(cli_env: d
     b = _summary(tmp_path / "b.json")["stages"]["preprocess"]
     assert b["status"] == "ran" and waited < LEASE_SECONDS + 60, waited  # the lease, the repossessor's loop, a retry
     assert f"preprocess/{b['key']}.json" in _manifests(s3_endpoint, url)
+
+
+RESUMABLE = ["--set", "train.steps=8", "--set", "train.checkpoint_every=2", "--set", "train.sample_every=4"]
+RUN_RECORDS = ("metrics.csv", "memory.json")  # this run's clock and memory (the losses are compared apart)
+
+
+def _checkpoints(endpoint: str, url: str) -> list[str]:
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    base = f"{url.removeprefix('s3://')}/checkpoints/"
+    return sorted(path.removeprefix(base) for path in fs.find(base))
+
+
+def _training(root: Path, key: str) -> tuple[dict[str, str], list[tuple[int, float]]]:
+    """The train entry's files by sha256 (but its own records) and its losses by step."""
+    files = json.loads((root / "train" / key / "manifest.json").read_text())["files"]
+    losses = pd.read_csv(root / "train" / key / "metrics.csv")
+    sums = {name: meta["sha256"] for name, meta in files.items() if name not in RUN_RECORDS}
+    return sums, list(zip(losses["step"], losses["loss"], strict=True))
+
+
+def test_a_training_killed_on_machine_a_resumes_on_machine_b_bit_for_bit(
+    boothflow, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """A is killed once its step-4 checkpoint is in the shared store (step 4's sample weights went first). B reruns
+    the run: it waits out A's lease on the training, downloads that checkpoint, resumes from it, and its entry equals
+    an uninterrupted training's on a machine without a shared store."""
+    base, url = _demo(tmp_path, s3_endpoint)
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"kill_at": "train:uploaded-step-000004"}))
+    killed = boothflow("run", *base, *RESUMABLE, "--artifacts", tmp_path / "a", check=False,
+                       env={**S3_CREDENTIALS, "BOOTHFLOW_FAULTS": str(faults)})  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    [key] = {name.split("/")[0] for name in _checkpoints(s3_endpoint, url)}
+    assert _checkpoints(s3_endpoint, url) == [f"{key}/samples/step-000004.json", f"{key}/step-000004.json"]
+
+    boothflow("run", *base, *RESUMABLE, "--artifacts", tmp_path / "b", "--summary", tmp_path / "b.json",
+              env=S3_CREDENTIALS)  # fmt: skip
+    train = _summary(tmp_path / "b.json")["stages"]["train"]
+    assert (train["status"], train["key"], train["items_cached"], train["items_processed"]) == ("ran", key, 4, 4)
+    assert _checkpoints(s3_endpoint, url) == []  # the entry is committed: its resume state is gone
+
+    boothflow("run", *base[:-4], *RESUMABLE, "--artifacts", tmp_path / "alone")  # no shared store: same keys
+    assert _training(tmp_path / "b", key) == _training(tmp_path / "alone", key)
 
 
 def test_a_kill_between_blobs_and_manifest_or_mid_download_leaves_nothing_trusted(

@@ -4,7 +4,8 @@ Never part of a cache key or a flow parameter; reread on every call, so deleting
 `kill_at` names one point where boothflow is SIGKILLed: `<store stage>:before-manifest`, `<store stage>:before-rename`,
 `<store stage>:after-<k>` (the k-th entry of that store stage this process committed, e.g. an item),
 `train:mid-checkpoint-<step>`, `train:mid-export`, `<store stage>:before-publish` (the shared store holds the entry's
-blobs, not its manifest) and `<store stage>:mid-download-<k>` (k files of a shared store's entry downloaded). With
+blobs, not its manifest), `<store stage>:mid-download-<k>` (k files of a shared store's entry downloaded) and
+`train:uploaded-<checkpoint>` (e.g. `train:uploaded-step-000004`: that checkpoint is in the shared store). With
 `"once": true` the file is removed before the kill, so the process that runs again (a retry) is not killed. `hold_at`
 names a point where a process waits for as long as the file names it, so that two processes can meet there.
 """

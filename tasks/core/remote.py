@@ -135,6 +135,36 @@ class Remote:
                 return self.fs.cat_file(self.manifest_path(stage, key))
         return None
 
+    def checkpoints_path(self, key: str) -> str:
+        return f"{self.base}/checkpoints/{key}"
+
+    def put_checkpoint(self, key: str, name: str, folder: Path) -> None:
+        """A training's checkpoint (or sample weights), `name` under its checkpoints folder, written whole in `folder`:
+        its files as blobs, then its manifest, which makes it count. A machine that resumes the training of entry
+        train/`key` downloads it."""
+        files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                 for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+        with self._reaching(f"upload checkpoint {name} of train/{key}"):
+            for relative, meta in files.items():
+                if not self._has_blob(meta):
+                    self.fs.put_file(str(folder / relative), self.blob_path(meta["sha256"]))
+            self.fs.pipe_file(f"{self.checkpoints_path(key)}/{name}.json", json.dumps({"files": files}).encode())
+
+    def checkpoints(self, key: str) -> dict[str, dict[str, dict[str, Any]]]:
+        """The checkpoints of the training of train/`key` that the store holds whole: name -> its files."""
+        base = self.checkpoints_path(key)
+        with self._reaching(f"list the checkpoints of train/{key}"):
+            found = {path.removeprefix(f"{base}/").removesuffix(".json"): json.loads(self.fs.cat_file(path))["files"]
+                     for path in self.fs.find(base) if path.endswith(".json")}  # fmt: skip
+        return dict(sorted(found.items()))
+
+    def drop_checkpoints(self, key: str, names: list[str] | None = None) -> None:
+        """Forget checkpoints of train/`key` (`names`, or all of them: its entry is committed); their blobs stay."""
+        base = self.checkpoints_path(key)
+        with self._reaching(f"remove checkpoints of train/{key}"):
+            for name in names if names is not None else self.checkpoints(key):
+                self.fs.rm_file(f"{base}/{name}.json")
+
     def _has_blob(self, meta: dict[str, Any]) -> bool:
         with self._reaching("look for a blob"):
             try:

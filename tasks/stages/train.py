@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,11 @@ from tasks.core.config import DataSection, RunConfig, TrainSection, fill_prompt
 from tasks.core.lifeline import die_with_parent
 from tasks.core.progress import LOG_EVERY_SECONDS, Reporter, run_logger
 from tasks.core.stage import Stage, StageError, StageResult
-from tasks.core.store import Store, stage_key
+from tasks.core.store import RemoteError, Store, stage_key
 from tasks.core.tables import read_rows
 from tasks.sd import device, text
 from tasks.sd.models import ResolvedModel, hub_repo
+from tasks.stages.shared_checkpoints import Uploads, fetch_checkpoints
 from tasks.training.job import TrainJob, keyed_settings, resolved_optimizer
 from tasks.training.launch import child_process
 
@@ -175,8 +176,11 @@ def _events(proc: subprocess.Popen, tail: collections.deque) -> Iterator[dict[st
             yield event
 
 
-def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
-    """Run the child to the end; returns (steps restored, final loss)."""
+def launch(
+    job_path: Path, cfg: TrainSection, on_checkpoint: Callable[[str], None] | None = None
+) -> tuple[int, float | None]:
+    """Run the child to the end, telling `on_checkpoint` the name of each checkpoint it writes whole; returns (steps
+    restored, final loss)."""
     command, child_env = child_process(job_path, cfg)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **child_env}
     log, tail = run_logger(), collections.deque(maxlen=TAIL_LINES)
@@ -199,6 +203,8 @@ def launch(job_path: Path, cfg: TrainSection) -> tuple[int, float | None]:
                     # every step is in metrics.csv; a log line per step would keep the Prefect server busy
                     logged = time.monotonic()
                     log.info("step %d loss %.5f lr %.3g", last_step, final_loss, event["lr"])
+            elif event.get("event") == "checkpoint" and on_checkpoint is not None:
+                on_checkpoint(event["name"])
             elif event.get("event") == "error":
                 error = event["message"]
         code = proc.wait()
@@ -261,13 +267,26 @@ def build(cfg: TrainSection, inputs: TrainInputs, store: Store, key: str) -> Sta
             job = job.model_copy(update={"text_embeds": cache_text_embeddings(inputs.model, job.prompts(), store)})
         job_path = ckpt / "job.json"
         job_path.write_text(job.model_dump_json(indent=1))
-        restored, final_loss = launch(job_path, cfg)
+        if store.remote is None:
+            restored, final_loss = launch(job_path, cfg)
+        else:  # a training killed on another machine resumes here
+            fetch_checkpoints(store.remote, key, ckpt)
+            uploads = Uploads(store.remote, key, ckpt)
+            try:
+                restored, final_loss = launch(job_path, cfg, uploads.add)
+            finally:
+                uploads.close()
         counts.update(restored=restored)
         return {"items": cfg.steps, "steps": cfg.steps, "restored_steps": restored, "final_loss": final_loss}
 
     entry = store.get_or_create(STAGE, key, write, keyed_settings(cfg))
     if entry.created:  # the entry holds the result (and its sample weights); resume state is gigabytes of dead weight
         shutil.rmtree(checkpoints_dir(store, key), ignore_errors=True)
+        if store.remote is not None:
+            try:
+                store.remote.drop_checkpoints(key)
+            except RemoteError as err:
+                run_logger().warning("the checkpoints of train/%s stay in the shared store: %s", key, err.message)
     restored = counts.get("restored", 0)
     trained = cfg.steps - restored if entry.created else 0
     loaded = (f"unet + text encoders ({inputs.model.id})",) if entry.created else ()

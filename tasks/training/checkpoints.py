@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tasks.core.atomic import atomic_folder, replace_file
 from tasks.core.faults import kill_if_injected
 from tasks.training.job import TrainJob
+from tasks.training.process import emit
 
 COMPLETE = "COMPLETE"
 TENSOR = "__tensor__"  # in state.pt, where a tensor of state.safetensors goes
@@ -94,6 +95,7 @@ def save_checkpoint(job: TrainJob, step: int, weights: dict, states: dict, metri
     replace_file(final / COMPLETE, b"ok")
     for old in complete_checkpoints(job.checkpoints_dir)[: -job.train.keep_checkpoints]:
         shutil.rmtree(old)
+    emit("checkpoint", name=final.name)  # the stage copies it to a shared store, for a resume on another machine
 
 
 class CheckpointWriter:

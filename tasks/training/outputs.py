@@ -16,6 +16,7 @@ from tasks.sd.export import save_sdxl_lora
 from tasks.sd.layout import WEIGHTS_DIR
 from tasks.training.checkpoints import step_folders
 from tasks.training.job import TrainJob
+from tasks.training.process import emit
 
 
 def save_weights(job: TrainJob, unet, encoders, folder: Path) -> dict:
@@ -38,6 +39,7 @@ def save_sample_weights(job: TrainJob, step: int, unet, encoders) -> None:
         return
     with atomic_folder(final) as folder:
         save_weights(job, unet, encoders, folder)
+    emit("checkpoint", name=f"samples/{final.name}")
 
 
 def lora_states(unet, encoders) -> tuple[dict, dict | None, dict | None]:
