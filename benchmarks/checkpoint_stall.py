@@ -12,6 +12,7 @@ on CUDA when present, else on the CPU, and also reports how much slower the step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -131,7 +132,8 @@ def main() -> None:
     if args.threads or args.quick:  # tiny steps on threads that share busy cores wait on each other for whole slices
         torch.set_num_threads(args.threads or 1)
     width, layers = (256, 4) if args.quick else (4096, 6)  # AdamW state: 3 x 4 bytes x 6 x 4096^2 = 1.1 GiB
-    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+    # the writer reports each checkpoint to the train stage on stdout; here that stays out of the result lines
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder, contextlib.redirect_stdout(sys.stderr):
         result = measure(width, layers, Path(folder), 1 if args.quick else 3)
     print(json.dumps(result))
     verdict = "within" if result["blocked_share"] < TARGET else "OVER"
