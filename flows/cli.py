@@ -10,9 +10,13 @@ import os
 import typer
 
 from flows.commands import cache, models, plan, run, serve, subjects, sweep
+from flows.server import HEARTBEAT_ENV, HEARTBEAT_SECONDS
 
 # The temporary server Prefect starts without PREFECT_API_URL otherwise logs an error on offline machines.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Every flow run this process and the workers it starts run sends heartbeats that often (flows/liveness.py), set
+# before Prefect reads its settings.
+os.environ.setdefault(HEARTBEAT_ENV, str(HEARTBEAT_SECONDS))
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="DreamBooth fine-tuning as a cached Prefect flow.")
 app.add_typer(cache.app, name="cache")

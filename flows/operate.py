@@ -19,21 +19,20 @@ import tzlocal
 from prefect import get_client
 from prefect.automations import Automation, EventTrigger, Posture, SendNotification
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
-from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.flow_engine import run_flow
 from prefect.schedules import Cron
-from prefect.states import AwaitingRetry, Crashed, State
+from prefect.states import AwaitingRetry, State
 
 from flows.dreambooth import dreambooth, dreambooth_stage
-from flows.records import process_gone, read_summary
+from flows.liveness import artifacts_root, mark_crashed
+from flows.records import read_summary
 from flows.server import HOST
 from flows.subjects import subjects
 from flows.sweep import sweep
-from tasks.core.config import ConfigError, RunConfig
-from tasks.core.config_load import load_config
+from tasks.core.config import RunConfig
 from tasks.core.store import RemoteError, Store
 
 SERVED_DEPLOYMENT = "nightly"
@@ -67,34 +66,6 @@ def serve_subjects(parameters: dict[str, Any], cron: str, timezone: str) -> None
         tags=["boothflow"],
         limit=1,
     )
-
-
-def artifacts_root(flow_run: FlowRun) -> Path | None:
-    """Where a run keeps its records: a run's config, a sweep's base config, or a night's config file and settings
-    (None when those no longer load: such a night never started)."""
-    parameters = flow_run.parameters
-    if "folder" in parameters:  # a night of subjects
-        config, artifacts = parameters.get("config"), parameters.get("artifacts")
-        try:
-            base = load_config(Path(config) if config else None, parameters.get("settings") or [],
-                               Path(artifacts) if artifacts else None)  # fmt: skip
-        except ConfigError:
-            return None
-        return base.run.artifacts_root
-    config = parameters["spec"]["base"] if "spec" in parameters else parameters.get("config", {})
-    return Path(config.get("run", {}).get("artifacts_root", "artifacts"))
-
-
-def mark_crashed(client: SyncPrefectClient, flow_run: FlowRun) -> FlowRun:
-    """A run Prefect still shows as running whose process is gone (killed, or its machine lost power) becomes
-    Crashed, with the reason; any other run is returned as it is."""
-    if flow_run.state is None or not flow_run.state.is_running():
-        return flow_run
-    root = artifacts_root(flow_run)
-    if root is None or (reason := process_gone(root, str(flow_run.id))) is None:
-        return flow_run
-    client.set_flow_run_state(flow_run.id, Crashed(message=reason), force=True)
-    return client.read_flow_run(flow_run.id)
 
 
 def mark_crashed_runs(limit: int = 50) -> None:

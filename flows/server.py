@@ -20,6 +20,8 @@ from tasks.core.lifeline import die_with_parent
 HOST = "127.0.0.1"
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 TEMPORARY_SERVER = "BOOTHFLOW_TEMPORARY_SERVER"  # set by a command that started its own server, which no one shares
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"  # how often each flow run tells the server it is alive
+HEARTBEAT_SECONDS = 30  # the shortest Prefect allows; at its default (180) a dead run looks alive for 12 min
 
 
 def free_port() -> int:
@@ -40,17 +42,21 @@ def healthy(url: str) -> bool:
         return False
 
 
-def start_server(port: int, home: Path | None, log: Path, temporary: bool = False) -> subprocess.Popen:
+def start_server(
+    port: int, home: Path | None, log: Path, temporary: bool = False, settings: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`prefect server start` on 127.0.0.1:`port` (PREFECT_HOME `home`, or the user's), output into `log`.
     A temporary server runs as Prefect's own temporary server does (no UI; only the services that record runs,
     so no schedule of the user's deployments fires from it). Leases of concurrency slots are kept on the server's disk
-    unless the environment says otherwise: in memory, a restart forgets them and a dead holder's slot stays taken."""
+    unless the environment says otherwise: in memory, a restart forgets them and a dead holder's slot stays taken.
+    `settings`: more of Prefect's settings, e.g. the database (PREFECT_API_DATABASE_CONNECTION_URL)."""
     env = {
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASES,
         **os.environ,
         "PREFECT_SERVER_API_HOST": HOST,
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **(settings or {}),
     }
     if temporary:
         env |= {"PREFECT_UI_ENABLED": "false", "PREFECT__SERVER_EPHEMERAL": "1"}

@@ -6,6 +6,7 @@ of a base model) is built once; on a pool, stages that load a model hold a slot 
 """
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,12 +25,13 @@ from prefect.client.schemas.objects import WorkQueueStatus
 from prefect.deployments import run_deployment
 from prefect.deployments.flow_runs import arun_deployment
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.flow_runs import wait_for_flow_run
 from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.dreambooth import check_plan, dreambooth
+from flows.liveness import HEARTBEAT_SECONDS, mark_crashed
 from flows.preflight import check_settings
 from flows.publish import report_link
 from flows.records import RunKeys, outputs_here, read_summary
@@ -73,14 +75,16 @@ def deploy_cells(pool: str) -> str:
 
 def gpu_limit(slots: int | None = None, at_least: int = 1) -> int:
     """Make sure the limit exists; with `slots`, set it; else raise it to `at_least` (never lower it). Returns its
-    slots."""
+    slots. Machines of a fleet may call it at the same moment: the one that did not create the limit updates it."""
     with get_client(sync_client=True) as client:
         try:
             limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
             created = slots or at_least
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=created))
-            return created
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=created))
+                return created
+            limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         wanted = slots if slots is not None else max(limit.limit, at_least)
         if wanted != limit.limit:
             client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=wanted))
@@ -168,23 +172,41 @@ def wait_all(ids: list[UUID], progress: CellProgress, store: Store, retries: int
 async def _wait(ids: list[UUID], progress: CellProgress, store: Store, retries: int) -> list[Ran]:
     finished, cell_of, tries = {}, {flow_run_id: flow_run_id for flow_run_id in ids}, dict.fromkeys(ids, 1)
     waiting = {asyncio.ensure_future(wait_for_flow_run(flow_run_id, timeout=None)) for flow_run_id in ids}
-    while waiting:
-        done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        for cell_run in (task.result() for task in done):
-            cell = cell_of.pop(cell_run.id)
-            if tries[cell] <= retries and worth_retrying(cell_run.state, summary_of(store, str(cell_run.id))):
-                tries[cell] += 1
-                get_run_logger().warning(f"{cell_run.name} ended {cell_run.state.name}: {cell_run.state.message}; "
-                                         f"try {tries[cell]} of {retries + 1}")  # fmt: skip
-                again = await arun_deployment(cell_run.deployment_id, parameters=cell_run.parameters, timeout=0,
-                                              flow_run_name=cell_run.name, tags=cell_run.tags,
-                                              work_queue_name=cell_run.work_queue_name)  # fmt: skip
-                cell_of[again.id] = cell
-                waiting.add(asyncio.ensure_future(wait_for_flow_run(again.id, timeout=None)))
-                continue
-            finished[cell] = Ran(str(cell_run.id), cell_run.state.name, tries[cell])
-            await progress.finished(cell_run.name, cell_run.state.name)
+    watching = asyncio.ensure_future(_mark_dead(cell_of))
+    try:
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for cell_run in (task.result() for task in done):
+                cell = cell_of.pop(cell_run.id)
+                if tries[cell] <= retries and worth_retrying(cell_run.state, summary_of(store, str(cell_run.id))):
+                    tries[cell] += 1
+                    ended = f"{cell_run.name} ended {cell_run.state.name}: {cell_run.state.message}"
+                    get_run_logger().warning(f"{ended}; try {tries[cell]} of {retries + 1}")
+                    again = await arun_deployment(cell_run.deployment_id, parameters=cell_run.parameters, timeout=0,
+                                                  flow_run_name=cell_run.name, tags=cell_run.tags,
+                                                  work_queue_name=cell_run.work_queue_name)  # fmt: skip
+                    cell_of[again.id] = cell
+                    waiting.add(asyncio.ensure_future(wait_for_flow_run(again.id, timeout=None)))
+                    continue
+                finished[cell] = Ran(str(cell_run.id), cell_run.state.name, tries[cell])
+                await progress.finished(cell_run.name, cell_run.state.name)
+    finally:
+        watching.cancel()
     return [finished[flow_run_id] for flow_run_id in ids]
+
+
+async def _mark_dead(in_flight: dict[UUID, UUID]) -> None:
+    """A run whose machine died never ends by itself: mark each in-flight run Crashed once its heartbeats stop, so
+    the wait ends (and the run is tried again when worth it)."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+        await asyncio.to_thread(_mark_crashed, list(in_flight))
+
+
+def _mark_crashed(flow_run_ids: list[UUID]) -> None:
+    with get_client(sync_client=True) as client:
+        for flow_run_id in flow_run_ids:
+            mark_crashed(client, client.read_flow_run(flow_run_id))
 
 
 def run_here(cells: list[Cell], progress: CellProgress, store: Store, retries: int = 0) -> list[Ran]:

@@ -49,7 +49,7 @@ def rerun(
 ):
     """Retry a finished run (a night or sweep too) under the same id: cached stages are skipped, the failed one
     resumes."""
-    from flows.operate import artifacts_root
+    from flows.liveness import artifacts_root
     from flows.operate import rerun as retry
 
     console.print(server_line(), highlight=False, markup=False)

@@ -7,7 +7,8 @@ Never part of a cache key or a flow parameter; reread on every call, so deleting
 blobs, not its manifest), `<store stage>:mid-download-<k>` (k files of a shared store's entry downloaded) and
 `train:uploaded-<checkpoint>` (e.g. `train:uploaded-step-000004`: that checkpoint is in the shared store). With
 `"once": true` the file is removed before the kill, so the process that runs again (a retry) is not killed. `hold_at`
-names a point where a process waits for as long as the file names it, so that two processes can meet there.
+names a point where a process waits for as long as the file names it, so that two processes can meet there (or a
+test can kill a machine there): `<store stage>:before-publish` or `train:uploaded-<checkpoint>`.
 """
 
 from __future__ import annotations

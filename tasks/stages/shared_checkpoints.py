@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from tasks.core.atomic import atomic_folder
-from tasks.core.faults import kill_if_injected
+from tasks.core.faults import hold_if_injected, kill_if_injected
 from tasks.core.progress import run_logger
 from tasks.core.remote import Remote
 from tasks.core.store import RemoteDamage, RemoteError
@@ -57,6 +57,7 @@ class Uploads:
                 older = [held for held in self.remote.checkpoints(self.key) if not held.startswith(SAMPLES)]
                 self.remote.drop_checkpoints(self.key, [held for held in older if held < name])
             kill_if_injected(f"train:uploaded-{name}")
+            hold_if_injected(f"train:uploaded-{name}")
         except (OSError, RemoteError) as err:
             if path.is_dir():  # else a newer checkpoint replaced it while it was uploaded
                 run_logger().warning("checkpoint %s of train/%s is only on this machine: %s", name, self.key, err)
