@@ -37,17 +37,18 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT = 120
-SERVER_FIXTURES = {"prefect_server", "cli_env", "boothflow", "migrated_database", "ephemeral_env"}
+SERVER_FIXTURES = {"prefect_server", "cli_env", "boothflow", "migrated_database", "ephemeral_env", "fleet"}
 
 
 # `make test` runs the suite on two pytest-xdist workers, one torch thread each (35 minutes on two threads, 22 on one;
 # beside a third worker the cores were idle 0.5% of the time, so it has nothing to gain). A module is one unit of work:
 # its module fixtures are built once, on one worker. The modules that share the toy DreamBooth root are one unit too,
-# so its training happens once. The slowest units (worker-seconds in a two-worker run: toy 405, subjects 271, sweep
-# 212, operate 168, preprocess flows 160, shared store 155, train flows 124) start first: the suite ends when its last
-# unit does.
+# so its training happens once. The slowest units (worker-seconds in a two-worker run: toy 405, fleet 310 (half of it
+# waiting on a dead machine's heartbeats), subjects 271, sweep 212, operate 168, preprocess flows 160, shared store
+# 155, train flows 124) start first: the suite ends when its last unit does.
 SLOWEST_FIRST = (
     "toy",
+    "test_fleet",
     "test_subjects",
     "test_sweep",
     "test_operate",

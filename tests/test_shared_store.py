@@ -12,11 +12,11 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import pandas as pd
 import s3fs
 from object_store import BUCKET, S3_CREDENTIALS
 from prefect_api import client_for, task_states, wait_for
 from processes import start, started, stop
+from store_views import checkpoints, training
 
 from flows.fleet import LEASE_SECONDS
 from flows.server import free_port
@@ -225,21 +225,6 @@ def test_a_machine_that_dies_holding_a_build_loses_it_after_its_lease(cli_env: d
 
 
 RESUMABLE = ["--set", "train.steps=8", "--set", "train.checkpoint_every=2", "--set", "train.sample_every=4"]
-RUN_RECORDS = ("metrics.csv", "memory.json")  # this run's clock and memory (the losses are compared apart)
-
-
-def _checkpoints(endpoint: str, url: str) -> list[str]:
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-    base = f"{url.removeprefix('s3://')}/checkpoints/"
-    return sorted(path.removeprefix(base) for path in fs.find(base))
-
-
-def _training(root: Path, key: str) -> tuple[dict[str, str], list[tuple[int, float]]]:
-    """The train entry's files by sha256 (but its own records) and its losses by step."""
-    files = json.loads((root / "train" / key / "manifest.json").read_text())["files"]
-    losses = pd.read_csv(root / "train" / key / "metrics.csv")
-    sums = {name: meta["sha256"] for name, meta in files.items() if name not in RUN_RECORDS}
-    return sums, list(zip(losses["step"], losses["loss"], strict=True))
 
 
 def test_a_training_killed_on_machine_a_resumes_on_machine_b_bit_for_bit(
@@ -254,17 +239,17 @@ def test_a_training_killed_on_machine_a_resumes_on_machine_b_bit_for_bit(
     killed = boothflow("run", *base, *RESUMABLE, "--artifacts", tmp_path / "a", check=False,
                        env={**S3_CREDENTIALS, "BOOTHFLOW_FAULTS": str(faults)})  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    [key] = {name.split("/")[0] for name in _checkpoints(s3_endpoint, url)}
-    assert _checkpoints(s3_endpoint, url) == [f"{key}/samples/step-000004.json", f"{key}/step-000004.json"]
+    [key] = {name.split("/")[0] for name in checkpoints(s3_endpoint, url)}
+    assert checkpoints(s3_endpoint, url) == [f"{key}/samples/step-000004.json", f"{key}/step-000004.json"]
 
     boothflow("run", *base, *RESUMABLE, "--artifacts", tmp_path / "b", "--summary", tmp_path / "b.json",
               env=S3_CREDENTIALS)  # fmt: skip
     train = _summary(tmp_path / "b.json")["stages"]["train"]
     assert (train["status"], train["key"], train["items_cached"], train["items_processed"]) == ("ran", key, 4, 4)
-    assert _checkpoints(s3_endpoint, url) == []  # the entry is committed: its resume state is gone
+    assert checkpoints(s3_endpoint, url) == []  # the entry is committed: its resume state is gone
 
     boothflow("run", *base[:-4], *RESUMABLE, "--artifacts", tmp_path / "alone")  # no shared store: same keys
-    assert _training(tmp_path / "b", key) == _training(tmp_path / "alone", key)
+    assert training(tmp_path / "b", key) == training(tmp_path / "alone", key)
 
 
 def test_a_kill_between_blobs_and_manifest_or_mid_download_leaves_nothing_trusted(
