@@ -45,9 +45,10 @@ def artifacts_root(flow_run: FlowRun) -> Path | None:
 
 
 def heartbeats_stopped(client: SyncPrefectClient, flow_run: FlowRun) -> str | None:
-    """Why a running flow run is gone by its heartbeats: none for MISSED intervals since it last beat or became
-    Running (a rerun's old beats do not count). The interval is the longer of this process's frequency and the gap
-    between the run's last two beats, so a machine set to beat slower is not misjudged. None while it may be alive."""
+    """Why a running flow run is gone by its heartbeats: none for MISSED intervals since its last one, counting only
+    those since it last became Running (a rerun's old beats do not count). The interval is the longer of this
+    process's frequency and the gap between the run's last two beats, so a machine set to beat slower is not
+    misjudged. None while it may be alive, and for a run with no heartbeat at all."""
     now = datetime.now(UTC)
     running_since = flow_run.state.timestamp
     beats = client.read_events(
@@ -58,14 +59,15 @@ def heartbeats_stopped(client: SyncPrefectClient, flow_run: FlowRun) -> str | No
         ),
         limit=2,
     ).events  # newest first
+    if not beats:  # none yet, or a server that keeps no events: silence that proves nothing
+        return None
     interval = float(get_current_settings().flows.heartbeat_frequency or HEARTBEAT_SECONDS)
     if len(beats) == 2:
         interval = max(interval, (beats[0].occurred - beats[1].occurred).total_seconds())
-    last = max([running_since, *(beat.occurred for beat in beats)])
+    last = beats[0].occurred
     if (now - last).total_seconds() < MISSED * interval:
         return None
-    since = f"{last:%H:%M:%S} UTC" + ("" if beats else " (when it started running)")
-    return f"its machine is gone: no heartbeat since {since}, {MISSED} of every {interval:.0f} s missed"
+    return f"its machine is gone: no heartbeat since {last:%H:%M:%S} UTC, {MISSED} of every {interval:.0f} s missed"
 
 
 def mark_crashed(client: SyncPrefectClient, flow_run: FlowRun) -> FlowRun:
