@@ -44,12 +44,12 @@ def artifacts_root(flow_run: FlowRun) -> Path | None:
     return Path(config.get("run", {}).get("artifacts_root", "artifacts"))
 
 
-def heartbeats_stopped(client: SyncPrefectClient, flow_run: FlowRun) -> str | None:
+def heartbeats_stopped(client: SyncPrefectClient, flow_run: FlowRun, now: datetime | None = None) -> str | None:
     """Why a running flow run is gone by its heartbeats: none for MISSED intervals since its last one, counting only
     those since it last became Running (a rerun's old beats do not count). The interval is the longer of this
     process's frequency and the gap between the run's last two beats, so a machine set to beat slower is not
-    misjudged. None while it may be alive, and for a run with no heartbeat at all."""
-    now = datetime.now(UTC)
+    misjudged. None while it may be alive, and for a run with no heartbeat at all. `now`: when it is judged."""
+    now = now or datetime.now(UTC)
     running_since = flow_run.state.timestamp
     beats = client.read_events(
         EventFilter(
