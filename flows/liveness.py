@@ -76,9 +76,8 @@ def mark_crashed(client: SyncPrefectClient, flow_run: FlowRun) -> FlowRun:
     if flow_run.state is None or not flow_run.state.is_running():
         return flow_run
     root = artifacts_root(flow_run)
-    reason = (process_gone(root, str(flow_run.id)) if root is not None else None) or heartbeats_stopped(
-        client, flow_run
-    )
+    reason = process_gone(root, str(flow_run.id)) if root is not None else None
+    reason = reason or heartbeats_stopped(client, flow_run)
     if reason is None:
         return flow_run
     client.set_flow_run_state(flow_run.id, Crashed(message=reason), force=True)

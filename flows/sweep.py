@@ -31,11 +31,12 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.dreambooth import check_plan, dreambooth
-from flows.liveness import HEARTBEAT_SECONDS, mark_crashed
+from flows.liveness import mark_crashed
 from flows.preflight import check_settings
 from flows.publish import report_link
 from flows.records import RunKeys, outputs_here, read_summary
 from flows.runner import parent_record
+from flows.server import HEARTBEAT_SECONDS
 from flows.workers import queue_for
 from tasks.core.config import ConfigError, RunConfig
 from tasks.core.remote import open_store

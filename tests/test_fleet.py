@@ -50,7 +50,6 @@ class Fleet:
     env: dict[str, dict[str, str]]  # each machine's environment: a, b and the desk
     roots: dict[str, Path]
     workers: dict[str, object]
-    folder: Path
 
 
 def _environment(name: str, folder: Path, api: str) -> dict[str, str]:
@@ -82,7 +81,7 @@ def fleet(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 workers[name] = start(command, log=folder / f"{name}-worker.log", cwd=REPO, env=env[name])
             with client_for(api_url(port)) as client:
                 wait_for(lambda: _online(client) == 2, 180, "both machines' workers online")
-            yield Fleet(api_url(port), store, url, s3_endpoint, env, roots, workers, folder)
+            yield Fleet(api_url(port), store, url, s3_endpoint, env, roots, workers)
         finally:
             stop(*workers.values(), first=signal.SIGINT, grace=60)
             stop(server)
