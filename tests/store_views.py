@@ -24,19 +24,3 @@ def training(root: Path, key: str) -> tuple[dict[str, str], list[tuple[int, floa
     losses = pd.read_csv(root / "train" / key / "metrics.csv")
     sums = {name: meta["sha256"] for name, meta in files.items() if name not in RUN_RECORDS}
     return sums, list(zip(losses["step"], losses["loss"], strict=True))
-
-
-def weights_apart(entry: Path, other: Path, atol: float) -> dict[str, float]:
-    """The weight files of two train entries whose tensors differ by more than `atol` anywhere, with the largest
-    difference; names as in the manifest."""
-    from safetensors.torch import load_file
-
-    apart = {}
-    for file in sorted(entry.rglob("*.safetensors")):
-        name = str(file.relative_to(entry))
-        mine, theirs = load_file(file), load_file(other / name)
-        assert mine.keys() == theirs.keys(), name
-        largest = max((mine[k].float() - theirs[k].float()).abs().max().item() for k in mine)
-        if largest > atol:
-            apart[name] = largest
-    return apart

@@ -24,7 +24,7 @@ from postgres import postgresql
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect_api import client_for, wait_for
 from processes import run, start, stop
-from store_views import checkpoints, training, weights_apart
+from store_views import checkpoints, training
 
 from flows.liveness import MISSED
 from flows.server import HEARTBEAT_SECONDS, api_url, free_port, start_server, wait_healthy
@@ -251,14 +251,6 @@ def test_a_machine_killed_holding_a_training_is_crashed_and_resumed_by_the_other
     train = summary["stages"]["train"]
     assert (train["status"], train["key"], train["items_cached"], train["items_processed"]) == ("ran", key, 4, 4)
     assert json.loads((tmp_path / "alone.json").read_text())["stages"]["train"]["key"] == key
-    (sums, losses), (alone_sums, alone_losses) = training(fleet.roots[survivor], key), training(alone, key)
-    assert losses == alone_losses and sums.keys() == alone_sums.keys()
-    other = {name for name in sums if not name.endswith(".safetensors")}
-    assert {n: sums[n] for n in other} == {n: alone_sums[n] for n in other}
-    # Bit for bit in 3 of 5 runs; in two (fresh-clone CI) the killed machine's steps 1-4 differed from the
-    # uninterrupted run's by one float32 ulp in 166 of 208 unet tensors (1.2e-7 at most), by the same amounts both
-    # times, with equal losses. Until that is explained the weights are held to 1e-5 (a tenth of one step's learning
-    # rate) here; test_shared_store's resume, on CLI runs, stays bit for bit.
-    assert weights_apart(fleet.roots[survivor] / "train" / key, alone / "train" / key, atol=1e-5) == {}
+    assert training(fleet.roots[survivor], key) == training(alone, key)  # every file to the byte, losses to the bit
     assert checkpoints(fleet.endpoint, fleet.url) == []  # committed: the resume state left the store
     print(f"kim was Crashed {crashed_after:.0f} s after its machine died")

@@ -65,7 +65,6 @@ CHANGES = [
     ("prior.batch_size", 2, set()),
     ("latents.dtype", "bfloat16", {"latents", *TRAIN}),
     ("latents.flip", True, {"latents", *TRAIN}),
-    ("latents.batch_size", 1, set()),
     ("train.method", "lora", TRAIN),
     ("train.train_text_encoder", False, TRAIN),
     ("train.steps", 5, TRAIN),

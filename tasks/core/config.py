@@ -178,7 +178,6 @@ class PreprocessSection(Section):
 class LatentsSection(Section):
     dtype: Dtype = Field("float32", description="VAE precision while encoding")
     flip: bool = Field(False, description="Also cache each image's mirror image; training picks one at random per step")
-    batch_size: int = no_key("Images per VAE forward pass", default=4, ge=1, le=MAX_BATCH)
 
 
 class PriorSection(Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from tasks.core.atomic import link_or_copy
-from tasks.core.batching import batched
 from tasks.core.config import LatentsSection
 from tasks.core.progress import track
 from tasks.core.stage import Stage, StageError, StageResult, produced
@@ -33,7 +32,9 @@ if TYPE_CHECKING:
 
 STAGE = "latents"
 ITEMS = "latents-items"
-CODE_VERSION = 2  # 2: the size facts as one metadata entry, so a file's bytes do not vary run to run
+# 2: the size facts as one metadata entry, so a file's bytes do not vary run to run; 3: each image encoded alone, so
+# its numbers do not depend on which images were missing beside it
+CODE_VERSION = 3
 LATENT_FILE = "latent.safetensors"
 
 
@@ -183,25 +184,24 @@ def _pixels(image: Path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _encode(vae: AutoencoderKL, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (clamped) logvar of the VAE's latent distribution, float32 on the CPU whatever the VAE's dtype."""
-    dist = vae.encode(batch.to(vae.device, vae.dtype)).latent_dist
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     return dist.mean.float().cpu(), dist.logvar.float().cpu()
 
 
-def _encode_batch(vae: AutoencoderKL, batch: Sequence[Sample], flip: bool, dtype: str) -> list[dict[str, torch.Tensor]]:
-    """One tensors dict per sample; its mirror image's distribution too when `flip`."""
-    images = []
-    for sample in batch:
-        try:
-            images.append(_pixels(sample.image))
-        except (OSError, ValueError) as err:
-            raise StageError(
-                STAGE, f"cannot read the upstream image ({err}); run the upstream stage again", str(sample.image)
-            ) from err
-    stacked = torch.stack(images)
-    views = {"": stacked, "_flipped": stacked.flip(-1)} if flip else {"": stacked}
-    tensors: list[dict[str, torch.Tensor]] = [{} for _ in batch]
+def _encode_sample(vae: AutoencoderKL, sample: Sample, flip: bool, dtype: str) -> dict[str, torch.Tensor]:
+    """Mean and logvar of one image (and of its mirror image when `flip`), each from a forward pass of its own: a
+    batched convolution rounds by its batch's shape, so an item encoded beside whichever other images happened to be
+    missing would differ in its last bits from the same item encoded alone on another machine or another night."""
+    try:
+        pixels = _pixels(sample.image)[None]
+    except (OSError, ValueError) as err:
+        raise StageError(
+            STAGE, f"cannot read the upstream image ({err}); run the upstream stage again", str(sample.image)
+        ) from err
+    views = {"": pixels, "_flipped": pixels.flip(-1)} if flip else {"": pixels}
+    tensors: dict[str, torch.Tensor] = {}
     for suffix, view in views.items():
         mean, logvar = _encode(vae, view)
         if not (mean.isfinite().all() and logvar.isfinite().all()):
@@ -209,11 +209,9 @@ def _encode_batch(vae: AutoencoderKL, batch: Sequence[Sample], flip: bool, dtype
                 STAGE,
                 f"the VAE gave NaN or inf in {dtype}; set latents.dtype=float32 or use a VAE made for it "
                 "(e.g. madebyollin/sdxl-vae-fp16-fix)",
-                ", ".join(s.id for s in batch),
+                sample.id,
             )
-        for i, item in enumerate(tensors):
-            item[f"mean{suffix}"] = mean[i].clone(memory_format=torch.contiguous_format)
-            item[f"logvar{suffix}"] = logvar[i].clone(memory_format=torch.contiguous_format)
+        tensors[f"mean{suffix}"], tensors[f"logvar{suffix}"] = mean[0], logvar[0]
     return tensors
 
 
@@ -226,22 +224,19 @@ def _write_item(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> C
 
 
 def _encode_missing(cfg: LatentsSection, inputs: LatentsInputs, missing: list[Sample], store: Store) -> int:
-    """Encode `missing` (one sample per item key) in batches; the number of entries this call created."""
+    """Encode `missing` (one sample per item key), one image at a time; the number of entries this call created."""
     vae_identity = inputs.model.identity("vae")
     vae = _load_vae(inputs.model.vae_path, cfg.dtype)
     created = 0
-    batches = batched(missing, cfg.batch_size)
-    for batch in track(batches, -(-len(missing) // cfg.batch_size), "encode latents"):
+    for sample in track(missing, len(missing), "encode latents"):
         try:
-            encoded = _encode_batch(vae, batch, cfg.flip, cfg.dtype)
-            for sample, tensors in zip(batch, encoded, strict=True):
-                build = _write_item(tensors, sample.metadata)
-                created += store.get_or_create(ITEMS, item_key(cfg, vae_identity, sample), build, cfg.keyed()).created
+            build = _write_item(_encode_sample(vae, sample, cfg.flip, cfg.dtype), sample.metadata)
+            created += store.get_or_create(ITEMS, item_key(cfg, vae_identity, sample), build, cfg.keyed()).created
         except StageError:
             raise
         except Exception as err:
-            names = ", ".join(str(s.image) for s in batch)
-            raise StageError(STAGE, f"unexpected {type(err).__name__} while encoding: {err}", names) from err
+            message = f"unexpected {type(err).__name__} while encoding: {err}"
+            raise StageError(STAGE, message, str(sample.image)) from err
     return created
 
 
