@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 from browser import chromium
 from diffusers import StableDiffusionPipeline
@@ -19,25 +17,19 @@ from PIL import Image
 
 from tasks.sd.models import resolve
 from tasks.sd.presets import SHIPPED_FOLDER
-from tasks.toy.score import Reading, read
-
-SUBJECT = "a photo of sks circle"
-CONTEXT = "a photo of sks circle on a green background"
-CLASS = "a photo of a circle"
-SAMPLES_PER_RATE = 64
-# The thresholds the defaults in configs/toy.toml must clear on the shipped toy-sd (measured: base 0%, fine-tuned
-# 64.1%, context 100%, leak 7.8% with prior preservation and 60.9% without).
-BASE_HIT_AT_MOST = 0.05
-HIT_AT_LEAST = 0.50
-CONTEXT_AT_LEAST = 0.60
-LEAK_AT_MOST = 0.10
-
-
-# The run without prior preservation only needs the plain class prompt, the one its leak is read from.
-WITHOUT_PRIOR = (
-    *("--set", "prior.enabled=false", "--set", "generate.compare_base=false", "--set", "train.sample_every=0"),
-    *("--set", 'generate.prompts=["a photo of a {class}"]'),
+from tasks.toy.figures import (
+    BASE_KNOWS_NOTHING,
+    IN_CONTEXT,
+    KEPT_OUT,
+    LEAKS_WITHOUT_PRIOR,
+    LEARNED,
+    SAMPLES_PER_RATE,
+    SUBJECT,
+    WITHOUT_PRIOR,
+    Figure,
+    readings,
 )
+from tasks.toy.score import Reading, read
 
 
 @pytest.fixture(scope="module")
@@ -45,45 +37,36 @@ def runs(boothflow, toy_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """The toy flow as configs/toy.toml sets it (prior preservation on) and without prior preservation, on the
     session's toy artifact root; returns each run's report folder."""
     summaries, reports = tmp_path_factory.mktemp("toy-dreambooth"), {}
-    for name, extra in (("prior", ()), ("no prior", WITHOUT_PRIOR)):
+    for name, extra in (("prior", []), ("no prior", [x for s in WITHOUT_PRIOR for x in ("--set", s)])):
         summary = summaries / f"{name}.json"
         boothflow("run", "-c", "configs/toy.toml", "--artifacts", toy_root, *extra, "--summary", summary)
         reports[name] = Path(json.loads(summary.read_text())["outputs"]["report_html"]).parent
     return reports
 
 
-def readings(report: Path) -> dict[tuple[str, str], list[Reading]]:
-    """The analyser's reading of every final sample, by (kind, prompt)."""
-    facts = json.loads((report / "report.json").read_text())
-    found: dict[tuple[str, str], list[Reading]] = defaultdict(list)
-    for sample in facts["samples"]:
-        if sample["kind"] in ("base", "finetuned"):
-            found[sample["kind"], sample["prompt"]].append(read(Image.open(report / sample["image"])))
-    return found
+def counted(found: dict[tuple[str, str], list[Reading]], figure: Figure) -> tuple[int, int]:
+    hits, images = figure.count(found)
+    assert images >= SAMPLES_PER_RATE
+    return hits, images
 
 
-def rate(found: list[Reading], what: str) -> float:
-    assert len(found) >= SAMPLES_PER_RATE
-    values = [r.subject if what == "subject" else getattr(r, what) == "green" for r in found]
-    return float(np.mean(values))
+def assert_clears(figure: Figure, hits: int, images: int) -> None:
+    assert figure.spare(hits, images) >= 0, f"{figure.name}: {hits} of {images}, threshold {figure.threshold}"
 
 
 def test_the_base_model_does_not_know_the_subject_and_fine_tuning_teaches_it(runs: dict[str, Path]) -> None:
     found = readings(runs["prior"])
-    assert rate(found["base", SUBJECT], "subject") <= BASE_HIT_AT_MOST
-    assert rate(found["finetuned", SUBJECT], "subject") >= HIT_AT_LEAST
+    for figure in (BASE_KNOWS_NOTHING, LEARNED):
+        assert_clears(figure, *counted(found, figure))
 
 
 def test_the_fine_tuned_subject_follows_a_context_it_never_saw_it_in(runs: dict[str, Path]) -> None:
-    found = readings(runs["prior"])
-    assert rate(found["finetuned", CONTEXT], "background") >= CONTEXT_AT_LEAST
+    assert_clears(IN_CONTEXT, *counted(readings(runs["prior"]), IN_CONTEXT))
 
 
 def test_prior_preservation_keeps_the_subject_out_of_plain_class_prompts(runs: dict[str, Path]) -> None:
-    with_prior = rate(readings(runs["prior"])["finetuned", CLASS], "subject")
-    without = rate(readings(runs["no prior"])["finetuned", CLASS], "subject")
-    assert with_prior <= LEAK_AT_MOST
-    assert with_prior < without
+    assert_clears(KEPT_OUT, *counted(readings(runs["prior"]), KEPT_OUT))
+    assert_clears(LEAKS_WITHOUT_PRIOR, *counted(readings(runs["no prior"]), LEAKS_WITHOUT_PRIOR))
 
 
 def test_the_report_shows_the_analysers_rates(runs: dict[str, Path]) -> None:
@@ -91,7 +74,7 @@ def test_the_report_shows_the_analysers_rates(runs: dict[str, Path]) -> None:
     rows = json.loads((runs["prior"] / "report.json").read_text())["metrics"]["analyser"]
     shown = {(row["kind"], row["prompt"]): row for row in rows}
     for (kind, prompt), members in found.items():
-        assert shown[kind, prompt]["subject"] == pytest.approx(rate(members, "subject"))
+        assert shown[kind, prompt]["subject"] == pytest.approx(sum(r.subject for r in members) / len(members))
         assert shown[kind, prompt]["images"] == len(members)
     html = (runs["prior"] / "report.html").read_text()
     assert "Toy analyser" in html and "subject (analyser)" in html
@@ -106,16 +89,16 @@ def test_the_report_in_a_browser_shows_the_subject_learned(runs: dict[str, Path]
         for more in page.locator("#samples summary").all():  # the seeds past report.seeds_shown, as a user opens them
             more.click()
         shown = {}
-        for label in ("fine-tuned", "base model"):
+        for label, kind in (("fine-tuned", "finetuned"), ("base model", "base")):
             figures = page.locator("#samples figure").filter(has=page.locator(f'img[alt="{SUBJECT}"]'))
             shots = [f.locator("img").screenshot() for f in figures.filter(has_text=f"{label}, seed").all()]
-            shown[label] = [read(Image.open(io.BytesIO(shot))) for shot in shots]
+            shown[kind, SUBJECT] = [read(Image.open(io.BytesIO(shot))) for shot in shots]
         page.locator("#samples").screenshot(path=str(tmp_path / "samples.png"))
         metrics = page.inner_text("#metrics")
     assert broken == 0
     assert "Toy analyser" in metrics and "shows the subject" in metrics
-    assert rate(shown["base model"], "subject") <= BASE_HIT_AT_MOST
-    assert rate(shown["fine-tuned"], "subject") >= HIT_AT_LEAST
+    for figure in (BASE_KNOWS_NOTHING, LEARNED):
+        assert_clears(figure, *counted(shown, figure))
 
 
 def test_the_shipped_toy_model_loads_with_no_build_step(tmp_path: Path) -> None:
