@@ -1,5 +1,5 @@
 """The toy DreamBooth figures: what the analyser reads in a run's final samples, and the thresholds configs/toy.toml
-must clear on the shipped toy-sd, each with the margin it was given (benchmarks/toy_figures.py measures them)."""
+must clear on the shipped toy-sd; benchmarks/toy_figures.py measures how far each sits over several training seeds."""
 
 from __future__ import annotations
 
