@@ -129,6 +129,8 @@ def _publish(config: RunConfig) -> None:
 def _pick(config: RunConfig) -> None:
     """A best pick needs validation prompts to render at each kept step, and the scorer its metric comes from."""
     if config.train.pick == "last":
+        if config.train.pick_margin:
+            raise ConfigError("train.pick_margin applies to a best pick: set train.pick = 'best:<metric>' or drop it")
         return
     needed = PICK_NEEDS[config.train.pick.removeprefix("best:")]
     if not config.train.sample_every:

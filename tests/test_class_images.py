@@ -165,4 +165,4 @@ def test_a_rendering_failure_names_the_image_and_commits_nothing(model: Resolved
 def test_seeds_are_stable_distinct_63_bit_numbers() -> None:
     seeds = [class_images.class_seed(0, i) for i in range(1000)] + [class_images.class_seed(1, i) for i in range(1000)]
     assert len(set(seeds)) == 2000 and all(0 <= s < 2**63 for s in seeds)
-    assert (class_images.class_seed(0, 0), class_images.class_seed(0, 1)) == (6213027144842677344, 8613600020916457518)
+    assert (class_images.class_seed(0, 0), class_images.class_seed(0, 1)) == (4703370226686496824, 3620348604697588169)

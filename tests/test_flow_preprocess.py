@@ -178,6 +178,8 @@ BAD_INPUTS = {  # id: (arguments, what the one line must say); {tmp} is a fresh 
         ["--set", "train.pick='best:dino'", "--set", "train.sample_every=0"],
         "chooses among kept steps: set train.sample_every",
     ),
+    "margin-without-a-pick": (["--set", "train.pick_margin=0.1"], "train.pick_margin applies to a best pick"),
+    "negative-margin": (["--set", "train.pick='best:dino'", "--set", "train.pick_margin=-1"], "train.pick_margin = -1"),
     "pick-without-its-scorer": (
         ["--set", "train.pick='best:dino'", "--set", "train.sample_every=2"],
         "train.pick = 'best:dino' needs evaluate.dino_model to score the steps",

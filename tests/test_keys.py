@@ -39,6 +39,7 @@ CHANGES = [
     ("data.captions", "sidecar", TRAIN),  # no .txt in the folder: every image keeps the prompt, and says so
     ("generate.validation_seeds", [0, 1], GENERATE),
     ("train.pick", "best:analyser", {"validate", "score", "select", "export", *GENERATE}),  # train stays
+    ("train.pick_margin", 0.1, set()),  # select's, which a best pick plans (test_pick.py): train stays
     ("data.token", "zwx", TRAIN),
     ("data.class_name", "dog", CLASS_SIDE),
     ("data.instance_prompt", "a {token}", TRAIN),

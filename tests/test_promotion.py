@@ -83,9 +83,10 @@ def _night(boothflow, folder: Path, root: Path, summary: Path, *settings: str) -
     return row
 
 
-# The toy night: the analyser's subject rate on 16 seeds of the instance prompt gates the model.
-NIGHT = ["generate.seeds=16", "generate.prompts=['a photo of {token} {class}']", "generate.compare_base=false",
-         "publish.metric='analyser'", "publish.tolerance=0.1", "data.settle_minutes=0"]  # fmt: skip
+# The toy night: the analyser's subject rate on the 64 seeds of the instance prompt the toy DreamBooth test renders
+# (so night 3's samples are its, from the shared store) gates the model.
+NIGHT = ["generate.prompts=['a photo of {token} {class}']", "generate.compare_base=false",
+         "publish.metric='analyser'", "publish.tolerance=0.05", "data.settle_minutes=0"]  # fmt: skip
 SHORT = ["train.sample_every=0", "train.checkpoint_every=0"]
 
 
@@ -104,9 +105,9 @@ def _gc_would_remove(boothflow, root: Path) -> str:
 def test_a_worse_night_keeps_the_published_model_and_a_better_one_replaces_it(
     boothflow, prefect_server: str, toy_root: Path, tmp_path: Path
 ) -> None:
-    """Night 1 trains 300 steps (published: the first model; subject rate 6 of 16 here), night 2 two steps (0 of 16:
-    worse by more than the tolerance, kept), night 3 the shipped 400 steps (10 of 16: published; its training is the
-    toy DreamBooth test's, from the shared toy store). Each margin is at least 4 images of 16."""
+    """Night 1 trains 300 steps (published: the first model; subject rate 10 of 64 here), night 2 two steps (0 of
+    64: worse by more than the tolerance, kept), night 3 the shipped 400 steps (18 of 64: published; its training is
+    the toy DreamBooth test's, from the shared toy store). Each margin is at least 6 images of 64."""
     folder = tmp_path / "subjects"
     shutil.copytree(REPO / "data" / "toy", folder / "rex")
     published = promotion.folder(toy_root, "rex")
@@ -120,10 +121,10 @@ def test_a_worse_night_keeps_the_published_model_and_a_better_one_replaces_it(
     kept = second["promotion"]
     assert not kept["published"] and (kept["score"], kept["before"]) == (second["metrics"]["subject"], first[
         "metrics"]["subject"]), kept  # fmt: skip
-    assert kept["score"] < kept["before"] - 0.1 and kept["why"].endswith("kept, not published")
+    assert kept["score"] < kept["before"] - 0.05 and kept["why"].endswith("kept, not published")
     assert json.loads((published / promotion.RECORD).read_text())["model_dir"] == record["model_dir"]
     page = Path(json.loads((tmp_path / "2.json").read_text())["summary"]).read_text()
-    assert f"kept: analyser {kept['score']:.4g} &lt; {kept['before']:.4g} - 0.1" in page
+    assert f"kept: analyser {kept['score']:.4g} &lt; {kept['before']:.4g} - 0.05" in page
     [night_2_train] = _train_keys(toy_root, folder / "rex") - {record["keys"]["train"]}
     would = _gc_would_remove(boothflow, toy_root)  # night 1: not the last night, but published; night 2: the last
     assert f"train/{record['keys']['train']}" not in would and f"train/{night_2_train}" not in would, would

@@ -51,7 +51,8 @@ def counted(found: dict[tuple[str, str], list[Reading]], figure: Figure) -> tupl
 
 
 def assert_clears(figure: Figure, hits: int, images: int) -> None:
-    assert figure.spare(hits, images) >= 0, f"{figure.name}: {hits} of {images}, threshold {figure.threshold}"
+    """With one image to spare: one image read the other way cannot fail it."""
+    assert figure.spare(hits, images) >= 1, f"{figure.name}: {hits} of {images}, threshold {figure.threshold}"
 
 
 def test_the_base_model_does_not_know_the_subject_and_fine_tuning_teaches_it(runs: dict[str, Path]) -> None:

@@ -1,5 +1,6 @@
-"""The toy figures benchmark never rots: its quick mode trains two seeds with and without prior preservation against
-the suite's server and writes every figure's row, with the thresholds of tasks/toy/figures.py."""
+"""The toy figures' margin arithmetic, and the benchmark that measures it never rots: its quick mode trains two seeds
+with and without prior preservation against the suite's server and writes every figure's row, with the thresholds of
+tasks/toy/figures.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 
 from benchmark_quick import quick_results, table_row
 
-from tasks.toy.figures import LEAKS_WITHOUT_PRIOR, WITH_PRIOR
+from tasks.toy.figures import KEPT_OUT, LEAKS_WITHOUT_PRIOR, LEARNED, WITH_PRIOR
+
+
+def test_spare_counts_the_images_that_could_be_read_the_other_way_and_still_clear() -> None:
+    assert [LEARNED.spare(hits, 64) for hits in (9, 10, 11, 30)] == [-1, 0, 1, 20]  # at least 15% of 64: 9.6
+    assert [KEPT_OUT.spare(hits, 64) for hits in (14, 13, 12, 0)] == [-2, -1, 0, 12]  # at most 20% of 64: 12.8
+    assert LEARNED.spare(10, 60) == 1  # 15% of 60 is exactly 9
 
 
 def test_quick_mode_writes_each_figure_over_the_seeds_with_its_margin(cli_env: dict, tmp_path: Path) -> None:

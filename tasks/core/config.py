@@ -244,6 +244,13 @@ class TrainSection(Section):
         description="The weights the run exports and renders: last, or best:<clip_t|clip_i|dino|analyser> (the kept"
         " step or final weights scoring highest on the validation prompts x seeds; needs sample_every)",
     )
+    pick_margin: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="With a best pick, a step before the last is kept only when it scores more than this above the"
+        " final weights (in the metric's units; the analyser's is a share of images), so validation noise cannot pick",
+    )
     checkpoint_every: int = no_key("Save a resumable checkpoint every N steps (0: not by steps)", default=100, ge=0)
     checkpoint_minutes: float = no_key(
         "Also save one when this many minutes passed since the last (checked at log steps; 0: not by time)",
@@ -262,7 +269,7 @@ class TrainSection(Section):
         """The batch is keyed as the global micro-batch (batch_size x num_processes), which is what is drawn: two
         processes of batch 1 are the same training as one of batch 2, and share its key. The pick is the select
         stage's: it never retrains."""
-        return {**super().keyed((*without, "pick")), "batch_size": self.batch_size * self.num_processes}
+        return {**super().keyed((*without, "pick", "pick_margin")), "batch_size": self.batch_size * self.num_processes}
 
 
 class ExportSection(Section):

@@ -9,14 +9,10 @@ from typing import Any
 import torch
 
 
-def seed_from(name: str) -> int:
-    """A 63-bit seed named by a string: the first 8 bytes of its sha256, kept positive for torch and random."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
-
-
 def derive_seed(*parts: Any) -> int:
-    """A seed from any JSON-able parts: independent streams without shared RNG state."""
-    return seed_from(json.dumps(parts))
+    """A 63-bit seed named by any JSON-able parts (the first 8 bytes of their sha256, kept positive for torch and
+    random): independent streams without shared RNG state."""
+    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "big") >> 1
 
 
 def generator(*parts: Any) -> torch.Generator:

@@ -48,21 +48,19 @@ class RenderError(Exception):
         self.cause = cause
 
 
-# How images were rendered before these options existed: an option at this value leaves an image's key as it was.
-RENDERED_BEFORE = {"dtype": "float32", "vae_slicing": False, "vae_tiling": False}
+RENDERING_OPTIONS = ("dtype", "vae_slicing", "vae_tiling")  # each can move a pixel by a level
 
 
 def image_settings(section: Any) -> dict[str, Any]:
-    """The settings of a rendering section (prior or generate) that shape each image's pixels. The rendering options
-    enter only where they differ from how images were rendered before they existed, so caches made earlier stay
-    valid (and class images keep their ids and order)."""
-    options = {name: getattr(section, name, before) for name, before in RENDERED_BEFORE.items()}
+    """The settings of a rendering section (prior or generate) that shape each image's pixels: the sampler's and
+    those rendering options the section has."""
+    options = {name: getattr(section, name) for name in RENDERING_OPTIONS if name in type(section).model_fields}
     return {
         "negative_prompt": section.negative_prompt,
         "scheduler": section.scheduler,
         "steps": section.steps,
         "guidance": section.guidance,
-        **{name: value for name, value in options.items() if value != RENDERED_BEFORE[name]},
+        **options,
     }
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tasks.core.atomic import link_or_copy
 from tasks.core.config import PriorSection, RunConfig
-from tasks.core.seeds import seed_from
+from tasks.core.seeds import derive_seed
 from tasks.core.stage import Stage, StageError, StageResult
 from tasks.core.store import Store, stage_key
 from tasks.sd.models import ResolvedModel
@@ -33,7 +33,7 @@ from tasks.sd.render import (
 
 STAGE = "class_images"
 ITEMS = "class_images-items"
-CODE_VERSION = 2  # 2: base pipelines load without the SD 1.5 safety checker
+CODE_VERSION = 3  # 2: base pipelines load without the SD 1.5 safety checker; 3: seeds from derive_seed
 TRAINING_ONLY = ("enabled", "loss_weight")  # prior settings that shape training, not the images
 
 
@@ -51,9 +51,8 @@ class ClassImagesInputs:
 
 
 def class_seed(seed: int, index: int) -> int:
-    """Image `index`'s own seed, named `seed:index`: stable across runs, unrelated between neighbours. The name's
-    form is part of every class image ever rendered (their keys do not hold it), so it stays as it is."""
-    return seed_from(f"{seed}:{index}")
+    """Image `index`'s own seed: stable across runs, unrelated between neighbours."""
+    return derive_seed("class image", seed, index)
 
 
 def stage_key_for(cfg: PriorSection, inputs: ClassImagesInputs) -> str:

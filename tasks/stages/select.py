@@ -33,7 +33,8 @@ class SelectInputs:
 
 
 def stage_key_for(cfg: TrainSection, inputs: SelectInputs) -> str:
-    return stage_key(STAGE, CODE_VERSION, {"pick": cfg.pick}, train=inputs.train.key, scores=inputs.scores.key)
+    settings = {"pick": cfg.pick, "pick_margin": cfg.pick_margin}
+    return stage_key(STAGE, CODE_VERSION, settings, train=inputs.train.key, scores=inputs.scores.key)
 
 
 def candidate_scores(metrics: dict[str, Any], metric: str) -> dict[int, float]:
@@ -50,9 +51,11 @@ def candidate_scores(metrics: dict[str, Any], metric: str) -> dict[int, float]:
     return {step: hits / images for step, (hits, images) in counts.items() if images}
 
 
-def best_step(scores: dict[int, float]) -> int:
-    """The highest score; between equal scores, the later step (more training for the same result)."""
-    return max(scores, key=lambda step: (scores[step], step))
+def best_step(scores: dict[int, float], last: int, margin: float) -> int:
+    """The highest score if it beats the final weights' by more than `margin`, else the final weights; between equal
+    scores, the later step (more training for the same result)."""
+    best = max(scores, key=lambda step: (scores[step], step))
+    return best if scores[best] > scores[last] + margin else last
 
 
 def build(cfg: TrainSection, inputs: SelectInputs, store: Store, key: str) -> StageResult:
@@ -65,9 +68,9 @@ def build(cfg: TrainSection, inputs: SelectInputs, store: Store, key: str) -> St
     if training["steps"] not in scores:
         raise StageError(STAGE, f"no {metric} scores for the final weights; set the model or analyser the metric "
                          "needs (evaluate.clip_model, evaluate.dino_model or evaluate.analyser)")  # fmt: skip
-    step = best_step(scores)
+    step = best_step(scores, training["steps"], cfg.pick_margin)
     selection = {"metric": metric, "step": step, "value": scores[step], "last_step": training["steps"],
-                 "last_value": scores[training["steps"]], "candidates": scores}  # fmt: skip
+                 "last_value": scores[training["steps"]], "margin": cfg.pick_margin, "candidates": scores}  # fmt: skip
 
     def write(folder: Path) -> dict[str, Any]:
         kept = WEIGHTS_DIR if step == training["steps"] else Path("samples") / f"step-{step:06d}"
@@ -78,7 +81,7 @@ def build(cfg: TrainSection, inputs: SelectInputs, store: Store, key: str) -> St
         (folder / SELECTION_FILE).write_text(json.dumps(selection, indent=1))
         return {"items": 1, "step": step}
 
-    entry = store.get_or_create(STAGE, key, write, {"pick": cfg.pick})
+    entry = store.get_or_create(STAGE, key, write, {"pick": cfg.pick, "pick_margin": cfg.pick_margin})
     return StageResult(STAGE, key, entry.path, items_processed=1) if entry.created else StageResult.cached(entry)
 
 

@@ -48,14 +48,15 @@ class Figure:
         return math.floor(self.threshold * images + 1e-9) - hits
 
 
-# The thresholds configs/toy.toml must clear with train.seed 0 (the suite's run). Over six training seeds two of them do
-# not hold (benchmarks/toy_figures.py: the subject rate ranged 30-66%, two seeds under 50%; the leak with prior
-# preservation 3-11%), so a change that moves the training's trajectory can cross them.
-BASE_KNOWS_NOTHING = Figure("base model shows the subject", "base", SUBJECT, "subject", False, 0.05)
-LEARNED = Figure("fine-tuned shows the subject", "finetuned", SUBJECT, "subject", True, 0.50)
+# The thresholds configs/toy.toml must clear with one image of 64 to spare, whatever the training seed: each lies
+# between what six training seeds gave (benchmarks/toy_figures.py, figures in README.md) and what a run that learned
+# nothing, or kept nothing out, gives. The worst seed clears each by at least 4 images, and where the seeds differ
+# their mean sits at least 3.6 standard deviations inside (about 2 failing trajectories in 10,000, taken as normal).
+BASE_KNOWS_NOTHING = Figure("base model shows the subject", "base", SUBJECT, "subject", False, 0.08)
+LEARNED = Figure("fine-tuned shows the subject", "finetuned", SUBJECT, "subject", True, 0.15)
 IN_CONTEXT = Figure("subject on a green background", "finetuned", CONTEXT, "green background", True, 0.60)
-KEPT_OUT = Figure("plain circles show the subject", "finetuned", CLASS, "subject", False, 0.10)
-LEAKS_WITHOUT_PRIOR = Figure("plain circles show it, no prior", "finetuned", CLASS, "subject", True, 0.30)
+KEPT_OUT = Figure("plain circles show the subject", "finetuned", CLASS, "subject", False, 0.20)
+LEAKS_WITHOUT_PRIOR = Figure("plain circles show it, no prior", "finetuned", CLASS, "subject", True, 0.40)
 WITH_PRIOR = (BASE_KNOWS_NOTHING, LEARNED, IN_CONTEXT, KEPT_OUT)
 
 
